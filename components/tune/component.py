@@ -1,0 +1,86 @@
+"""The tune component: LoRA-tunes the base model on the tokenized dataset."""
+from kfp import dsl
+
+from components.common.images import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE)
+def tune(
+    tokenized_dataset: dsl.Input[dsl.Dataset],
+    large_model_reference: str,
+    train_steps: int,
+    learning_rate_multiplier: float,
+    evaluation_interval: int,
+    enable_early_stopping: bool,
+    accelerator_type: str,
+    max_context_length: str,
+    tensorboard_resource_id: str,
+    tuned_model: dsl.Output[dsl.Model],
+    training_metrics: dsl.Output[dsl.Metrics],
+    loss_curve: dsl.Output[dsl.Markdown],
+):
+    """Tunes a LoRA adapter on the base model for ``train_steps`` optimizer steps.
+
+    Args:
+        tokenized_dataset: transform's output: ``train/`` and optionally ``eval/`` token datasets.
+        large_model_reference: Base model (catalog name, Vertex alias, folder or GGUF file).
+        train_steps: Optimizer steps; examples seen = steps x batch size.
+        learning_rate_multiplier: Multiplies the catalog's recommended learning rate.
+        evaluation_interval: Steps between evaluations and checkpoints (with evaluation data).
+        enable_early_stopping: Stop when eval token accuracy stops improving.
+        accelerator_type: GPU or TPU; sets the batch size (8, or 24 for 8k models on TPU).
+        max_context_length: '8k', '32k' or '' for what the model name implies.
+        tensorboard_resource_id: Vertex TensorBoard to receive the metrics (recorded locally).
+        tuned_model: Checkpoints, metrics.jsonl, TensorBoard events and the loss curve.
+        training_metrics: The final train and eval metrics.
+        loss_curve: The loss curve as a report.
+    """
+    import base64
+    import json
+    import os
+
+    from components.common.model_catalog import resolve_model
+    from components.tune import settings
+    from components.tune.trainer import TuneConfig, tune as run_tuning
+    from components.tune.training_log import LOSS_CURVE
+
+    model = resolve_model(large_model_reference)
+    config = TuneConfig(
+        train_steps=train_steps,
+        learning_rate=settings.learning_rate(model, learning_rate_multiplier),
+        batch_size=settings.batch_size_for(settings.context_class(model, max_context_length),
+                                           accelerator_type),
+        evaluation_interval=evaluation_interval,
+        enable_early_stopping=enable_early_stopping,
+    )
+    eval_dir = os.path.join(tokenized_dataset.path, "eval")
+    result = run_tuning(
+        model.to_dict(), os.path.join(tokenized_dataset.path, "train"),
+        eval_dir if os.path.isdir(eval_dir) else None, tuned_model.path, config,
+        run_metadata={"tensorboard_resource_id": tensorboard_resource_id,
+                      "accelerator_type": accelerator_type})
+
+    tuned_model.metadata.update({
+        "base_model": model.to_dict(), "final_step": result.final_step,
+        "stopped_early": result.stopped_early, "device": result.device, "dtype": result.dtype,
+        "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "tensorboard_resource_id": tensorboard_resource_id,
+    })
+    last = [json.loads(line) for line in open(os.path.join(tuned_model.path, "metrics.jsonl"))]
+    final_train = [r for r in last if "train_total_loss" in r][-1]
+    for name in ("train_total_loss", "train_fraction_of_correct_next_step_preds",
+                 "train_num_predictions"):
+        training_metrics.log_metric(name, final_train[name])
+    if result.checkpoints[-1]["eval"]:
+        for name, value in result.checkpoints[-1]["eval"].items():
+            training_metrics.log_metric(name, value)
+    training_metrics.log_metric("train_seconds", result.train_seconds)
+    training_metrics.log_metric("peak_memory_bytes", result.peak_memory_bytes)
+    with open(os.path.join(tuned_model.path, LOSS_CURVE), "rb") as png:
+        image = base64.b64encode(png.read()).decode()
+    with open(loss_curve.path, "w") as report:
+        report.write(f"# Tuning\n\n{result.final_step} steps on {result.device} ({result.dtype}), "
+                     f"batch size {config.batch_size}, learning rate {config.learning_rate:g}"
+                     f"{', stopped early' if result.stopped_early else ''}.\n\n"
+                     f"![loss curve](data:image/png;base64,{image})\n")

@@ -1,0 +1,1 @@
+"""Pipeline definitions (DAGs only) and the `tunepipe` command."""

@@ -1,0 +1,195 @@
+"""The ``tunepipe`` command: compile, run, validate, evaluate, models, endpoints."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+USAGE_ERROR = 2
+
+
+def _parse_param(text: str) -> tuple[str, str]:
+    name, separator, value = text.partition("=")
+    if not separator or not name:
+        raise argparse.ArgumentTypeError(f"--param takes NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from pipelines.templates import compile_all
+
+    for path in compile_all(Path(args.output_dir)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.local_run import RunRequest, request_from_file, run_locally
+    from pipelines.templates import ParameterError, template_path
+
+    try:
+        if args.request_file:
+            request = request_from_file(args.request_file, args.pipeline)
+            request.parameters.update(dict(args.param))
+        elif args.pipeline:
+            request = RunRequest(template_path(args.pipeline), dict(args.param))
+        else:
+            print("tunepipe run: name a pipeline or give --request-file", file=sys.stderr)
+            return USAGE_ERROR
+        if args.pipeline_root:
+            request.pipeline_root = args.pipeline_root
+        for note in request.notes:
+            print(f"note: {note}")
+        run_dir = run_locally(request)
+    except (ParameterError, ValueError, FileNotFoundError) as error:
+        print(f"tunepipe run: invalid request:\n{error}", file=sys.stderr)
+        return USAGE_ERROR
+    print_run_summary(request.parameters.get("model_display_name", ""), run_dir)
+    return 0
+
+
+def print_run_summary(model_display_name: str, run_dir: Path) -> None:
+    """What a finished run produced: scores, where the model is, how to prompt the endpoint."""
+    from components.common.model_loading import read_tuned_model_metadata
+    from components.common.model_registry import get_model
+    from components.deploy_endpoint.endpoints import get_endpoint
+
+    model = get_model(model_display_name)
+    metadata = read_tuned_model_metadata(model.path)
+    print("\n" + "=" * 78)
+    print(f"Outputs of this run:  {run_dir}")
+    print(f"Base model:           {metadata['base_model']['reference']} -> "
+          f"{metadata['base_model']['source']}")
+    evaluation = metadata.get("evaluation", {})
+    for line in evaluation_lines(evaluation, metadata.get("step")):
+        print(line)
+    print(f"Tuned model:          {model.resource_name} in {model.path}")
+    endpoint = get_endpoint(model_display_name)
+    example = "Classify the customer message into one of these categories: billing, shipping, " \
+              "technical, account. Answer with the category name only.\n\nMessage: My parcel " \
+              "never arrived."
+    print(f"Endpoint:             {endpoint.predict_url} (pid {endpoint.pid})")
+    print("Prompt it with:")
+    print(f"  tunepipe endpoints predict {shlex.quote(model_display_name)} --prompt {shlex.quote(example)}")
+    print("=" * 78)
+
+
+def evaluation_lines(evaluation: dict, selected_step: int | None) -> list[str]:
+    """Base-versus-tuned score lines from evaluate's results."""
+    if not evaluation or evaluation.get("evaluated") is False:
+        return [f"Evaluation:           {evaluation.get('reason', 'none')}"]
+    base = evaluation.get("base", {}).get("metrics", evaluation.get("base", {}))
+    tuned = {}
+    for checkpoint in evaluation.get("checkpoints", []):
+        if checkpoint.get("step") == selected_step:
+            tuned = checkpoint.get("metrics", {})
+    lines = [f"Scores on the evaluation set (base -> tuned, step {selected_step}):"]
+    for name in ("exact_match", "eval_total_loss", "eval_fraction_of_correct_next_step_preds",
+                 "bleu", "rouge_l"):
+        if name in base or name in tuned:
+            lines.append(f"  {name:42s} {base.get(name, float('nan')):8.4f} -> {tuned.get(name, float('nan')):8.4f}")
+    return lines
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from components.common.model_registry import list_models
+
+    models = list_models()
+    if not models:
+        print("no registered models")
+    for model in models:
+        print(f"{model.resource_name}\t{model.path}")
+    return 0
+
+
+def cmd_endpoints(args: argparse.Namespace) -> int:
+    from components.deploy_endpoint import endpoints
+
+    try:
+        if args.action == "list":
+            running = endpoints.list_endpoints()
+            if not running:
+                print("no running endpoints")
+            for endpoint in running:
+                print(f"{endpoint.name}\t{endpoint.predict_url}\tpid {endpoint.pid}\t{endpoint.model_dir}")
+        elif args.action == "predict":
+            parameters = {key: value for key, value in (
+                ("temperature", args.temperature), ("maxOutputTokens", args.max_output_tokens),
+                ("topP", args.top_p), ("topK", args.top_k)) if value is not None}
+            reply = endpoints.predict(args.name, args.prompt, parameters)
+            if args.json:
+                print(json.dumps(reply, indent=2))
+            else:
+                for prediction in reply["predictions"]:
+                    print(prediction["content"])
+        elif args.action == "stop":
+            stopped = endpoints.stop_endpoint(args.name)
+            print(f"stopped {args.name}" if stopped else f"{args.name} was not running; record removed")
+    except (LookupError, RuntimeError) as error:
+        print(f"tunepipe endpoints: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunepipe",
+        description="Vertex AI's LLM tuning pipelines as open Kubeflow Pipelines.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compile_parser = commands.add_parser("compile", help="write the pipeline templates (YAML)")
+    compile_parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent.parent / "compiled"))
+    compile_parser.set_defaults(handler=cmd_compile)
+
+    run = commands.add_parser("run", help="run a compiled template with the KFP local runner")
+    run.add_argument("pipeline", nargs="?", help="template name (tune-large-model) or YAML path")
+    run.add_argument("--param", action="append", type=_parse_param, default=[],
+                     metavar="NAME=VALUE", help="a pipeline parameter (repeatable)")
+    run.add_argument("--request-file", help="a Vertex pipelineJobs request body (JSON)")
+    run.add_argument("--pipeline-root", help="where outputs go (default: runs/)")
+    run.set_defaults(handler=cmd_run)
+
+    models = commands.add_parser("models", help="list registered models")
+    models.add_argument("action", choices=["list"])
+    models.set_defaults(handler=cmd_models)
+
+    endpoints = commands.add_parser("endpoints", help="manage local endpoints")
+    actions = endpoints.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="running endpoints")
+    predict = actions.add_parser("predict", help="send a predict request")
+    predict.add_argument("name")
+    predict.add_argument("--prompt", action="append", required=True, help="repeatable")
+    predict.add_argument("--temperature", type=float)
+    predict.add_argument("--max-output-tokens", type=int)
+    predict.add_argument("--top-p", type=float)
+    predict.add_argument("--top-k", type=int)
+    predict.add_argument("--json", action="store_true", help="print the whole reply")
+    stop = actions.add_parser("stop", help="stop an endpoint")
+    stop.add_argument("name")
+    endpoints.set_defaults(handler=cmd_endpoints)
+
+    for name, help_text in (("validate", "check a dataset against the rules"),
+                            ("evaluate", "evaluate a model on an evaluation set")):
+        delegated = commands.add_parser(name, help=help_text, add_help=False)
+        delegated.add_argument("rest", nargs=argparse.REMAINDER)
+        delegated.set_defaults(handler=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # validate and evaluate own their arguments: hand them everything after the command.
+    if argv and argv[0] == "validate":
+        from components.validate_dataset.cli import main as validate_main
+        return validate_main(argv[1:])
+    if argv and argv[0] == "evaluate":
+        from components.evaluate.cli import main as evaluate_main
+        return evaluate_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Runs a compiled pipeline template on this machine with the KFP local runner.
+
+The runner executes the compiled YAML, not the Python function, so the file users publish is
+the file that ran. Every component runs as a subprocess in this Python environment
+(``SubprocessRunner(use_venv=False)``); outputs land under ``pipeline_root``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.templates import ParameterError, bind_parameters, read_template, template_path
+
+DEFAULT_PIPELINE_ROOT = "runs"
+
+
+@dataclass
+class RunRequest:
+    """What to run: a template, its parameter values, where outputs go."""
+
+    template: Path
+    parameters: dict[str, Any]
+    pipeline_root: str = DEFAULT_PIPELINE_ROOT
+    display_name: str = ""
+    notes: tuple[str, ...] = ()
+
+
+REQUEST_FIELDS = {"displayName", "runtimeConfig", "templateUri", "encryptionSpec",
+                  "serviceAccount", "labels", "network", "reservedIpRanges", "pipelineSpec"}
+RUNTIME_CONFIG_FIELDS = {"parameterValues", "gcsOutputDirectory", "parameters",
+                         "failurePolicy", "inputArtifacts"}
+
+
+def request_from_file(path: str | Path, template_override: str | None = None) -> RunRequest:
+    """A RunRequest from a Vertex ``pipelineJobs.create`` request body (JSON)."""
+    path = Path(path)
+    try:
+        body = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ParameterError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from None
+    if not isinstance(body, dict):
+        raise ParameterError(f"{path}: the request body must be a JSON object")
+    unknown = sorted(set(body) - REQUEST_FIELDS)
+    if unknown:
+        raise ParameterError(f"{path}: unknown request fields {unknown}; a pipelineJobs request "
+                             f"has {sorted(REQUEST_FIELDS)}")
+    runtime = body.get("runtimeConfig", {})
+    unknown = sorted(set(runtime) - RUNTIME_CONFIG_FIELDS)
+    if unknown:
+        raise ParameterError(f"{path}: unknown runtimeConfig fields {unknown}")
+    template = template_override or body.get("templateUri")
+    if not template:
+        raise ParameterError(f"{path}: no templateUri; name the pipeline on the command line")
+    notes = []
+    output_dir = runtime.get("gcsOutputDirectory", "")
+    pipeline_root = DEFAULT_PIPELINE_ROOT
+    if output_dir.startswith("gs://"):
+        notes.append(f"gcsOutputDirectory {output_dir} is for cloud runs; the local runner "
+                     f"writes its outputs under {DEFAULT_PIPELINE_ROOT}/")
+    elif output_dir:
+        pipeline_root = output_dir
+    kms = body.get("encryptionSpec", {}).get("kmsKeyName")
+    if kms:
+        notes.append(f"encryptionSpec.kmsKeyName {kms} is recorded; local files are not encrypted")
+    return RunRequest(template_path(template), dict(runtime.get("parameterValues", {})),
+                      pipeline_root, body.get("displayName", ""), tuple(notes))
+
+
+def prepare(request: RunRequest) -> tuple[str, dict[str, Any]]:
+    """The pipeline name and the checked, typed parameter values of a request."""
+    from components.common.parameters import check_parameters
+
+    pipeline_name, template = read_template(request.template)
+    values = bind_parameters(template, request.parameters)
+    problems = check_parameters(pipeline_name, values)
+    if problems:
+        raise ParameterError("\n".join(f"  - {p}" for p in problems))
+    return pipeline_name, values
+
+
+def run_locally(request: RunRequest) -> Path:
+    """Runs the request's template with the KFP local runner; returns the run's output folder."""
+    import kfp.local
+    from kfp import components
+
+    pipeline_name, values = prepare(request)
+    pipeline_root = Path(request.pipeline_root).expanduser().resolve()
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The runner deletes its workspace after each run: give it a fresh temporary one.
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
+                   pipeline_root=str(pipeline_root),
+                   workspace_root=tempfile.mkdtemp(prefix="tunepipe-workspace-"))
+    pipeline = components.load_component_from_file(str(request.template))
+    before = set(pipeline_root.iterdir())
+    started = time.perf_counter()
+    pipeline(**values)
+    print(f"{pipeline_name} finished in {time.perf_counter() - started:.0f} s")
+    new = sorted(set(pipeline_root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
+    return new[-1] if new else pipeline_root

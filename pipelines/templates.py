@@ -1,0 +1,142 @@
+"""The pipeline templates: compiling them, and reading their parameters back from the YAML.
+
+``compiled/<name>.yaml`` is what users publish and what the local runner executes; its root
+``inputDefinitions`` are the source of truth for parameter names, types and defaults.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMPILED_DIR = REPO_ROOT / "compiled"
+
+
+def pipeline_functions() -> dict[str, Callable]:
+    """Every pipeline by template name."""
+    from pipelines.tune_large_model import tune_large_model
+
+    return {"tune-large-model": tune_large_model}
+
+
+def compile_all(output_dir: Path = COMPILED_DIR) -> list[Path]:
+    """Compiles every pipeline to ``output_dir/<name>.yaml``."""
+    from kfp import compiler
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, function in pipeline_functions().items():
+        path = output_dir / f"{name}.yaml"
+        compiler.Compiler().compile(function, str(path))
+        written.append(path)
+    return written
+
+
+@dataclass(frozen=True)
+class TemplateParameter:
+    """One pipeline parameter as the compiled template declares it."""
+
+    name: str
+    type: str  # STRING, NUMBER_INTEGER, NUMBER_DOUBLE, BOOLEAN
+    default: Any
+    required: bool
+    description: str
+
+
+class ParameterError(ValueError):
+    """Parameters that do not fit the template; the message lists every problem."""
+
+
+def template_path(name_or_path: str) -> Path:
+    """The compiled template for a pipeline name, a Vertex template URI or a YAML path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    # Vertex template URIs end in .../<template name>/<version>, e.g.
+    # https://us-kfp.pkg.dev/ml-pipeline/large-language-model-pipelines/tune-large-model/v2.0.0
+    for part in reversed(name_or_path.rstrip("/").split("/")):
+        if part in pipeline_functions():
+            compiled = COMPILED_DIR / f"{part}.yaml"
+            if not compiled.exists():
+                raise FileNotFoundError(f"{compiled} is missing: run `tunepipe compile` first")
+            return compiled
+    raise ValueError(f"Unknown pipeline template {name_or_path!r}: use one of "
+                     f"{', '.join(pipeline_functions())} or a compiled YAML file")
+
+
+def read_template(path: Path) -> tuple[str, dict[str, TemplateParameter]]:
+    """The pipeline name and parameters of a compiled template."""
+    spec = yaml.safe_load(path.read_text())
+    declared = spec["root"].get("inputDefinitions", {}).get("parameters", {})
+    parameters = {
+        name: TemplateParameter(name, entry["parameterType"], entry.get("defaultValue"),
+                                not entry.get("isOptional", False), entry.get("description", ""))
+        for name, entry in declared.items()
+    }
+    return spec["pipelineInfo"]["name"], parameters
+
+
+def _coerce(parameter: TemplateParameter, value: Any) -> Any:
+    kind = parameter.type
+    if kind == "STRING":
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise ValueError("expected a string")
+    if kind == "BOOLEAN":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ValueError("expected true or false")
+    if kind == "NUMBER_INTEGER":
+        if isinstance(value, bool):
+            raise ValueError("expected an integer")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        raise ValueError("expected an integer")
+    if kind == "NUMBER_DOUBLE":
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError("expected a number") from None
+    return value
+
+
+def bind_parameters(template: dict[str, TemplateParameter], given: dict[str, Any]) -> dict[str, Any]:
+    """Checks ``given`` against the template and converts values to the declared types.
+
+    Raises ParameterError listing unknown names (with the likely intended name), missing
+    required parameters and values of the wrong type, all at once.
+    """
+    problems = []
+    for name in given:
+        if name not in template:
+            close = difflib.get_close_matches(name.strip(" :"), template, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown parameter {name!r}{hint}")
+    values = {}
+    for name, parameter in template.items():
+        if name not in given:
+            if parameter.required:
+                problems.append(f"missing required parameter {name!r}: {parameter.description.split('.')[0]}")
+            continue
+        try:
+            values[name] = _coerce(parameter, given[name])
+        except ValueError as error:
+            problems.append(f"parameter {name!r}={given[name]!r}: {error}")
+    if problems:
+        known = ", ".join(template)
+        raise ParameterError("\n".join(f"  - {p}" for p in problems) + f"\n  parameters of this template: {known}")
+    return values

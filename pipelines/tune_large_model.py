@@ -1,0 +1,118 @@
+"""tune-large-model: Vertex's pipeline template for tuning text and code generation models."""
+from kfp import dsl
+
+from components.deploy_endpoint.component import deploy_endpoint
+from components.evaluate.component import evaluate
+from components.select_checkpoint.component import select_checkpoint
+from components.transform.component import transform
+from components.tune.component import tune
+from components.upload_model.component import upload_model
+from components.validate_dataset.component import validate_dataset
+
+
+@dsl.pipeline(
+    name="tune-large-model",
+    description="Tunes a large language model for text or code generation with LoRA, evaluates "
+                "it against the base model, registers it and deploys it to an endpoint.",
+)
+def tune_large_model(
+    project: str,
+    model_display_name: str,
+    dataset_uri: str,
+    location: str = "",
+    large_model_reference: str = "text-bison@002",
+    accelerator_type: str = "GPU",
+    train_steps: int = 300,
+    learning_rate_multiplier: float = 1.0,
+    evaluation_data_uri: str = "",
+    evaluation_interval: int = 20,
+    enable_early_stopping: bool = True,
+    enable_checkpoint_selection: str = "default",
+    tensorboard_resource_id: str = "",
+    encryption_spec_key_name: str = "",
+    max_context_length: str = "",
+):
+    """Tunes a large language model for text or code generation.
+
+    Args:
+        project: Project id; on the local runner any string, recorded with the model.
+        model_display_name: Display name of the uploaded model; the endpoint gets the same name.
+        dataset_uri: JSONL training data, ``{"input_text", "output_text"}`` per line; a
+            ``gs://`` URI or a local path. 10 to 10,000 examples.
+        location: Model upload region (one of Vertex's 13 tuning regions); empty means the
+            pipeline job's region (us-central1 on the local runner).
+        large_model_reference: Base model: a Vertex name (text-bison@002, code-bison@002, their
+            -32k variants...) from the model catalog, a checkpoint folder or a GGUF file.
+        accelerator_type: ``GPU`` (8x A100 80GB in us-central1, batch size 8) or ``TPU``
+            (TPU v3 pod in europe-west4, batch size 24 for 8k models). Locally the tuner uses
+            the local device and keeps the batch size.
+        train_steps: Optimizer steps; examples seen = train_steps x batch size.
+        learning_rate_multiplier: Multiplies the model's recommended learning rate.
+        evaluation_data_uri: JSONL evaluation data (10 to 250 examples), optional.
+        evaluation_interval: Steps between evaluations; needs evaluation_data_uri.
+        enable_early_stopping: Stop when eval token accuracy stops improving enough between two
+            evaluations; needs evaluation_data_uri.
+        enable_checkpoint_selection: ``true``: the checkpoint with the best evaluation;
+            ``false``: the final one; ``default``: the model's default.
+        tensorboard_resource_id: TensorBoard to receive the metrics (locally: recorded; the
+            events are in the tune step's output).
+        encryption_spec_key_name: CMEK key name; only in us-central1 and never with TPU.
+        max_context_length: ``8k`` or ``32k``; empty means what the model name implies.
+    """
+    validated = validate_dataset(
+        dataset_uri=dataset_uri,
+        evaluation_data_uri=evaluation_data_uri,
+        dataset_format="text",
+        large_model_reference=large_model_reference,
+        max_context_length=max_context_length,
+    ).set_display_name("Validate Dataset").set_caching_options(False)
+
+    tokenized = transform(
+        validated_dataset=validated.outputs["validated_dataset"],
+        dataset_format="text",
+        large_model_reference=large_model_reference,
+        max_context_length=max_context_length,
+        default_context="",
+    ).set_display_name("Transform").set_caching_options(False)
+
+    tuned = tune(
+        tokenized_dataset=tokenized.outputs["tokenized_dataset"],
+        large_model_reference=large_model_reference,
+        train_steps=train_steps,
+        learning_rate_multiplier=learning_rate_multiplier,
+        evaluation_interval=evaluation_interval,
+        enable_early_stopping=enable_early_stopping,
+        accelerator_type=accelerator_type,
+        max_context_length=max_context_length,
+        tensorboard_resource_id=tensorboard_resource_id,
+    ).set_display_name("Tune").set_caching_options(False)
+    tuned.set_accelerator_type("NVIDIA_A100_80GB").set_accelerator_limit(8)
+
+    evaluated = evaluate(
+        tuned_model=tuned.outputs["tuned_model"],
+        validated_dataset=validated.outputs["validated_dataset"],
+        tokenized_dataset=tokenized.outputs["tokenized_dataset"],
+        large_model_reference=large_model_reference,
+    ).set_display_name("Evaluate").set_caching_options(False)
+
+    selected = select_checkpoint(
+        tuned_model=tuned.outputs["tuned_model"],
+        evaluation_results=evaluated.outputs["evaluation_results"],
+        enable_checkpoint_selection=enable_checkpoint_selection,
+        large_model_reference=large_model_reference,
+    ).set_display_name("Select Checkpoint").set_caching_options(False)
+
+    uploaded = upload_model(
+        selected_model=selected.outputs["selected_model"],
+        validated_dataset=validated.outputs["validated_dataset"],
+        evaluation_results=evaluated.outputs["evaluation_results"],
+        model_display_name=model_display_name,
+        project=project,
+        location=location,
+        dataset_uri=dataset_uri,
+    ).set_display_name("Upload Model").set_caching_options(False)
+
+    deploy_endpoint(
+        registered_model=uploaded.outputs["registered_model"],
+        model_display_name=model_display_name,
+    ).set_display_name("Deploy Endpoint").set_caching_options(False)
