@@ -11,8 +11,12 @@ def tunepipe_home() -> Path:
 
 
 def model_cache_dir() -> Path:
-    """Converted checkpoints (GGUF dequantized into safetensors folders)."""
-    return tunepipe_home() / "cache" / "models"
+    """Converted checkpoints (GGUF dequantized into safetensors folders).
+
+    ``$TUNEPIPE_CACHE`` when set (so several homes can share one cache), else under the home.
+    """
+    cache = os.environ.get("TUNEPIPE_CACHE")
+    return (Path(cache).expanduser() if cache else tunepipe_home() / "cache") / "models"
 
 
 def registry_dir() -> Path:

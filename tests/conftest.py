@@ -1,0 +1,66 @@
+"""Shared fixtures: an isolated tunepipe home, the embedded tokenizer, a tiny model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.gcs_emulator"]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The converted embedded model is a cache worth sharing between test sessions.
+os.environ.setdefault("TUNEPIPE_CACHE", str(Path.home() / ".tunepipe" / "cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tunepipe_home(tmp_path_factory) -> Path:
+    """A fresh registry and endpoint folder for the session; running endpoints are stopped."""
+    home = tmp_path_factory.mktemp("tunepipe-home")
+    previous = os.environ.get("TUNEPIPE_HOME")
+    os.environ["TUNEPIPE_HOME"] = str(home)
+    yield home
+    from components.deploy_endpoint.endpoints import list_endpoints, stop_endpoint
+
+    for endpoint in list_endpoints():
+        stop_endpoint(endpoint.name, missing_ok=True)
+    if previous is None:
+        os.environ.pop("TUNEPIPE_HOME", None)
+    else:
+        os.environ["TUNEPIPE_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def embedded_checkpoint() -> str:
+    """The embedded SmolLM2 checkpoint folder (converted from GGUF once, then cached)."""
+    from components.common.model_catalog import resolve_model
+
+    return resolve_model("text-bison@002").checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_checkpoint) -> Path:
+    """A tiny randomly initialised Llama with the embedded model's tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from components.common.model_loading import load_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = load_tokenizer(embedded_checkpoint)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "samples"

@@ -1,0 +1,44 @@
+"""The model catalog: aliases, folders, GGUF files, unknown references."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from components.common.model_catalog import (UnknownModelError, VERTEX_ALIASES, context_class_of,
+                                             resolve_model)
+
+
+@pytest.mark.parametrize("alias", sorted(VERTEX_ALIASES))
+def test_vertex_names_resolve_to_the_embedded_model(alias, embedded_checkpoint):
+    resolved = resolve_model(alias)
+    assert resolved.checkpoint == embedded_checkpoint
+    assert resolved.source.startswith("catalog:smollm2-135m-instruct")
+    assert resolved.context_class == ("32k" if "-32k" in alias else "8k")
+
+
+def test_embedded_checkpoint_is_a_complete_model_folder(embedded_checkpoint):
+    folder = Path(embedded_checkpoint)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (folder / name).exists(), name
+    assert not list(folder.parent.glob(folder.name + ".*"))  # no conversion leftovers
+
+
+def test_a_checkpoint_folder_resolves_to_itself(tiny_model_dir):
+    resolved = resolve_model(str(tiny_model_dir))
+    assert resolved.checkpoint == str(tiny_model_dir.resolve())
+    assert resolved.source == f"folder:{tiny_model_dir.resolve()}"
+
+
+def test_unknown_reference_lists_the_known_ones(tmp_path):
+    with pytest.raises(UnknownModelError) as error:
+        resolve_model("text-bisn@002")
+    message = str(error.value)
+    assert "'text-bisn@002'" in message and "text-bison@002" in message and "chat-bison@002" in message
+    with pytest.raises(UnknownModelError):
+        resolve_model(str(tmp_path))  # a folder without config.json is no checkpoint
+
+
+def test_context_class_comes_from_the_name():
+    assert context_class_of("text-bison-32k@002") == "32k"
+    assert context_class_of("text-bison@002") == "8k"

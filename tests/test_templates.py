@@ -1,0 +1,78 @@
+"""Templates: the compiled YAML is current, parameters are checked against it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pipelines.local_run import request_from_file
+from pipelines.templates import (COMPILED_DIR, ParameterError, bind_parameters, compile_all,
+                                 read_template, template_path)
+
+SPEC_PARAMETERS = {  # SPEC.md's table for tune-large-model: name -> (type, default)
+    "project": ("STRING", None), "location": ("STRING", ""), "model_display_name": ("STRING", None),
+    "dataset_uri": ("STRING", None), "large_model_reference": ("STRING", "text-bison@002"),
+    "accelerator_type": ("STRING", "GPU"), "train_steps": ("NUMBER_INTEGER", 300),
+    "learning_rate_multiplier": ("NUMBER_DOUBLE", 1.0), "evaluation_data_uri": ("STRING", ""),
+    "evaluation_interval": ("NUMBER_INTEGER", 20), "enable_early_stopping": ("BOOLEAN", True),
+    "enable_checkpoint_selection": ("STRING", "default"), "tensorboard_resource_id": ("STRING", ""),
+    "encryption_spec_key_name": ("STRING", ""), "max_context_length": ("STRING", ""),
+}
+
+
+def test_compiled_templates_match_a_fresh_compile(tmp_path):
+    for fresh in compile_all(tmp_path):
+        checked_in = COMPILED_DIR / fresh.name
+        assert checked_in.exists(), f"{checked_in} is missing: run `make compile`"
+        assert yaml.safe_load(checked_in.read_text()) == yaml.safe_load(fresh.read_text()), \
+            f"{checked_in} is stale: run `make compile` and commit it"
+
+
+def test_tune_large_model_parameters_are_vertex_s():
+    name, parameters = read_template(template_path("tune-large-model"))
+    assert name == "tune-large-model"
+    assert {n: (p.type, p.default) for n, p in parameters.items()} == SPEC_PARAMETERS
+    assert all(p.description for p in parameters.values()), "every parameter is documented"
+    assert {n for n, p in parameters.items() if p.required} == {"project", "model_display_name", "dataset_uri"}
+
+
+def test_unknown_and_mistyped_parameters_are_all_named():
+    _, parameters = read_template(template_path("tune-large-model"))
+    with pytest.raises(ParameterError) as error:
+        bind_parameters(parameters, {"project": "p", "dataset_uri": "d.jsonl",
+                                     "accelerator_type:": "GPU", "train_steps": "many"})
+    message = str(error.value)
+    assert "unknown parameter 'accelerator_type:' (did you mean 'accelerator_type'?)" in message
+    assert "missing required parameter 'model_display_name'" in message
+    assert "parameter 'train_steps'='many': expected an integer" in message
+
+
+def test_request_body_values_are_converted_to_the_template_types():
+    _, parameters = read_template(template_path("tune-large-model"))
+    values = bind_parameters(parameters, {"project": "p", "model_display_name": "m", "dataset_uri": "d",
+                                          "train_steps": "40", "enable_early_stopping": "false",
+                                          "learning_rate_multiplier": 2, "evaluation_interval": 10.0})
+    assert values["train_steps"] == 40 and values["enable_early_stopping"] is False
+    assert values["learning_rate_multiplier"] == 2.0 and values["evaluation_interval"] == 10
+
+
+def test_a_seed_request_body_is_read_as_is(tmp_path):
+    body = {"displayName": "job", "runtimeConfig": {
+        "gcsOutputDirectory": "gs://bucket/out",
+        "parameterValues": {"project": "p", "model_display_name": "m", "dataset_uri": "gs://b/d.jsonl",
+                            "location": "us-central1", "accelerator_type": "GPU"}},
+        "encryptionSpec": {"kmsKeyName": "projects/p/keyRings/r/cryptoKeys/k"},
+        "serviceAccount": "sa@p.iam.gserviceaccount.com",
+        "templateUri": "https://us-kfp.pkg.dev/ml-pipeline/large-language-model-pipelines/tune-large-model/v2.0.0"}
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(body))
+    request = request_from_file(path)
+    assert request.template == template_path("tune-large-model")
+    assert request.parameters["dataset_uri"] == "gs://b/d.jsonl"
+    assert any("gcsOutputDirectory" in note for note in request.notes)
+
+    body["runtimeConfig"]["parameterValue"] = {}
+    path.write_text(json.dumps(body))
+    with pytest.raises(ParameterError, match="unknown runtimeConfig fields \\['parameterValue'\\]"):
+        request_from_file(path)
