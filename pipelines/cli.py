@@ -42,15 +42,33 @@ def cmd_run(args: argparse.Namespace) -> int:
             request.pipeline_root = args.pipeline_root
         for note in request.notes:
             print(f"note: {note}")
-        run_dir = run_locally(request)
+        run_dir = run_locally(request, verbose=args.verbose)
     except (ParameterError, ValueError, FileNotFoundError) as error:
         print(f"tunepipe run: invalid request:\n{error}", file=sys.stderr)
         return USAGE_ERROR
-    print_run_summary(request.parameters.get("model_display_name", ""), run_dir)
+    parameters = request.parameters
+    print_run_summary(parameters["model_display_name"], run_dir,
+                      parameters.get("evaluation_data_uri") or parameters["dataset_uri"])
     return 0
 
 
-def print_run_summary(model_display_name: str, run_dir: Path) -> None:
+def _example_prompt(dataset_uri: str) -> str:
+    """The first example's input, to show how to prompt the endpoint."""
+    from components.common import storage
+
+    first_line = storage.read_text(dataset_uri).lstrip("\ufeff").splitlines()[0]
+    return json.loads(first_line).get("input_text", "Hello")
+
+
+def _shell_quote(text: str) -> str:
+    """Quotes text for a POSIX shell, with $'...' when it spans lines."""
+    if "\n" not in text:
+        return shlex.quote(text)
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+    return f"$'{escaped}'"
+
+
+def print_run_summary(model_display_name: str, run_dir: Path, example_data_uri: str) -> None:
     """What a finished run produced: scores, where the model is, how to prompt the endpoint."""
     from components.common.model_loading import read_tuned_model_metadata
     from components.common.model_registry import get_model
@@ -67,12 +85,11 @@ def print_run_summary(model_display_name: str, run_dir: Path) -> None:
         print(line)
     print(f"Tuned model:          {model.resource_name} in {model.path}")
     endpoint = get_endpoint(model_display_name)
-    example = "Classify the customer message into one of these categories: billing, shipping, " \
-              "technical, account. Answer with the category name only.\n\nMessage: My parcel " \
-              "never arrived."
     print(f"Endpoint:             {endpoint.predict_url} (pid {endpoint.pid})")
     print("Prompt it with:")
-    print(f"  tunepipe endpoints predict {shlex.quote(model_display_name)} --prompt {shlex.quote(example)}")
+    print(f"  tunepipe endpoints predict {shlex.quote(model_display_name)} "
+          f"--prompt {_shell_quote(_example_prompt(example_data_uri))}")
+    print(f"Stop it with:         tunepipe endpoints stop {shlex.quote(model_display_name)}")
     print("=" * 78)
 
 
@@ -149,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="NAME=VALUE", help="a pipeline parameter (repeatable)")
     run.add_argument("--request-file", help="a Vertex pipelineJobs request body (JSON)")
     run.add_argument("--pipeline-root", help="where outputs go (default: runs/)")
+    run.add_argument("--verbose", action="store_true", help="also show each task's executor input")
     run.set_defaults(handler=cmd_run)
 
     models = commands.add_parser("models", help="list registered models")

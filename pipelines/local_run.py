@@ -6,8 +6,12 @@ the file that ran. Every component runs as a subprocess in this Python environme
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import sys
+import warnings
 import tempfile
 import time
 from dataclasses import dataclass
@@ -83,8 +87,34 @@ def prepare(request: RunRequest) -> tuple[str, dict[str, Any]]:
     return pipeline_name, values
 
 
-def run_locally(request: RunRequest) -> Path:
-    """Runs the request's template with the KFP local runner; returns the run's output folder."""
+class _QuietExecutorInput(io.TextIOBase):
+    """Passes the runner's log through, less the executor-input JSON each task dumps."""
+
+    def __init__(self, target):
+        self._target, self._pending, self._skipping = target, "", False
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if "Got executor_input:" in line:
+                self._skipping = True
+            elif self._skipping:
+                self._skipping = line.rstrip() != "    }"
+            else:
+                self._target.write(line + "\n")
+        self._target.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self._target.flush()
+
+
+def run_locally(request: RunRequest, verbose: bool = False) -> Path:
+    """Runs the request's template with the KFP local runner; returns the run's output folder.
+
+    Unless ``verbose``, the JSON executor input that KFP logs for every task is left out.
+    """
     import kfp.local
     from kfp import components
 
@@ -100,7 +130,13 @@ def run_locally(request: RunRequest) -> Path:
     pipeline = components.load_component_from_file(str(request.template))
     before = set(pipeline_root.iterdir())
     started = time.perf_counter()
-    pipeline(**values)
+    with contextlib.redirect_stdout(sys.stdout if verbose else _QuietExecutorInput(sys.stdout)), \
+            warnings.catch_warnings():
+        # Display names, accelerators and the container image matter on Vertex and KFP; the
+        # local runner says at every task that it ignores them.
+        warnings.filterwarnings("ignore", message=".*no effect in the current local runner")
+        warnings.filterwarnings("ignore", message=".*non-Python base image")
+        pipeline(**values)
     print(f"{pipeline_name} finished in {time.perf_counter() - started:.0f} s")
     new = sorted(set(pipeline_root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
     return new[-1] if new else pipeline_root
