@@ -103,8 +103,8 @@ def evaluation_lines(evaluation: dict, selected_step: int | None) -> list[str]:
         if checkpoint.get("step") == selected_step:
             tuned = checkpoint.get("metrics", {})
     lines = [f"Scores on the evaluation set (base -> tuned, step {selected_step}):"]
-    for name in ("exact_match", "eval_total_loss", "eval_fraction_of_correct_next_step_preds",
-                 "bleu", "rouge_l"):
+    for name in ("exact_match", "accuracy", "macro_f1", "rouge_l", "eval_total_loss",
+                 "eval_fraction_of_correct_next_step_preds"):
         if name in base or name in tuned:
             lines.append(f"  {name:42s} {base.get(name, float('nan')):8.4f} -> {tuned.get(name, float('nan')):8.4f}")
     return lines
