@@ -1,0 +1,220 @@
+"""Checks of pipeline parameter values, before a run starts.
+
+:func:`check_parameters` returns human-readable errors for values that Vertex's templates would
+refuse; :func:`unknown_parameters` names parameters a template does not have and suggests the
+intended name for near-misses (the seeds' own request bodies contain ``"accelerator_type:"``).
+The compiled pipeline YAML is the authority on which parameters exist; the CLI passes its names to
+:func:`unknown_parameters`. :data:`DOCUMENTED_PARAMETERS` lists the documented ones (SPEC.md) for
+callers without a compiled template.
+
+Values arrive as typed JSON values (request bodies) or strings (command line); both are accepted:
+``300`` and ``"300"`` are the same train_steps, ``true``, ``"true"`` and ``"True"`` the same
+boolean.
+
+Evaluation settings without evaluation data: the templates' defaults (evaluation_interval 20,
+enable_early_stopping true, enable_checkpoint_selection 'default') are harmless without evaluation
+data, and request bodies often spell them out, so only a value that asks for evaluation behaviour
+and differs from the default is an error: an evaluation_interval other than 20, or
+enable_checkpoint_selection 'true'. Turning things off (enable_early_stopping false,
+enable_checkpoint_selection 'false') is accepted. For the chat pipeline, which has no evaluation,
+evaluation_data_uri and any evaluation setting that differs from its default is an error.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from typing import Any, Iterable
+
+REGIONS = (
+    "us-central1", "europe-west4", "asia-southeast1", "us-west1", "europe-west3", "europe-west2",
+    "asia-northeast1", "us-east4", "us-west4", "northamerica-northeast1", "europe-west9",
+    "europe-west1", "asia-northeast3",
+)
+CMEK_REGION = "us-central1"
+ACCELERATOR_TYPES = ("GPU", "TPU")
+CHECKPOINT_SELECTION_VALUES = ("true", "false", "default")
+MAX_CONTEXT_LENGTHS = ("", "8k", "32k")
+
+CHAT_PIPELINE = "tune-large-chat-model"
+EVALUATION_DEFAULTS = {"evaluation_interval": 20, "enable_early_stopping": True,
+                       "enable_checkpoint_selection": "default"}
+
+_COMMON = {"project", "location", "model_display_name", "dataset_uri", "accelerator_type",
+           "train_steps", "learning_rate_multiplier", "tensorboard_resource_id",
+           "encryption_spec_key_name", "max_context_length"}
+_EVALUATION = {"evaluation_data_uri", "evaluation_interval", "enable_early_stopping",
+               "enable_checkpoint_selection"}
+DOCUMENTED_PARAMETERS: dict[str, frozenset[str]] = {
+    "tune-large-model": frozenset(_COMMON | _EVALUATION | {"large_model_reference"}),
+    CHAT_PIPELINE: frozenset(_COMMON | {"large_model_reference", "default_context"}),
+    "distillation": frozenset(_COMMON | _EVALUATION | {"teacher_model_reference",
+                                                        "student_model_reference"}),
+}
+
+
+def _given(values: dict, name: str) -> bool:
+    """Whether the user gave a value (None and '' count as not given)."""
+    value = values.get(name)
+    return value is not None and not (isinstance(value, str) and value.strip() == "")
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _as_bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+(\.0*)?\s*", value):
+        return int(float(value))
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _text(value: Any) -> str:
+    return str(value).strip() if value is not None else ""
+
+
+def check_parameters(pipeline_name: str, values: dict) -> list[str]:
+    """Human-readable errors for parameter values the pipeline would refuse ([] when fine)."""
+    errors: list[str] = []
+    chat = pipeline_name == CHAT_PIPELINE
+
+    location = _text(values.get("location"))
+    if _given(values, "location") and location not in REGIONS:
+        errors.append(f"location {_show(values['location'])} is not a supported region; use one "
+                      f"of: {', '.join(REGIONS)}")
+
+    accelerator = _text(values.get("accelerator_type")) if _given(values, "accelerator_type") \
+        else "GPU"
+    if accelerator not in ACCELERATOR_TYPES:
+        hint = (f" (write {accelerator.upper()!r})" if accelerator.upper() in ACCELERATOR_TYPES
+                else "")
+        errors.append(f"accelerator_type {_show(values['accelerator_type'])} is not 'GPU' or "
+                      f"'TPU'{hint}")
+
+    if _given(values, "encryption_spec_key_name"):
+        if accelerator == "TPU":
+            errors.append("encryption_spec_key_name (CMEK) is not supported with accelerator_type "
+                          "'TPU' (TPU tuning runs in europe-west4); use 'GPU' or drop the key")
+        if _given(values, "location") and location != CMEK_REGION:
+            errors.append(f"encryption_spec_key_name (CMEK) is only supported in {CMEK_REGION}, "
+                          f"not in location {_show(values['location'])}")
+
+    if "train_steps" in values:
+        steps = _as_int(values["train_steps"])
+        if steps is None or steps <= 0:
+            errors.append(f"train_steps must be a positive integer, not "
+                          f"{_show(values['train_steps'])}")
+    if "learning_rate_multiplier" in values:
+        multiplier = _as_float(values["learning_rate_multiplier"])
+        if multiplier is None or not math.isfinite(multiplier) or multiplier <= 0:
+            errors.append(f"learning_rate_multiplier must be a positive number, not "
+                          f"{_show(values['learning_rate_multiplier'])}")
+    if "evaluation_interval" in values:
+        interval = _as_int(values["evaluation_interval"])
+        if interval is None or interval <= 0:
+            errors.append(f"evaluation_interval must be a positive integer, not "
+                          f"{_show(values['evaluation_interval'])}")
+    if "enable_early_stopping" in values and _as_bool(values["enable_early_stopping"]) is None:
+        errors.append(f"enable_early_stopping must be true or false, not "
+                      f"{_show(values['enable_early_stopping'])}")
+    selection = None
+    if "enable_checkpoint_selection" in values:
+        raw = values["enable_checkpoint_selection"]
+        selection = (str(raw).lower() if isinstance(raw, bool) else _text(raw).lower())
+        if selection not in CHECKPOINT_SELECTION_VALUES:
+            errors.append(f"enable_checkpoint_selection must be 'true', 'false' or 'default', "
+                          f"not {_show(raw)}")
+            selection = None
+    if "max_context_length" in values:
+        length = _text(values["max_context_length"]).lower()
+        if length not in MAX_CONTEXT_LENGTHS:
+            errors.append(f"max_context_length must be '8k', '32k' or empty (implied by the "
+                          f"model name), not {_show(values['max_context_length'])}")
+
+    has_eval_data = _given(values, "evaluation_data_uri")
+    interval_changed = ("evaluation_interval" in values and
+                        _as_int(values["evaluation_interval"]) not in (None, 20))
+    if chat:
+        if has_eval_data:
+            errors.append("evaluation_data_uri is not supported for chat models "
+                          f"({CHAT_PIPELINE}); leave it empty")
+        changed = [name for name in EVALUATION_DEFAULTS
+                   if name in values and _differs_from_default(name, values[name])]
+        if changed:
+            errors.append(f"{', '.join(changed)}: evaluation settings are not supported for chat "
+                          f"models ({CHAT_PIPELINE})")
+    elif not has_eval_data:
+        if interval_changed:
+            errors.append(f"evaluation_interval={_show(values['evaluation_interval'])} needs "
+                          "evaluation_data_uri (there is no evaluation without evaluation data)")
+        if selection == "true":
+            errors.append("enable_checkpoint_selection='true' needs evaluation_data_uri (the best "
+                          "checkpoint is chosen by its evaluation)")
+    return errors
+
+
+def _differs_from_default(name: str, value: Any) -> bool:
+    if name == "evaluation_interval":
+        return _as_int(value) != 20
+    if name == "enable_early_stopping":
+        return _as_bool(value) is not True
+    raw = str(value).lower() if isinstance(value, bool) else _text(value).lower()
+    return raw != "default"
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def suggest_parameter(name: str, known: Iterable[str]) -> str | None:
+    """The known parameter ``name`` was probably meant to be, or None."""
+    known = sorted(known)
+    by_normal = {_normalized(k): k for k in known}
+    if _normalized(name) in by_normal:  # case, punctuation, stray ':' or spaces
+        return by_normal[_normalized(name)]
+    match = difflib.get_close_matches(name.strip().lower(), known, n=1, cutoff=0.75)
+    if match:
+        return match[0]
+    normal = _normalized(name)
+    extended = [k for k in known if len(normal) >= 6 and _normalized(k).startswith(normal)]
+    return extended[0] if len(extended) == 1 else None  # a shortened name: learning_rate
+
+
+def unknown_parameters(values: dict, known: set[str]) -> list[str]:
+    """One error line per parameter in ``values`` that is not in ``known`` ([] when none)."""
+    errors = []
+    for name in values:
+        if name in known:
+            continue
+        suggestion = suggest_parameter(name, known)
+        hint = f"; did you mean {suggestion!r}?" if suggestion else \
+            f"; known parameters: {', '.join(sorted(known))}"
+        errors.append(f"unknown parameter {name!r}{hint}")
+    return errors

@@ -1,0 +1,169 @@
+"""Transform: validated JSONL examples -> token datasets (ids + loss masks) for tuning.
+
+Reads ``train.jsonl`` (and ``eval.jsonl`` when present) from a validated dataset directory and
+writes ``train/`` (and ``eval/``) token datasets (:mod:`components.common.token_dataset`) under the
+output directory, atomically (built in a temporary sibling, renamed into place).
+
+Tokenization is :class:`components.transform.encoding.ExampleEncoder` (chat template, default
+context, truncation: see that module). It streams: lines are read one by one, encoded in batches
+of ``batch_size`` with one tokenizer call per batch, and written as they are encoded.
+
+The validator already tokenized the examples with the same encoder and left the token datasets in
+``tokens/`` of the validated directory; when their encoding key (tokenizer files, chat template,
+format, limits, default context) equals this run's, they are copied instead of re-tokenized. Either
+way the output bytes are the same, and the same input always gives the same bytes.
+
+Distillation examples must be labeled by the time they reach transform (the teacher step labels
+them); an unlabeled example is an error, never silently dropped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from components.common.dataset_formats import normalize_format, parse_example, token_limits
+from components.common.token_dataset import TokenDataset, TokenDatasetWriter
+from components.common.model_catalog import resolve_model
+from components.transform.encoding import (DEFAULT_BATCH_SIZE, ExampleEncoder, batched,
+                                           encoding_key, folder_fingerprint,
+                                           tokenizer_fingerprint)
+from components.validate_dataset.validator import (EVAL_FILE, TOKENS_DIR, TRAIN_FILE,
+                                                   context_class, load_model_tokenizer,
+                                                   token_metadata, truncation_metadata)
+
+ROLES = (("train", TRAIN_FILE), ("eval", EVAL_FILE))
+
+
+class TransformError(ValueError):
+    """Data transform cannot tokenize (it names the file and line)."""
+
+
+def read_examples(jsonl_path: str | os.PathLike, dataset_format: str):
+    """Yields the examples of a validated JSONL file, one line at a time."""
+    name = str(jsonl_path)
+    with open(jsonl_path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as error:
+                raise TransformError(f"{name}:{number}: (line): {error}; validate the dataset "
+                                     "first") from None
+            example, problems = parse_example(obj, dataset_format)
+            if problems:
+                field_name, message = problems[0]
+                raise TransformError(f"{name}:{number}: {field_name}: {message}; validate the "
+                                     "dataset first")
+            if not example.labeled:
+                raise TransformError(f"{name}:{number}: output_text: missing; unlabeled "
+                                     "distillation examples must be labeled by the teacher "
+                                     "before transform")
+            yield example
+
+
+def tokenize_file(jsonl_path: str | os.PathLike, encoder: ExampleEncoder,
+                  output_dir: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+    """Streams one JSONL file into a token dataset at ``output_dir``; returns its meta."""
+    writer = TokenDatasetWriter(output_dir, token_metadata(encoder))
+    truncated = [0, 0, 0]
+    with writer:
+        for batch in batched(read_examples(jsonl_path, encoder.format), batch_size):
+            for encoded in encoder.encode_batch(batch):
+                writer.add(encoded.ids, encoded.mask)
+                truncated[0] += encoded.input_truncated
+                truncated[1] += encoded.output_truncated
+                truncated[2] += encoded.truncated
+        writer.metadata.update(truncation_metadata(*truncated))
+    return TokenDataset(output_dir).meta
+
+
+def _usable_cache(cache_dir: Path, key: str) -> bool:
+    meta_path = cache_dir / "meta.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError:
+        return False
+    return meta.get("encoding_key") == key
+
+
+def transform_dataset(validated_dir: str | os.PathLike, dataset_format: str,
+                      large_model_reference: str, max_context_length: str,
+                      default_context: str, output_dir: str | os.PathLike, *, tokenizer=None,
+                      batch_size: int = DEFAULT_BATCH_SIZE, use_cache: bool = True) -> dict:
+    """Tokenizes a validated dataset directory into ``output_dir``/train (and /eval).
+
+    Returns ``{role: meta}`` of the token datasets written, each with ``"reused_tokens"``:
+    whether the validator's tokens were reused.
+    """
+    validated_dir = Path(validated_dir)
+    train_path = validated_dir / TRAIN_FILE
+    if not train_path.is_file():
+        raise FileNotFoundError(f"{validated_dir} has no {TRAIN_FILE}: is it the output of "
+                                "validate_dataset?")
+    fmt = normalize_format(dataset_format)
+    limits = token_limits(fmt, context_class(large_model_reference, max_context_length))
+    # The key of this run's encoding, from the tokenizer files alone: when the validator's
+    # tokens have the same key, the tokenizer is not even loaded.
+    if tokenizer is not None:
+        fingerprint = tokenizer_fingerprint(tokenizer)
+    else:
+        fingerprint = folder_fingerprint(resolve_model(large_model_reference).checkpoint)
+    key = encoding_key(fingerprint, fmt, limits, default_context or "") if fingerprint else None
+    encoder: ExampleEncoder | None = None
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.with_name(f".{output_dir.name}.{uuid.uuid4().hex}.tmp")
+    staging.mkdir()
+    summary: dict = {}
+    try:
+        for role, file_name in ROLES:
+            source = validated_dir / file_name
+            if not source.is_file():
+                continue
+            cache = validated_dir / TOKENS_DIR / role
+            if use_cache and key and _usable_cache(cache, key):
+                shutil.copytree(cache, staging / role)
+                meta = TokenDataset(staging / role).meta
+                reused = True
+            else:
+                if encoder is None:
+                    if tokenizer is None:
+                        tokenizer, _ = load_model_tokenizer(large_model_reference)
+                    encoder = ExampleEncoder(tokenizer, fmt, limits, default_context or "")
+                meta = tokenize_file(source, encoder, staging / role, batch_size)
+                reused = False
+            summary[role] = {**meta, "reused_tokens": reused}
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary
+
+
+def transform_for_pipeline(validated_dataset_path: str, dataset_format: str,
+                           large_model_reference: str, max_context_length: str,
+                           default_context: str, tokenized_dataset_path: str) -> dict:
+    """The transform component's work: returns the artifact metadata."""
+    summary = transform_dataset(validated_dataset_path, dataset_format, large_model_reference,
+                                max_context_length, default_context, tokenized_dataset_path)
+    metadata: dict = {"dataset_format": normalize_format(dataset_format)}
+    for role, meta in summary.items():
+        prefix = "" if role == "train" else "eval_"
+        metadata[f"{prefix}num_examples"] = meta["num_examples"]
+        metadata[f"{prefix}num_tokens"] = meta["num_tokens"]
+        metadata[f"{prefix}num_target_tokens"] = meta["num_target_tokens"]
+        metadata[f"{prefix}truncated_examples"] = meta["truncated_examples"]
+        metadata[f"{prefix}reused_validation_tokens"] = meta["reused_tokens"]
+        print(f"transform: {role}: {meta['num_examples']} examples, {meta['num_tokens']} tokens "
+              f"({meta['num_target_tokens']} targets), {meta['truncated_examples']} truncated"
+              f"{', tokens reused from validation' if meta['reused_tokens'] else ''}", flush=True)
+    return metadata
