@@ -1,0 +1,421 @@
+"""Batched text generation with a KV cache: one implementation for evaluate and the endpoint.
+
+``generate(model, tokenizer, prompts, max_output_tokens, ...)`` answers many prompts at once:
+
+- prompts are tokenized (``prompt_token_ids``), sorted by length and cut into batches of at most
+  ``batch_size`` rows and ``max_batch_tokens`` padded prompt tokens, so rows of a batch have
+  similar lengths and little padding;
+- each batch runs its prompts' common token prefix (the chat template's system turn, shared
+  instructions) once and copies its cache to every row, then the rest of every prompt, left
+  padded after the prefix (padding masked out), into a ``DynamicCache``; then one token per
+  step for every unfinished row; position ids count real tokens only, so a padded row computes
+  what it would alone;
+- a row stops at an end-of-turn id (``prompts.end_of_turn_token_ids``; not part of the output)
+  or after ``max_output_tokens`` tokens; finished rows are dropped from the batch (and from the
+  cache) at once, and when half the rows are free the next prompts are prefilled and merged in
+  (caches left padded to a common length), so the batch stays full instead of decoding a long
+  tail of a few long answers;
+- ``temperature == 0`` is greedy decoding (argmax), deterministic. In float32 it gives the same
+  outputs as generating one prompt at a time, except where two logits tie to within rounding
+  (padding changes matrix shapes, hence the order of float additions).
+
+Sampling follows Vertex AI's parameter semantics (temperature, maxOutputTokens, topP, topK): the
+candidates are the ``top_k`` most probable tokens (0 or None: all), then the smallest set of them
+whose probability reaches ``top_p`` (under the model's own distribution), and the token is drawn
+from those with probabilities ``softmax(logits / temperature)``. Draws come from one
+``torch.Generator`` seeded with ``seed``: the same call gives the same answers.
+
+Prompts longer than the model's context keep their last ``context - max_output_tokens`` tokens.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_BATCH_TOKENS = 16384  # rows x longest prompt in a batch (prefill activations)
+MIN_SHARED_PREFIX = 4  # tokens; a shorter common prefix is not worth a separate forward
+MAX_OUTPUT_TOKENS_LIMIT = 1024  # Vertex's text models answer with at most 1024 tokens
+FINISH_STOP = "stop"  # an end-of-turn token
+FINISH_LENGTH = "length"  # max_output_tokens reached
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings, validated; ``from_vertex`` reads Vertex's parameter names.
+
+    The defaults are the neutral ones (greedy, no filtering); Vertex's own per-model defaults
+    for an endpoint are the endpoint's to choose.
+    """
+
+    max_output_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.max_output_tokens, int) or self.max_output_tokens < 1:
+            problems.append(f"maxOutputTokens must be a positive integer, got {self.max_output_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            problems.append(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            problems.append(f"topP must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            problems.append(f"topK must be an integer >= 0 (0: no top-k filter), got {self.top_k!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_vertex(cls, parameters: Mapping[str, Any], default_max_output_tokens: int) -> "SamplingParams":
+        """From a Vertex ``parameters`` object: ``temperature``, ``maxOutputTokens``, ``topP``, ``topK``.
+
+        Missing keys take the defaults above (``default_max_output_tokens`` for maxOutputTokens);
+        unknown keys raise ``ValueError`` naming them.
+        """
+        known = {"temperature", "maxOutputTokens", "topP", "topK"}
+        unknown = sorted(set(parameters) - known)
+        if unknown:
+            raise ValueError(f"unknown generation parameter(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+        top_k = parameters.get("topK", 0)
+        return cls(
+            max_output_tokens=_as_int(parameters.get("maxOutputTokens", default_max_output_tokens),
+                                      "maxOutputTokens"),
+            temperature=float(parameters.get("temperature", 0.0)),
+            top_p=float(parameters.get("topP", 1.0)),
+            top_k=None if top_k is None else _as_int(top_k, "topK"),
+        )
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if not number.is_integer():
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(number)
+
+
+@dataclass
+class Generation:
+    """One answer: its text, its token ids (end-of-turn token excluded) and why it ended."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # FINISH_STOP or FINISH_LENGTH
+    prompt_tokens: int
+
+
+def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a formatted prompt (``prompts.format_prompt``), tokenized as transform
+    tokenizes training prompts: ``add_special_tokens=False`` (the chat template writes them)."""
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into batches: sorted by length (longest first), each batch
+    at most ``batch_size`` rows and ``rows x longest <= max_batch_tokens`` (always >= 1 row)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and (len(current) >= batch_size or (len(current) + 1) * longest > max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def generate(model, tokenizer, prompts: Sequence[str], max_output_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = 0,
+             batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, *,
+             max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+             stop_token_ids: Sequence[int] | None = None) -> list[str]:
+    """The answers to ``prompts`` (formatted prompt texts), in order; see the module doc."""
+    return [g.text for g in generate_detailed(
+        model, tokenizer, prompts, SamplingParams(max_output_tokens, temperature, top_p, top_k),
+        batch_size=batch_size, seed=seed, max_batch_tokens=max_batch_tokens,
+        stop_token_ids=stop_token_ids)]
+
+
+def generate_detailed(model, tokenizer, prompts: Sequence[str], params: SamplingParams, *,
+                      batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
+                      max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                      stop_token_ids: Sequence[int] | None = None) -> list[Generation]:
+    """Like ``generate`` with token ids, finish reasons and prompt lengths."""
+    from components.common.prompts import end_of_turn_token_ids
+
+    stops = list(stop_token_ids) if stop_token_ids is not None else end_of_turn_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = stops[0] if stops else 0
+    encoded = [prompt_token_ids(tokenizer, p) for p in prompts]
+    outputs = generate_token_ids(model, encoded, params, stop_token_ids=stops, pad_token_id=pad_id,
+                                 batch_size=batch_size, seed=seed, max_batch_tokens=max_batch_tokens)
+    return [Generation(tokenizer.decode(ids, skip_special_tokens=True), ids, reason, len(prompt))
+            for (ids, reason), prompt in zip(outputs, encoded)]
+
+
+@torch.no_grad()
+def generate_token_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                       stop_token_ids: Sequence[int], pad_token_id: int,
+                       batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
+                       max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[tuple[list[int], str]]:
+    """``(output token ids, finish reason)`` for every tokenized prompt, in order."""
+    device = _model_device(model)
+    generator = None if params.greedy else torch.Generator(device=device).manual_seed(seed)
+    context = _context_length(model)
+    keep = None
+    if context is not None:
+        if params.max_output_tokens >= context:
+            raise ValueError(f"maxOutputTokens {params.max_output_tokens} does not fit the model's "
+                             f"context of {context} tokens")
+        keep = context - params.max_output_tokens
+    prompts = [list(p)[-keep:] if keep is not None and len(p) > keep else list(p) for p in prompts]
+    for index, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {index} is empty (no tokens)")
+    decoder = _Decoder(model, params, stop_token_ids, pad_token_id, device, generator)
+    queue = deque(plan_batches([len(p) for p in prompts], batch_size, max_batch_tokens))
+    running: _Running | None = None
+    while queue or running is not None:
+        if queue and (running is None or decoder.can_refill(running, batch_size, max_batch_tokens,
+                                                            [len(prompts[i]) for i in queue[0]])):
+            group = queue.popleft()
+            if running is not None:  # fill the free rows; the rest of the group waits its turn
+                free = batch_size - len(running.rows)
+                if free < len(group):
+                    queue.appendleft(group[free:])
+                    group = group[:free]
+            fresh = decoder.prefill([prompts[i] for i in group], group)
+            running = fresh if running is None else decoder.merge(running, fresh)
+        else:
+            running = decoder.step(running)
+    return list(zip(decoder.outputs_for(len(prompts)), decoder.reasons_for(len(prompts))))
+
+
+@dataclass
+class _Running:
+    """The rows being decoded: their cache, the mask over its columns (exactly), the position
+    and the pending input token (the last one chosen) of each row, and each row's prompt index."""
+
+    cache: Any
+    attention_mask: torch.Tensor  # [rows, cache length]
+    next_position: torch.Tensor  # [rows]
+    tokens: torch.Tensor  # [rows]
+    rows: list[int]
+
+
+class _Decoder:
+    """Prefill, decode steps and refills for ``generate_token_ids``.
+
+    When half of a batch's rows have finished and prompts are waiting, the next prompts are
+    prefilled and merged into the running batch (their caches left padded to a common length),
+    so the batch stays full instead of decoding a long tail of a few rows.
+    """
+
+    def __init__(self, model, params: SamplingParams, stop_token_ids: Sequence[int],
+                 pad_token_id: int, device: torch.device, generator: torch.Generator | None):
+        self.model = model
+        self.params = params
+        self.pad_token_id = pad_token_id
+        self.device = device
+        self.generator = generator
+        self.cache_argument = _cache_argument_name(model)
+        self.stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+        self.outputs: dict[int, list[int]] = {}
+        self.reasons: dict[int, str] = {}
+        self.mergeable = True  # until a cache turns out not to be a plain key/value cache
+
+    def outputs_for(self, count: int) -> list[list[int]]:
+        return [self.outputs[i] for i in range(count)]
+
+    def reasons_for(self, count: int) -> list[str]:
+        return [self.reasons[i] for i in range(count)]
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=True, logits_to_keep=logits_to_keep,
+                          **{self.cache_argument: cache}).logits[:, -1, :]
+
+    def prefill(self, prompts: list[list[int]], rows: list[int]) -> _Running | None:
+        """Runs a group of prompts; their common prefix (the chat template's system turn, shared
+        instructions) once, its cache copied to every row, then the rest of each prompt left
+        padded after it: row = [prefix][padding][rest], positions counting real tokens only."""
+        from transformers import DynamicCache
+
+        count = len(prompts)
+        cache = DynamicCache(config=self.model.config)
+        shared = common_prefix_length(prompts) if count > 1 else 0
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        if shared:
+            prefix = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=self.device)
+            self._forward(prefix, torch.ones_like(prefix),
+                          torch.arange(shared, device=self.device)[None], cache, logits_to_keep=1)
+            cache.batch_repeat_interleave(count)
+        width = max(len(p) for p in prompts) - shared
+        input_ids = torch.full((count, width), self.pad_token_id, dtype=torch.long)
+        rest_mask = torch.zeros((count, width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            rest = prompt[shared:]
+            input_ids[row, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+            rest_mask[row, width - len(rest):] = 1
+        input_ids, rest_mask = input_ids.to(self.device), rest_mask.to(self.device)
+        attention_mask = torch.cat([rest_mask.new_ones((count, shared)), rest_mask], dim=-1)
+        position_ids = shared + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        for row in rows:
+            self.outputs[row] = []
+            self.reasons[row] = FINISH_LENGTH
+        logits = self._forward(input_ids, attention_mask, position_ids, cache, logits_to_keep=1)
+        state = _Running(cache, attention_mask, shared + rest_mask.sum(-1),
+                         torch.zeros(count, dtype=torch.long, device=self.device), list(rows))
+        return self._choose(state, logits)
+
+    def step(self, state: _Running) -> _Running | None:
+        """Feeds every row its pending token and chooses the next one."""
+        state.attention_mask = torch.cat(
+            [state.attention_mask, state.attention_mask.new_ones((len(state.rows), 1))], dim=-1)
+        logits = self._forward(state.tokens[:, None], state.attention_mask,
+                               state.next_position[:, None], state.cache)
+        state.next_position = state.next_position + 1
+        return self._choose(state, logits)
+
+    def _choose(self, state: _Running, logits: torch.Tensor) -> _Running | None:
+        """Chooses each row's next token, records it, and drops finished rows (None: all done)."""
+        tokens = _next_tokens(logits.float(), self.params, self.generator)
+        is_stop = torch.isin(tokens, self.stops)
+        running = []
+        for position, (row, token, stop) in enumerate(zip(state.rows, tokens.tolist(), is_stop.tolist())):
+            if stop:
+                self.reasons[row] = FINISH_STOP
+                continue
+            self.outputs[row].append(token)
+            if len(self.outputs[row]) < self.params.max_output_tokens:
+                running.append(position)
+        if not running:
+            return None
+        state.tokens = tokens
+        if len(running) < len(state.rows):
+            kept = torch.tensor(running, dtype=torch.long, device=self.device)
+            state.cache.batch_select_indices(kept)
+            state.attention_mask = state.attention_mask[kept]
+            state.next_position = state.next_position[kept]
+            state.tokens = tokens[kept]
+            state.rows = [state.rows[i] for i in running]
+        return state
+
+    def can_refill(self, state: _Running, batch_size: int, max_batch_tokens: int,
+                   next_lengths: list[int]) -> bool:
+        """Half the rows free, and the merged batch within the token budget."""
+        if not self.mergeable or 2 * len(state.rows) > batch_size:
+            return False
+        if _key_value_layers(state.cache) is None:
+            self.mergeable = False
+            return False
+        rows = min(batch_size, len(state.rows) + len(next_lengths))
+        return rows * max(state.attention_mask.shape[1], max(next_lengths)) <= max_batch_tokens
+
+    def merge(self, state: _Running, fresh: _Running | None) -> _Running:
+        """One batch of both: caches and masks left padded to the longer, stacked."""
+        if fresh is None:
+            return state
+        width = max(state.attention_mask.shape[1], fresh.attention_mask.shape[1])
+        for part in (state, fresh):
+            missing = width - part.attention_mask.shape[1]
+            if missing:
+                for layer in _key_value_layers(part.cache):
+                    layer.keys = F.pad(layer.keys, (0, 0, missing, 0))
+                    layer.values = F.pad(layer.values, (0, 0, missing, 0))
+                part.attention_mask = F.pad(part.attention_mask, (missing, 0))
+        for mine, theirs in zip(_key_value_layers(state.cache), _key_value_layers(fresh.cache)):
+            mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
+            mine.values = torch.cat([mine.values, theirs.values], dim=0)
+        return _Running(state.cache, torch.cat([state.attention_mask, fresh.attention_mask]),
+                        torch.cat([state.next_position, fresh.next_position]),
+                        torch.cat([state.tokens, fresh.tokens]), state.rows + fresh.rows)
+
+
+def _key_value_layers(cache) -> list | None:
+    """The layers of a cache made of plain ``[batch, heads, length, dim]`` key/value tensors
+    (transformers' DynamicCache), or None for any other kind (then batches are not merged)."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    for layer in layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)
+                and keys.dim() == 4 and values.dim() == 4 and keys.shape[:3] == values.shape[:3]):
+            return None
+    return layers
+
+
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every prompt starts with, leaving each at least one token."""
+    shortest = min(len(p) for p in prompts)
+    length = 0
+    first = prompts[0]
+    while length < shortest - 1 and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return length
+
+
+def _next_tokens(logits: torch.Tensor, params: SamplingParams,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row: argmax when greedy, else Vertex-style top-k, top-p, temperature."""
+    if params.greedy:
+        return logits.argmax(-1)
+    candidates = torch.ones_like(logits, dtype=torch.bool)
+    if params.top_k and params.top_k < logits.size(-1):
+        threshold = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        candidates &= logits >= threshold
+    if params.top_p < 1.0:
+        probs = torch.softmax(logits.masked_fill(~candidates, float("-inf")), dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop_sorted = mass_before >= params.top_p  # the first token is always kept
+        candidates &= ~drop_sorted.scatter(-1, order, drop_sorted)
+    scaled = (logits / params.temperature).masked_fill(~candidates, float("-inf"))
+    return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model always has parameters
+        return torch.device("cpu")
+
+
+def _context_length(model) -> int | None:
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    value = getattr(text_config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def _cache_argument_name(model) -> str:
+    """``cache`` (transformers >= 5.x) or ``past_key_values`` (older), for this model's forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
