@@ -176,8 +176,9 @@ def _move_into_place(staged: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def _staged(dest: Path) -> Iterator[Path]:
-    """Yield a not-yet-existing temp sibling of ``dest`` for the caller to create.
+def staged_local_path(dest: Path) -> Iterator[Path]:
+    """Yield a not-yet-existing temp sibling of ``dest`` for the caller to create (a file or
+    a directory tree).
 
     On success it is renamed over ``dest``; on any failure it is removed and ``dest``
     is left as it was.
@@ -231,7 +232,7 @@ def write_bytes(uri: Uri, data: bytes) -> None:
         except NotFound:
             raise _gcs_not_found(f"gs://{bucket}", "bucket") from None
         return
-    with _staged(_local_path(uri)) as staged:
+    with staged_local_path(_local_path(uri)) as staged:
         # O_EXCL on a fresh name; mode 0o666 lets the umask decide, as open() would.
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
@@ -288,7 +289,7 @@ def _download_gcs(uri: str, dest: Path) -> None:
 def _copy_local(source: Path, dest: Path, source_uri: Uri) -> None:
     if not source.exists():
         raise _local_not_found(source_uri)
-    with _staged(dest) as staged:
+    with staged_local_path(dest) as staged:
         if source.is_dir():
             shutil.copytree(source, staged)
         else:
@@ -305,7 +306,7 @@ def download(uri: Uri, local_path: Uri) -> None:
     if not is_gcs(uri):
         _copy_local(_local_path(uri), dest, uri)
         return
-    with _staged(dest) as staged:
+    with staged_local_path(dest) as staged:
         _download_gcs(uri, staged)
 
 

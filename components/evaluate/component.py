@@ -42,9 +42,9 @@ def evaluate(
         topP: Nucleus sampling threshold (1.0: off).
         topK: Top-k sampling (0: off).
     """
+    from components.common.storage import write_text
     from components.evaluate.evaluation import (GenerationSettings, evaluate_tuning_run,
-                                                results_files, scalar_metrics, write_directory,
-                                                write_text_file)
+                                                results_files, scalar_metrics, write_directory)
     from components.evaluate.report import read_training_metrics, render_report
 
     settings = GenerationSettings(temperature=temperature, max_output_tokens=maxOutputTokens,
@@ -53,8 +53,8 @@ def evaluate(
                                                tokenized_dataset.path, large_model_reference,
                                                settings)
     write_directory(evaluation_results.path, results_files(results, predictions))
-    write_text_file(report.path, render_report(results, predictions,
-                                               read_training_metrics(tuned_model.path)))
+    write_text(report.path, render_report(results, predictions,
+                                          read_training_metrics(tuned_model.path)))
     for name, value in scalar_metrics(results).items():
         evaluation_metrics.log_metric(name, value)
     evaluation_results.metadata["evaluated"] = bool(results.get("evaluated"))

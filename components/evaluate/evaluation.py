@@ -30,8 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ from components.common.generation import (DEFAULT_BATCH_SIZE, MAX_OUTPUT_TOKENS_
 from components.common.model_loading import (base_checkpoint_of, compute_dtype, load_base_model,
                                              load_tokenizer, load_tuned_model, select_device)
 from components.common.prompts import format_prompt
+from components.common.storage import staged_local_path
 from components.common.token_metrics import score_dataset
 from components.evaluate.metrics import generation_metrics, label_set
 
@@ -391,7 +390,7 @@ def evaluate_tuning_run(tuned_model_dir: str | os.PathLike, validated_dataset_di
         sources, examples, settings, generate_labels=generate_labels, token_examples=token_examples,
         context_class=context_class_of(base_reference), device=device, progress=progress)
 
-    base, tuned = evaluations[0], evaluations[-1]
+    base = evaluations[0]
     best = best_checkpoint(checkpoints, [e.metrics for e in evaluations[1:]])
     results = {
         "evaluated": True,
@@ -455,40 +454,12 @@ def prediction_rows(examples: Sequence[EvalExample], evaluations: Sequence[Model
 
 def write_directory(target: str | os.PathLike, files: dict[str, str | bytes]) -> None:
     """Writes ``files`` (relative name -> content) as the directory ``target``, atomically:
-    built in a temporary sibling, then renamed into place (an old one is moved aside first)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    aside = None
-    try:
+    built in a temporary sibling, then renamed into place (replacing an old one)."""
+    with staged_local_path(Path(target)) as staging:
         for name, content in files.items():
             path = staging / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-        if target.is_dir():
-            aside = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.replace(target, aside)
-        elif target.exists():
-            target.unlink()
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-
-
-def write_text_file(path: str | os.PathLike, text: str) -> None:
-    """Writes a text file through a temporary sibling and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
 
 
 def results_files(results: dict, predictions: Sequence[dict]) -> dict[str, str]:

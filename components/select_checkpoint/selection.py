@@ -31,12 +31,11 @@ import math
 import os
 import re
 import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
 from components.common.model_loading import TUNED_MODEL_METADATA
+from components.common.storage import staged_local_path
 
 SELECTION_METRIC = "eval_total_loss"
 MODES = ("true", "false", "default")
@@ -153,27 +152,14 @@ def copy_selected(tuned_model_dir: str | os.PathLike, chosen: dict, selection: d
     if not (source / TUNED_MODEL_METADATA).exists():
         raise FileNotFoundError(f"checkpoint folder {source} is missing or not a tuned model folder")
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    aside = None
-    try:
+    with staged_local_path(target) as staging:
         nested = {"checkpoints", "checkpoints.json"} if chosen["dir"] in (".", "") else set()
-        shutil.copytree(source, staging, dirs_exist_ok=True,
+        shutil.copytree(source, staging,
                         ignore=lambda folder, names: [n for n in names if n in TRAINING_ONLY_FILES
                                                       or (Path(folder) == source and n in nested)])
         metadata = json.loads((staging / TUNED_MODEL_METADATA).read_text())
         metadata["selection"] = selection
         (staging / TUNED_MODEL_METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-        if target.is_dir():
-            aside = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.replace(target, aside)
-        elif target.exists():
-            target.unlink()
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
     return target
 
 
