@@ -9,7 +9,8 @@ import torch
 from components.common.model_catalog import resolve_model
 
 TUNED_MODEL_METADATA = "tunepipe_model.json"
-ADAPTER_DIR = "adapter"
+ADAPTER_DIR = "adapter"  # a LoRA-tuned model: the PEFT adapter, applied to the base model
+FULL_MODEL_DIR = "model"  # a fully fine-tuned model: the whole model (save_pretrained)
 
 
 def select_device() -> torch.device:
@@ -66,16 +67,20 @@ def base_checkpoint_of(metadata: dict) -> str:
 
 def load_tuned_model(model_dir: str | Path, device: torch.device | str = "cpu",
                      dtype: torch.dtype = torch.float32, merge: bool = True):
-    """A tuned model folder as ``(model, tokenizer, metadata)``: base + LoRA adapter.
+    """A tuned model folder as ``(model, tokenizer, metadata)``, LoRA-tuned or fully fine-tuned.
 
-    With ``merge`` the adapter is merged into the base weights (faster inference).
+    A LoRA folder (``adapter/``) is its base model plus the adapter; with ``merge`` the adapter
+    is merged into the base weights (faster inference). A fully fine-tuned folder (``model/``)
+    holds the whole model (``merge`` does not apply).
     """
+    metadata = read_tuned_model_metadata(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    if (Path(model_dir) / FULL_MODEL_DIR).is_dir():
+        return load_base_model(Path(model_dir) / FULL_MODEL_DIR, device, dtype), tokenizer, metadata
     from peft import PeftModel
 
-    metadata = read_tuned_model_metadata(model_dir)
     base = load_base_model(base_checkpoint_of(metadata), device, dtype)
     model = PeftModel.from_pretrained(base, str(Path(model_dir) / ADAPTER_DIR))
     if merge:
         model = model.merge_and_unload()
-    tokenizer = load_tokenizer(model_dir)
     return model.to(device).eval(), tokenizer, metadata
