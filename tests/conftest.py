@@ -64,3 +64,16 @@ def tiny_model_dir(tmp_path_factory, embedded_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "samples"
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory, tiny_model_dir, sample_dir) -> tuple[Path, Path]:
+    """Training (40) and evaluation (12) token datasets of the sample data, for the tiny model."""
+    from components.common.model_loading import load_tokenizer
+    from tests.tokenized import write_token_dataset
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    root = tmp_path_factory.mktemp("tokens")
+    train = write_token_dataset(tokenizer, sample_dir / "support_intents_train.jsonl", root / "train", 40)
+    evaluation = write_token_dataset(tokenizer, sample_dir / "support_intents_eval.jsonl", root / "eval", 12)
+    return train, evaluation

@@ -5,26 +5,22 @@ import json
 
 import pytest
 
+import numpy as np
+import torch
+
+from components.common.dataset_formats import Example, Limits
 from components.common.model_catalog import resolve_model
 from components.common.model_loading import load_tokenizer, load_tuned_model
-from components.common.token_dataset import TokenDataset
-from components.tune.settings import batch_size_for
-from components.tune.trainer import BatchSampler, TuneConfig, learning_rate_at, tune
-from tests.tokenized import write_token_dataset
+from components.common.token_dataset import TokenDataset, TokenDatasetWriter
+from components.tune import settings
+from components.tune.settings import batch_size_for, steps_for_epochs
+from components.tune.trainer import (EARLY_STOPPING_MIN_DELTA, EARLY_STOPPING_PATIENCE, BatchSampler,
+                                     TuneConfig, learning_rate_at, stale_evaluations_after, tune)
 
 VERTEX_TRAIN_METRICS = ["/train_total_loss", "/train_fraction_of_correct_next_step_preds",
                         "/train_num_predictions"]
 VERTEX_EVAL_METRICS = ["/eval_total_loss", "/eval_fraction_of_correct_next_step_preds",
                        "/eval_num_predictions"]
-
-
-@pytest.fixture(scope="module")
-def token_data(tmp_path_factory, tiny_model_dir, sample_dir):
-    tokenizer = load_tokenizer(tiny_model_dir)
-    root = tmp_path_factory.mktemp("tokens")
-    train = write_token_dataset(tokenizer, sample_dir / "support_intents_train.jsonl", root / "train", 40)
-    evaluation = write_token_dataset(tokenizer, sample_dir / "support_intents_eval.jsonl", root / "eval", 12)
-    return train, evaluation
 
 
 def test_batch_sampler_sees_steps_times_batch_size_examples_epoch_by_epoch():
@@ -117,3 +113,151 @@ def test_early_stopping_stops_when_accuracy_stalls(tmp_path, tiny_model_dir, tok
     # Evaluations at 2, 4, 6: the ones at 4 and 6 show no gain (patience 2), so it stops at 6.
     assert result.stopped_early and result.final_step == 6
     assert [c["step"] for c in result.checkpoints] == [2, 4, 6]
+
+
+# --- semantics: batch size, learning rate, steps from epochs, adapter sizes -----------------------
+
+def test_batch_size_can_be_overridden_by_the_environment(monkeypatch):
+    monkeypatch.delenv(settings.BATCH_SIZE_ENV, raising=False)
+    assert settings.batch_size("8k", "TPU") == 24
+    monkeypatch.setenv(settings.BATCH_SIZE_ENV, "3")
+    assert settings.batch_size("8k", "TPU") == 3 and settings.batch_size("32k", "GPU") == 3
+    monkeypatch.setenv(settings.BATCH_SIZE_ENV, "zero")
+    with pytest.raises(ValueError, match="TUNEPIPE_BATCH_SIZE"):
+        settings.batch_size("8k", "GPU")
+
+
+def test_learning_rate_is_the_recommended_one_times_the_multiplier():
+    model = resolve_model("text-bison@002")
+    assert model.recommended_learning_rate == 1e-3
+    assert settings.learning_rate(model, 1.0) == pytest.approx(1e-3)
+    assert settings.learning_rate(model, 0.5) == pytest.approx(5e-4)
+    assert settings.learning_rate(model, 2.0, "full") == pytest.approx(2 * 1e-3 * settings.FULL_FINE_TUNING_LR_SCALE)
+    with pytest.raises(ValueError, match="learning_rate_multiplier"):
+        settings.learning_rate(model, 0.0)
+
+
+@pytest.mark.parametrize("epochs, examples, batch, steps", [
+    (2, 240, 24, 20),  # SPEC: 240 examples, TPU, 20 steps = 2 epochs
+    (0.5, 240, 8, 15),  # SPEC: GPU, 15 steps = 0.5 epoch
+    (1, 10, 8, 2),  # ceil: the second step starts the next epoch
+    (0.1, 30, 3, 1),  # exact decimal arithmetic: not ceil(1.0000000000000002)
+    (0.01, 10, 8, 1),  # at least one step
+])
+def test_steps_for_epochs_is_the_ceiling_of_examples_over_batch_size(epochs, examples, batch, steps):
+    assert steps_for_epochs(epochs, examples, batch) == steps
+
+
+def test_adapter_sizes_are_lora_ranks():
+    assert [settings.adapter_size(v) for v in (1, "4", "ADAPTER_SIZE_EIGHT", "adapter_size_sixteen",
+                                                None, "ADAPTER_SIZE_UNSPECIFIED")] == [1, 4, 8, 16, 8, 8]
+    with pytest.raises(ValueError, match="adapter size"):
+        settings.adapter_size(32)
+    with pytest.raises(ValueError, match="method"):
+        TuneConfig(train_steps=1, learning_rate=1e-3, method="qlora")
+
+
+# --- early stopping ----------------------------------------------------------------------------
+
+def _stop_evaluation(accuracies: list[float]) -> int | None:
+    """The 1-based evaluation after which the documented rule stops, or None."""
+    stale, previous = 0, None
+    for number, accuracy in enumerate(accuracies, start=1):
+        stale = stale_evaluations_after(stale, previous, accuracy)
+        previous = accuracy
+        if stale >= EARLY_STOPPING_PATIENCE:
+            return number
+    return None
+
+
+def test_early_stopping_rule_never_stops_before_the_second_evaluation():
+    assert EARLY_STOPPING_PATIENCE == 2 and EARLY_STOPPING_MIN_DELTA == 0.001
+    flat = [0.5] * 6
+    assert _stop_evaluation(flat[:1]) is None  # the first evaluation is never stale
+    assert _stop_evaluation(flat[:2]) is None  # one stale evaluation is not enough
+    assert _stop_evaluation(flat) == 3  # the earliest stop
+    assert _stop_evaluation([0.5, 0.4, 0.3]) == 3  # getting worse is stale too
+    # A gain of at least the minimum resets the count; smaller gains do not.
+    assert _stop_evaluation([0.5, 0.5, 0.502, 0.502, 0.5025]) == 5
+    assert _stop_evaluation([0.1, 0.2, 0.3, 0.4]) is None
+
+
+# --- loss mask: chat ------------------------------------------------------------------------------
+
+def test_chat_examples_train_only_on_assistant_turns(tmp_path, tiny_model_dir):
+    from components.transform.encoding import ExampleEncoder
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    encoder = ExampleEncoder(tokenizer, "chat", Limits(8192, 1024))
+    conversations = [Example(context="Be brief.", turns=(("Hi there", "Hello!"),
+                                                         ("What is 2+2?", "Four."))),
+                     Example(context=None, turns=(("Name a colour", "Blue"),
+                                                  ("Another one", "Green, then red.")))]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with TokenDatasetWriter(tmp_path / "train") as writer:
+        for conversation in conversations:
+            encoded = encoder.encode(conversation)
+            ids, mask = np.asarray(encoded.ids), encoded.mask
+            # Two assistant turns, each ending with its end-of-turn token, are the only targets.
+            starts = np.flatnonzero(np.diff(np.r_[0, mask]) == 1)
+            ends = np.flatnonzero(np.diff(np.r_[mask, 0]) == -1)
+            assert len(starts) == 2 and all(ids[end] == end_of_turn for end in ends)
+            writer.add(ids, mask)
+    expected_targets = sum(int(m[1:].sum()) for _, m in TokenDataset(tmp_path / "train"))
+
+    config = TuneConfig(train_steps=1, learning_rate=1e-3, batch_size=2, precision="fp32")
+    tune(resolve_model(str(tiny_model_dir)).to_dict(), tmp_path / "train", None, tmp_path / "out", config)
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert record["train_num_predictions"] == expected_targets
+
+
+# --- full fine-tuning and adapter sizes ------------------------------------------------------------
+
+def test_full_fine_tuning_writes_a_loadable_model_and_resumes(tmp_path, tiny_model_dir, token_data):
+    train, evaluation = token_data
+    base = resolve_model(str(tiny_model_dir)).to_dict()
+    config = TuneConfig(train_steps=4, learning_rate=1e-3, batch_size=4, method="full",
+                        evaluation_interval=2, enable_early_stopping=False, precision="fp32")
+    tune(base, train, evaluation, tmp_path / "whole", config)
+
+    def crash_after_step_3(step):
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        tune(base, train, evaluation, tmp_path / "resumed", config, on_step_end=crash_after_step_3)
+    tune(base, train, evaluation, tmp_path / "resumed", config, resume=True)
+
+    tuned, _, metadata = load_tuned_model(tmp_path / "whole" / "checkpoints" / "step-000004")
+    resumed, _, _ = load_tuned_model(tmp_path / "resumed" / "checkpoints" / "step-000004")
+    original, _, _ = load_tuned_model(tmp_path / "whole" / "checkpoints" / "step-000002")
+    assert metadata["tuning_method"] == "full" and metadata["adapter_size"] is None
+    assert not (tmp_path / "whole" / "checkpoints" / "step-000004" / "adapter").exists()
+    weights = dict(tuned.named_parameters())
+    assert any(not torch.equal(p, weights[n]) for n, p in original.named_parameters())
+    for name, parameter in resumed.named_parameters():
+        torch.testing.assert_close(parameter, weights[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("rank", [1, 16])
+def test_adapter_size_is_the_saved_lora_rank(tmp_path, tiny_model_dir, token_data, rank):
+    train, _ = token_data
+    config = TuneConfig(train_steps=1, learning_rate=1e-3, batch_size=2, adapter_size=rank)
+    result = tune(resolve_model(str(tiny_model_dir)).to_dict(), train, None, tmp_path, config)
+    folder = tmp_path / result.checkpoints[-1]["dir"]
+    assert json.loads((folder / "adapter" / "adapter_config.json").read_text())["r"] == rank
+    metadata = json.loads((folder / "tunepipe_model.json").read_text())
+    assert metadata["adapter_size"] == rank and metadata["peak_memory_bytes"] > 0
+    assert metadata["examples_seen"] == 2
+
+
+def test_a_folder_holding_a_run_is_not_overwritten_without_resume(tmp_path, tiny_model_dir, token_data):
+    train, _ = token_data
+    base = resolve_model(str(tiny_model_dir)).to_dict()
+    config = TuneConfig(train_steps=1, learning_rate=1e-3, batch_size=2)
+    tune(base, train, None, tmp_path, config)
+    with pytest.raises(FileExistsError, match="resume"):
+        tune(base, train, None, tmp_path, config)
+    # Resuming a finished run does nothing and returns its result.
+    again = tune(base, train, None, tmp_path, config, resume=True)
+    assert again.final_step == 1 and [c["step"] for c in again.checkpoints] == [1]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1

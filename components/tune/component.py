@@ -1,4 +1,4 @@
-"""The tune component: LoRA-tunes the base model on the tokenized dataset."""
+"""The tune component: LoRA-tunes (or fully fine-tunes) the base model on the tokenized dataset."""
 from kfp import dsl
 
 from components.common.images import BASE_IMAGE
@@ -18,45 +18,64 @@ def tune(
     tuned_model: dsl.Output[dsl.Model],
     training_metrics: dsl.Output[dsl.Metrics],
     loss_curve: dsl.Output[dsl.Markdown],
+    adapter_size: int = 8,
+    tuning_method: str = "lora",
+    epoch_count: float = 0.0,
 ):
-    """Tunes a LoRA adapter on the base model for ``train_steps`` optimizer steps.
+    """Tunes a LoRA adapter (or every weight) of the base model for ``train_steps`` steps.
+
+    Uses every local GPU (one torchrun process per GPU when there are several), else one GPU or
+    the CPU. A retried task resumes from the last checkpoint already in ``tuned_model``.
 
     Args:
         tokenized_dataset: transform's output: ``train/`` and optionally ``eval/`` token datasets.
         large_model_reference: Base model (catalog name, Vertex alias, folder or GGUF file).
-        train_steps: Optimizer steps; examples seen = steps x batch size.
+        train_steps: Optimizer steps; examples seen = steps x batch size (see epoch_count).
         learning_rate_multiplier: Multiplies the catalog's recommended learning rate.
         evaluation_interval: Steps between evaluations and checkpoints (with evaluation data).
         enable_early_stopping: Stop when eval token accuracy stops improving.
-        accelerator_type: GPU or TPU; sets the batch size (8, or 24 for 8k models on TPU).
+        accelerator_type: GPU or TPU; sets the batch size (8, or 24 for 8k models on TPU);
+            the environment variable TUNEPIPE_BATCH_SIZE overrides it.
         max_context_length: '8k', '32k' or '' for what the model name implies.
         tensorboard_resource_id: Vertex TensorBoard to receive the metrics (recorded locally).
         tuned_model: Checkpoints, metrics.jsonl, TensorBoard events and the loss curve.
         training_metrics: The final train and eval metrics.
         loss_curve: The loss curve as a report.
+        adapter_size: LoRA rank (Vertex/Gemini adapter size): 1, 4, 8 or 16.
+        tuning_method: 'lora' or 'full' (every weight; checkpoints hold model/ not adapter/).
+        epoch_count: When positive (Gemini's epochCount), the steps are
+            ceil(epoch_count x training examples / batch size) instead of train_steps.
     """
     import base64
     import json
     import os
 
     from components.common.model_catalog import resolve_model
+    from components.common.token_dataset import TokenDataset
     from components.tune import settings
-    from components.tune.trainer import TuneConfig, tune as run_tuning
+    from components.tune.launch import tune_on_local_devices
+    from components.tune.trainer import TuneConfig
     from components.tune.training_log import LOSS_CURVE
 
     model = resolve_model(large_model_reference)
+    train_dir = os.path.join(tokenized_dataset.path, "train")
+    batch_size = settings.batch_size(settings.context_class(model, max_context_length),
+                                     accelerator_type)
+    steps = train_steps if epoch_count <= 0 else settings.steps_for_epochs(
+        epoch_count, len(TokenDataset(train_dir)), batch_size)
     config = TuneConfig(
-        train_steps=train_steps,
-        learning_rate=settings.learning_rate(model, learning_rate_multiplier),
-        batch_size=settings.batch_size_for(settings.context_class(model, max_context_length),
-                                           accelerator_type),
+        train_steps=steps,
+        learning_rate=settings.learning_rate(model, learning_rate_multiplier, tuning_method),
+        batch_size=batch_size,
+        adapter_size=settings.adapter_size(adapter_size),
+        method=tuning_method,
         evaluation_interval=evaluation_interval,
         enable_early_stopping=enable_early_stopping,
     )
     eval_dir = os.path.join(tokenized_dataset.path, "eval")
-    result = run_tuning(
-        model.to_dict(), os.path.join(tokenized_dataset.path, "train"),
-        eval_dir if os.path.isdir(eval_dir) else None, tuned_model.path, config,
+    result = tune_on_local_devices(
+        model.to_dict(), train_dir, eval_dir if os.path.isdir(eval_dir) else None,
+        tuned_model.path, config, resume=True,
         run_metadata={"tensorboard_resource_id": tensorboard_resource_id,
                       "accelerator_type": accelerator_type})
 
@@ -64,7 +83,10 @@ def tune(
         "base_model": model.to_dict(), "final_step": result.final_step,
         "stopped_early": result.stopped_early, "device": result.device, "dtype": result.dtype,
         "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-        "peak_memory_bytes": result.peak_memory_bytes,
+        "train_steps": config.train_steps, "examples_seen": result.final_step * config.batch_size,
+        "tuning_method": config.method,
+        "adapter_size": config.adapter_size if config.method == "lora" else None,
+        "processes": result.world_size, "peak_memory_bytes": result.peak_memory_bytes,
         "tensorboard_resource_id": tensorboard_resource_id,
     })
     last = [json.loads(line) for line in open(os.path.join(tuned_model.path, "metrics.jsonl"))]
@@ -81,6 +103,7 @@ def tune(
         image = base64.b64encode(png.read()).decode()
     with open(loss_curve.path, "w") as report:
         report.write(f"# Tuning\n\n{result.final_step} steps on {result.device} ({result.dtype}), "
-                     f"batch size {config.batch_size}, learning rate {config.learning_rate:g}"
+                     f"batch size {config.batch_size}, learning rate {config.learning_rate:g}, "
+                     f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB"
                      f"{', stopped early' if result.stopped_early else ''}.\n\n"
                      f"![loss curve](data:image/png;base64,{image})\n")

@@ -1,59 +1,109 @@
-"""The tuner: LoRA (or full) fine-tuning of a causal LM on a token dataset, one readable loop.
+"""The tuner: LoRA or full fine-tuning of a causal LM on a token dataset, one readable loop.
 
-Semantics (SPEC.md): the run takes ``train_steps`` optimizer steps of ``batch_size`` examples, so
-it sees ``train_steps x batch_size`` examples, cycling through the data in a fresh seeded order
-each epoch. The loss is only on target tokens (loss mask 1). With evaluation data, every
-``evaluation_interval`` steps it computes the eval metrics and writes a checkpoint; the final
-step always writes one. Checkpoints are written atomically (a temporary folder renamed into
-place) and carry the optimizer, scheduler and RNG state, so a killed run resumes from the last
-complete checkpoint (``resume=True``) and ends where an uninterrupted run would.
+Semantics (SPEC.md):
 
-Early stopping (``enable_early_stopping``, with evaluation data): training stops after an
-evaluation whose token accuracy improved on the previous evaluation's by less than
-``EARLY_STOPPING_MIN_DELTA`` for ``EARLY_STOPPING_PATIENCE`` evaluations in a row.
+- The run takes ``train_steps`` optimizer steps of ``batch_size`` examples, so it sees
+  ``train_steps x batch_size`` examples, cycling through the data in a fresh seeded order each
+  epoch (:class:`BatchSampler`: a step's batch depends only on the seed and the step number).
+- The loss is the cross-entropy of the target tokens (loss mask 1: the output of text examples,
+  the assistant turns of chat examples including their end-of-turn token; transform writes the
+  masks), summed over the step's whole batch and divided by the batch's number of target tokens
+  (``components.common.token_metrics``). :mod:`components.tune.packing` computes exactly that
+  without padding and with logits only at target positions.
+- Learning rate: linear warmup over ``warmup_fraction`` of the steps, then cosine decay to 10%,
+  a function of the step number alone (:func:`learning_rate_at`). AdamW, gradient clipping at
+  ``max_grad_norm``.
+- LoRA (``method="lora"``): adapters of rank ``adapter_size`` on every linear layer of the
+  attention and MLP blocks, alpha = 2 x rank, no dropout, trained in float32 on a frozen base
+  held in the compute dtype. Full fine-tuning (``method="full"``): every weight trained, float32
+  master weights. With bf16 compute both run their matrix multiplies under bf16 autocast.
+
+Evaluation and checkpoints: with evaluation data, after every ``evaluation_interval`` steps and
+after the last step the tuner computes ``eval_total_loss``, ``eval_fraction_of_correct_next_step_preds``
+and ``eval_num_predictions`` and writes a checkpoint (:mod:`components.tune.checkpoints`: model
+weights, optimizer state, schedule and data position, RNG states, early-stopping state; written
+atomically). Without evaluation data the last step writes the only checkpoint.
+
+Early stopping (``enable_early_stopping``, with evaluation data). Let ``a_k`` be the eval token
+accuracy of the k-th evaluation. Evaluation k (k >= 2) is *stale* when
+``a_k - a_{k-1} < EARLY_STOPPING_MIN_DELTA`` (0.001, i.e. 0.1 percentage point); the first
+evaluation is never stale and an evaluation that is not stale resets the count. Training stops
+right after an evaluation that makes ``EARLY_STOPPING_PATIENCE`` (2) stale evaluations in a row,
+so the earliest stop is the third evaluation: never before the second. Stopping after the last
+step is not "stopping early". The stopping evaluation still writes its checkpoint.
+
+Resume (``resume=True``): the run continues from the last checkpoint listed in
+``checkpoints.json``: weights, optimizer, schedule position, RNG and early-stopping state are
+restored, and metrics.jsonl / TensorBoard records after that step are dropped, so a run killed at
+any moment and resumed ends with the same weights and metrics as an uninterrupted one. Without
+``resume`` a folder that already holds a run is refused.
+
+Devices (:mod:`components.tune.runtime`): CPU (bf16 when supported), one CUDA GPU, several
+processes under ``torchrun`` (DDP, or FSDP with ``sharding="fsdp"``), TPU through torch_xla
+(untested). In a distributed run every process takes its slice of each step's global batch
+(examples ``rank, rank + world_size, ...``) and scales its summed loss by
+``world_size / target tokens of the global batch``; averaging the gradients over the processes
+then gives exactly the single-process gradient. Only rank 0 writes checkpoints and logs.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from components.common.model_loading import (ADAPTER_DIR, TUNED_MODEL_METADATA, compute_dtype,
-                                             load_base_model, load_tokenizer)
+from components.common.model_loading import TUNED_MODEL_METADATA, load_base_model, load_tokenizer
 from components.common.token_dataset import TokenDataset
-from components.common.token_metrics import TokenScores, collate, score_dataset, score_logits
-from components.tune.training_log import TrainingLog
+from components.common.token_metrics import TokenScores
+from components.tune.acceleration import (COMPILE_MODES, compile_decoder_layers,
+                                          compiled_token_loss, lora_config, wants_compile)
+from components.tune.checkpoints import (CHECKPOINTS_INDEX, read_index, restore_checkpoint,
+                                         save_checkpoint, write_index)
+from components.tune.packing import (PackedBatch, num_targets, pack_examples, packed_loss,
+                                     row_groups, score_packed, token_loss,
+                                     use_packed_attention)
+from components.tune.runtime import (PRECISIONS, SHARDINGS, XLA_ROW_MULTIPLE, Runtime, distribute,
+                                     gradient_sync, start_runtime)
+from components.tune.settings import ADAPTER_SIZES, METHODS
+from components.tune.training_log import METRICS_FILE, QuietLog, TrainingLog
 
 EARLY_STOPPING_MIN_DELTA = 0.001  # absolute gain in eval token accuracy that counts as progress
-EARLY_STOPPING_PATIENCE = 2  # evaluations in a row without progress before stopping
+EARLY_STOPPING_PATIENCE = 2  # stale evaluations in a row that stop training
 LORA_TARGET_MODULES = "all-linear"  # every linear layer of attention and MLP blocks
-ADAPTER_SIZES = (1, 4, 8, 16)  # Vertex's adapter sizes: the LoRA rank
-CHECKPOINTS_INDEX = "checkpoints.json"
-TRAINING_STATE = "training_state.pt"
+DEFAULT_MAX_TOKENS_PER_MICRO_BATCH = 4096
+__all__ = ["TuneConfig", "TuneResult", "BatchSampler", "learning_rate_at", "stale_evaluations_after",
+           "tune", "ADAPTER_SIZES", "CHECKPOINTS_INDEX", "TUNED_MODEL_METADATA"]
+
+# Fields that decide what a run computes: a resumed run must have the same ones.
+_RESUME_FIELDS = ("train_steps", "learning_rate", "batch_size", "adapter_size", "method",
+                  "evaluation_interval", "enable_early_stopping", "warmup_fraction",
+                  "weight_decay", "max_grad_norm", "seed")
 
 
 @dataclass
 class TuneConfig:
-    """Everything that decides what a tuning run computes."""
+    """Everything that decides what a tuning run computes (and how it is laid out on devices)."""
 
     train_steps: int
     learning_rate: float
     batch_size: int = 8
-    adapter_size: int = 8  # LoRA rank
+    adapter_size: int = 8  # LoRA rank; ignored by full fine-tuning
+    method: str = "lora"  # "lora" or "full"
     evaluation_interval: int = 20
     enable_early_stopping: bool = True
     warmup_fraction: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    precision: str = "auto"  # "auto" (bf16 where supported), "bf16" or "fp32"
+    compile: str = "auto"  # torch.compile the decoder layers: "auto" (see acceleration), "on", "off"
+    sharding: str = "ddp"  # several processes: "ddp" (replicas) or "fsdp" (sharded)
+    max_tokens_per_micro_batch: int = DEFAULT_MAX_TOKENS_PER_MICRO_BATCH  # memory, not results
 
     def __post_init__(self) -> None:
         if self.train_steps < 1:
@@ -62,10 +112,20 @@ class TuneConfig:
             raise ValueError(f"the learning rate must be positive, got {self.learning_rate}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.adapter_size not in ADAPTER_SIZES:
             raise ValueError(f"adapter_size must be one of {ADAPTER_SIZES}, got {self.adapter_size}")
         if self.evaluation_interval < 1:
             raise ValueError(f"evaluation_interval must be at least 1, got {self.evaluation_interval}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.max_tokens_per_micro_batch < 1:
+            raise ValueError("max_tokens_per_micro_batch must be positive")
 
 
 class BatchSampler:
@@ -101,6 +161,15 @@ def learning_rate_at(step: int, config: TuneConfig) -> float:
     return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def stale_evaluations_after(stale_evaluations: int, previous_accuracy: float | None,
+                            accuracy: float) -> int:
+    """The count of stale evaluations in a row after an evaluation with ``accuracy`` (see the
+    module docstring); training stops when it reaches ``EARLY_STOPPING_PATIENCE``."""
+    if previous_accuracy is None or accuracy - previous_accuracy >= EARLY_STOPPING_MIN_DELTA:
+        return 0
+    return stale_evaluations + 1
+
+
 @dataclass
 class TuneResult:
     """What a finished run produced."""
@@ -112,146 +181,226 @@ class TuneResult:
     dtype: str
     train_seconds: float
     peak_memory_bytes: int
+    world_size: int = 1
 
 
 def tune(base_model: dict, train_data: str | Path, eval_data: str | Path | None,
          output_dir: str | Path, config: TuneConfig, resume: bool = False,
-         run_metadata: dict | None = None) -> TuneResult:
-    """Tunes ``base_model`` (a ResolvedModel dict) and writes checkpoints under ``output_dir``."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = compute_dtype(device)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
+         run_metadata: dict | None = None,
+         on_step_end: Callable[[int], None] | None = None) -> TuneResult:
+    """Tunes ``base_model`` (a ResolvedModel dict) and writes checkpoints under ``output_dir``.
+
+    ``resume`` continues a run from its last checkpoint (a folder without one starts afresh).
+    ``on_step_end(step)`` is called after every optimizer step (progress reporting, tests).
+    Under ``torchrun`` every process calls this with the same arguments.
+    """
+    runtime = start_runtime(config.precision)
+    try:
+        return _tune(base_model, Path(train_data), Path(eval_data) if eval_data else None,
+                     Path(output_dir), config, resume, run_metadata or {}, on_step_end, runtime)
+    finally:
+        runtime.close()
+
+
+def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir: Path,
+          config: TuneConfig, resume: bool, run_metadata: dict, on_step_end, runtime: Runtime) -> TuneResult:
+    full = config.method == "full"
+    if config.batch_size < runtime.world_size:
+        raise ValueError(f"batch size {config.batch_size} is smaller than the number of processes "
+                         f"({runtime.world_size}): every process needs at least one example per step")
+    index = read_index(output_dir) if resume else None
+    if runtime.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and ((output_dir / CHECKPOINTS_INDEX).exists() or (output_dir / METRICS_FILE).exists()):
+            raise FileExistsError(f"{output_dir} already holds a tuning run: resume it or use an empty folder")
+    _seed_everything(config.seed)
 
     tokenizer = load_tokenizer(base_model["checkpoint"])
-    model = _trainable_model(base_model["checkpoint"], config, device, dtype)
+    model, packs, loss = _trainable_model(base_model["checkpoint"], config, runtime)
+    model = distribute(model, runtime, config.sharding)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     train_set = TokenDataset(train_data)
     eval_examples = list(TokenDataset(eval_data)) if eval_data else []
     sampler = BatchSampler(len(train_set), config.batch_size, config.seed)
+    row_multiple = XLA_ROW_MULTIPLE if runtime.is_xla else 0
 
     checkpoints: list[dict] = []
-    start_step, stale_evaluations = 0, 0
-    if resume and (output_dir / CHECKPOINTS_INDEX).exists():
-        index = json.loads((output_dir / CHECKPOINTS_INDEX).read_text())
+    step, stale_evaluations, previous_accuracy, stopped_early = 0, 0, None, False
+    if index and index["checkpoints"]:
+        _check_resumable(index, config, len(train_set))
         checkpoints = index["checkpoints"]
-        if checkpoints:
-            start_step, stale_evaluations = _restore(model, optimizer, output_dir / checkpoints[-1]["dir"])
-    log = TrainingLog(output_dir, total_steps=config.train_steps, start_step=start_step)
-    log.note(f"device={device.type} dtype={str(dtype).removeprefix('torch.')} "
-             f"trainable_parameters={sum(p.numel() for p in parameters):,} "
-             f"examples={len(train_set)} batch_size={config.batch_size} steps={config.train_steps}")
+        state = restore_checkpoint(output_dir / checkpoints[-1]["dir"], model, optimizer, full)
+        step = state["step"]
+        stale_evaluations = state["early_stopping"]["stale_evaluations"]
+        previous_accuracy = state["early_stopping"]["previous_accuracy"]
+        stopped_early = index["stopped_early"]
+    log = (TrainingLog(output_dir, total_steps=config.train_steps, start_step=step, resumed=resume)
+           if runtime.is_main else QuietLog())
+    trainable = sum(p.numel() for p in parameters)
+    log.note(f"device={runtime.device.type} dtype={runtime.dtype_name} processes={runtime.world_size} "
+             f"method={config.method} trainable_parameters={trainable:,} examples={len(train_set)} "
+             f"batch_size={config.batch_size} steps={config.train_steps} packed={packs}"
+             + (f" resumed_at_step={step}" if step else ""))
 
-    stopped_early = False
-    previous_accuracy = checkpoints[-1]["eval"]["eval_fraction_of_correct_next_step_preds"] \
-        if checkpoints and checkpoints[-1].get("eval") else None
-    step = start_step
+    def write_checkpoint(step: int, eval_metrics, train_metrics: dict, is_last: bool) -> dict:
+        """Checkpoint of ``step`` (model, optimizer, positions, early-stopping state), then the
+        index that lists it; returns its index entry."""
+        metadata = {
+            "base_model": base_model, "step": step, "tune_config": asdict(config),
+            "tuning_method": config.method, "adapter_size": None if full else config.adapter_size,
+            "eval_metrics": eval_metrics, "train_metrics": train_metrics,
+            "examples_seen": step * config.batch_size,
+            "epochs_seen": step * config.batch_size / len(train_set),
+            "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+            "device": runtime.device.type, "dtype": runtime.dtype_name,
+            "world_size": runtime.world_size, "peak_memory_bytes": log.peak_memory_bytes,
+            **run_metadata}
+        training_state = {
+            "step": step, "examples_seen": step * config.batch_size,  # data position: the sampler
+            "scheduler": {"schedule": "linear warmup, cosine decay to 10%", "next_step": step,
+                          "next_learning_rate": learning_rate_at(step, config)},
+            "early_stopping": {"stale_evaluations": stale_evaluations,
+                               "previous_accuracy": previous_accuracy},
+            "world_size": runtime.world_size}
+        relative = save_checkpoint(output_dir, step, model, optimizer, tokenizer, full, metadata,
+                                   training_state, runtime)
+        entry = {"step": step, "dir": relative, "eval": eval_metrics}
+        if runtime.is_main:
+            write_index(output_dir, {
+                "checkpoints": [*checkpoints, entry], "final_step": step,
+                "stopped_early": stopped_early, "finished": is_last or stopped_early,
+                "base_model": base_model, "tune_config": asdict(config),
+                "tuning_method": config.method, "train_examples": len(train_set),
+                "peak_memory_bytes": log.peak_memory_bytes})
+        return entry
+
     started = time.perf_counter()
     model.train()
     while step < config.train_steps and not stopped_early:
         learning_rate = learning_rate_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
-        batch = collate([train_set[i] for i in sampler.indices(step)], tokenizer.pad_token_id).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss_sum, scores = score_logits(logits, batch.labels)
-        (loss_sum / max(scores.num_predictions, 1)).backward()
-        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        batch = [train_set[i] for i in sampler.indices(step)]
+        global_targets = sum(num_targets(example) for example in batch)
+        loss_scale = runtime.world_size / max(global_targets, 1)  # DDP/FSDP average over processes
+        loss_sum = torch.zeros((), device=runtime.device)
+        num_correct = torch.zeros((), dtype=torch.long, device=runtime.device)
+        micro_batches = _my_micro_batches(batch, runtime, config, packs, row_multiple,
+                                          tokenizer.pad_token_id or 0)
+        for number, micro_batch in enumerate(micro_batches):
+            micro_batch = micro_batch.to(runtime.device)
+            with gradient_sync(model, enabled=number == len(micro_batches) - 1):
+                with runtime.autocast():
+                    micro_loss, micro_correct = packed_loss(model, micro_batch, loss)
+                (micro_loss * loss_scale).backward()
+            loss_sum = loss_sum + micro_loss.detach()
+            num_correct = num_correct + micro_correct
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        runtime.step_done()
         step += 1
-        log.train_step(step, scores.metrics("train"), learning_rate,
-                       tokens=int(batch.attention_mask.sum()))
+
+        total_loss, total_correct = runtime.sum_across([float(loss_sum), float(num_correct)])
+        train_metrics = TokenScores(total_loss, int(total_correct), global_targets).metrics("train")
+        log.train_step(step, train_metrics, learning_rate, tokens=sum(len(e[0]) for e in batch),
+                       grad_norm=float(grad_norm))
 
         is_last = step == config.train_steps
+        eval_metrics = None
         if eval_examples and (step % config.evaluation_interval == 0 or is_last):
-            model.eval()
-            eval_metrics = score_dataset(model, eval_examples, tokenizer.pad_token_id,
-                                         config.batch_size, device).metrics("eval")
-            model.train()
+            eval_metrics = _evaluate(model, eval_examples, runtime, config, packs, row_multiple, loss)
             log.eval_step(step, eval_metrics)
             accuracy = eval_metrics["eval_fraction_of_correct_next_step_preds"]
-            if previous_accuracy is not None and accuracy - previous_accuracy < EARLY_STOPPING_MIN_DELTA:
-                stale_evaluations += 1
-            else:
-                stale_evaluations = 0
+            stale_evaluations = stale_evaluations_after(stale_evaluations, previous_accuracy, accuracy)
             previous_accuracy = accuracy
             if config.enable_early_stopping and stale_evaluations >= EARLY_STOPPING_PATIENCE and not is_last:
                 stopped_early = True
                 log.note(f"early stopping at step {step}: eval token accuracy gained less than "
-                         f"{EARLY_STOPPING_MIN_DELTA} for {EARLY_STOPPING_PATIENCE} evaluations")
-            checkpoints.append(_save_checkpoint(output_dir, step, model, tokenizer, optimizer,
-                                                stale_evaluations, base_model, config,
-                                                run_metadata, eval_metrics))
-        elif is_last:
-            checkpoints.append(_save_checkpoint(output_dir, step, model, tokenizer, optimizer,
-                                                stale_evaluations, base_model, config,
-                                                run_metadata, None))
-        if checkpoints and checkpoints[-1]["step"] == step:
-            _write_index(output_dir, checkpoints, step, stopped_early, base_model, config)
+                         f"{EARLY_STOPPING_MIN_DELTA} for {EARLY_STOPPING_PATIENCE} evaluations in a row")
+        if eval_metrics is not None or is_last:
+            log.flush()  # the checkpoint never gets ahead of the metrics on disk
+            checkpoints.append(write_checkpoint(step, eval_metrics, train_metrics, is_last))
+        if on_step_end is not None:
+            on_step_end(step)
+        log.restart_clock()  # checkpoints and callbacks are not training throughput
     log.close()
     return TuneResult(final_step=step, stopped_early=stopped_early, checkpoints=checkpoints,
-                      device=device.type, dtype=str(dtype).removeprefix("torch."),
+                      device=runtime.device.type, dtype=runtime.dtype_name,
                       train_seconds=time.perf_counter() - started,
-                      peak_memory_bytes=log.peak_memory_bytes)
+                      peak_memory_bytes=log.peak_memory_bytes, world_size=runtime.world_size)
 
 
-def _trainable_model(checkpoint: str, config: TuneConfig, device: torch.device, dtype: torch.dtype):
-    """The base model, frozen in ``dtype``, with trainable fp32 LoRA adapters."""
-    from peft import LoraConfig, get_peft_model
+def _trainable_model(checkpoint: str, config: TuneConfig, runtime: Runtime):
+    """The model to train, whether its examples can be packed into shared rows, and the loss
+    function (:func:`token_loss`, compiled when the decoder layers are).
 
-    base = load_base_model(checkpoint, device, dtype)
-    lora = LoraConfig(r=config.adapter_size, lora_alpha=2 * config.adapter_size, lora_dropout=0.0,
-                      target_modules=LORA_TARGET_MODULES, task_type="CAUSAL_LM")
-    return get_peft_model(base, lora)
+    LoRA: the base frozen in the compute dtype with float32 adapters; full fine-tuning (and
+    FSDP, which shards float32 parameters) keeps float32 master weights.
+    """
+    full = config.method == "full"
+    fsdp = runtime.distributed and config.sharding == "fsdp"
+    model = load_base_model(checkpoint, runtime.device, torch.float32 if full or fsdp else runtime.dtype)
+    packs = use_packed_attention(model)
+    if full:
+        model.requires_grad_(True)
+    else:
+        from peft import get_peft_model
 
-
-def _save_checkpoint(output_dir: Path, step: int, model, tokenizer, optimizer, stale_evaluations: int,
-                     base_model: dict, config: TuneConfig, run_metadata: dict | None,
-                     eval_metrics: dict | None) -> dict:
-    """Writes a tuned model folder plus training state for ``step``, atomically."""
-    relative = f"checkpoints/step-{step:06d}"
-    target = output_dir / relative
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    model.save_pretrained(staging / ADAPTER_DIR)
-    tokenizer.save_pretrained(staging)
-    metadata = {"base_model": base_model, "step": step, "tune_config": asdict(config),
-                "eval_metrics": eval_metrics, "adapter_size": config.adapter_size,
-                **(run_metadata or {})}
-    (staging / TUNED_MODEL_METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                "stale_evaluations": stale_evaluations,
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
-               staging / TRAINING_STATE)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
-    return {"step": step, "dir": relative, "eval": eval_metrics}
+        # Adapters in float32; under bf16 autocast their matmuls run in bf16.
+        model = get_peft_model(model, lora_config(config.adapter_size, LORA_TARGET_MODULES))
+    loss = token_loss
+    if wants_compile(config.compile, model, runtime.device, packs):
+        compile_decoder_layers(model)
+        loss = compiled_token_loss()
+    model.train()
+    return model, packs, loss
 
 
-def _restore(model, optimizer, checkpoint_dir: Path) -> tuple[int, int]:
-    """Loads adapter weights and training state from a checkpoint; returns (step, stale evals)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+def _my_micro_batches(batch, runtime: Runtime, config: TuneConfig, packs: bool, row_multiple: int,
+                      pad_token_id: int) -> list[PackedBatch]:
+    """This process's slice of the step's batch, packed into micro-batches.
 
-    adapter = load_file(str(checkpoint_dir / ADAPTER_DIR / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, adapter)
-    state = torch.load(checkpoint_dir / TRAINING_STATE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    return state["step"], state["stale_evaluations"]
+    Every process runs as many micro-batches as the busiest one (padding with empty ones):
+    FSDP gathers parameters in every forward, so the processes must run them in step.
+    """
+    slices = [batch[rank::runtime.world_size] for rank in range(runtime.world_size)]
+    most = max(len(row_groups([len(e[0]) for e in s], config.max_tokens_per_micro_batch, packs))
+               for s in slices)
+    mine = pack_examples(slices[runtime.rank], config.max_tokens_per_micro_batch, packs,
+                         row_multiple, pad_token_id)
+    empty = (np.array([pad_token_id], dtype=np.int64), np.zeros(1, dtype=np.uint8))
+    while len(mine) < most:
+        mine += pack_examples([empty], 1, packs, row_multiple, pad_token_id)
+    return mine
 
 
-def _write_index(output_dir: Path, checkpoints: list[dict], step: int, stopped_early: bool,
-                 base_model: dict, config: TuneConfig) -> None:
-    index = {"checkpoints": checkpoints, "final_step": step, "stopped_early": stopped_early,
-             "base_model": base_model, "tune_config": asdict(config)}
-    staging = output_dir / (CHECKPOINTS_INDEX + ".partial")
-    staging.write_text(json.dumps(index, indent=2, sort_keys=True))
-    os.replace(staging, output_dir / CHECKPOINTS_INDEX)
+def _evaluate(model, eval_examples, runtime: Runtime, config: TuneConfig, packs: bool,
+              row_multiple: int, loss) -> dict[str, float]:
+    """Eval metrics over all evaluation examples (every process scores all of them: the set is
+    small, and FSDP needs the processes to run the same forwards)."""
+    scorer = getattr(model, "module", model)  # outside DDP: no collective in an eval forward
+    scorer.eval()
+    scores = score_packed(scorer, eval_examples, config.max_tokens_per_micro_batch,
+                          runtime.device, packs, runtime.autocast, row_multiple, loss)
+    scorer.train()
+    return scores.metrics("eval")
+
+
+def _check_resumable(index: dict, config: TuneConfig, num_examples: int) -> None:
+    saved = index.get("tune_config", {})
+    different = [f"{name}: {saved.get(name)!r} -> {getattr(config, name)!r}"
+                 for name in _RESUME_FIELDS if saved.get(name) != getattr(config, name)]
+    if index.get("train_examples", num_examples) != num_examples:
+        different.append(f"training examples: {index['train_examples']} -> {num_examples}")
+    if different:
+        raise ValueError("cannot resume: the run was started with other settings ("
+                         + "; ".join(different) + ")")
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)

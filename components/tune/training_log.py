@@ -2,11 +2,22 @@
 
 TensorBoard scalars carry Vertex's metric names (``/train_total_loss``,
 ``/train_fraction_of_correct_next_step_preds``, ``/train_num_predictions`` and the ``/eval_*``
-three), plus ``/learning_rate``, ``/tokens_per_second`` and ``/memory_bytes``.
+three), plus ``/learning_rate``, ``/tokens_per_second`` (input tokens of the global batch per
+second of training step; there is no padding to count), ``/memory_bytes`` (peak resident
+memory so far, see :func:`peak_resident_memory_bytes`), ``/grad_norm`` (before clipping),
+``/num_tokens`` and ``/step_seconds``. metrics.jsonl holds the same records,
+one JSON object per line with its ``step``.
+
+Resuming: a resumed run starts its log at the checkpoint's step ``s``. Records after ``s`` (left
+by the killed run) are dropped from metrics.jsonl, and the new TensorBoard event file starts with
+a purge at step ``s + 1``, which makes TensorBoard readers (``EventAccumulator``) drop the older
+events from step ``s + 1`` on: no duplicate or stale points. The trainer flushes the log before
+every checkpoint, so the records up to a checkpoint are on disk before the checkpoint is.
 """
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -28,24 +39,36 @@ def peak_resident_memory_bytes() -> int:
 
 
 def _keep_records_up_to(metrics_file: Path, step: int) -> None:
-    """Drops records past ``step`` (left by a run killed after its last checkpoint)."""
+    """Drops records past ``step`` (left by a run killed after its last checkpoint), and a last
+    line cut short by the kill; rewrites the file atomically."""
     if not metrics_file.exists():
         return
-    kept = [line for line in metrics_file.read_text().splitlines()
-            if line and json.loads(line)["step"] <= step]
-    metrics_file.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            kept.append(line)
+    staging = metrics_file.with_name(metrics_file.name + ".partial")
+    staging.write_text("".join(line + "\n" for line in kept))
+    os.replace(staging, metrics_file)
 
 
 class TrainingLog:
     """Writes every step's metrics to a JSONL file, TensorBoard and a progress bar."""
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0):
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int = 0, resumed: bool = False):
+        """``resumed``: continue the log of a run resumed at ``start_step`` (see the module doc)."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.output_dir = output_dir
-        _keep_records_up_to(output_dir / METRICS_FILE, start_step)
+        if resumed:
+            _keep_records_up_to(output_dir / METRICS_FILE, start_step)
         self._metrics = open(output_dir / METRICS_FILE, "a", encoding="utf-8")
-        self._tensorboard = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step or None)
+        self._tensorboard = SummaryWriter(str(output_dir / TENSORBOARD_DIR),
+                                          purge_step=start_step + 1 if resumed else None)
         # On a terminal a live bar; in a pipeline's log (a pipe) a plain line every few seconds.
         interactive = sys.stdout.isatty()
         self._progress = tqdm(total=total_steps, initial=start_step, desc="tune", unit="step",
@@ -54,7 +77,7 @@ class TrainingLog:
                               bar_format=None if interactive else "{desc} {n}/{total} steps "
                               "[{elapsed}<{remaining}] {postfix}\n")
         self._last_time = time.perf_counter()
-        self.peak_memory_bytes = 0
+        self.peak_memory_bytes = peak_resident_memory_bytes()
 
     def note(self, message: str) -> None:
         """A line of text above the progress bar."""
@@ -66,15 +89,20 @@ class TrainingLog:
         self._metrics.write(json.dumps({"step": step, **record}) + "\n")
         self._metrics.flush()
 
-    def train_step(self, step: int, metrics: dict, learning_rate: float, tokens: int) -> None:
-        """Logs one optimizer step's train metrics, learning rate, throughput and memory."""
+    def train_step(self, step: int, metrics: dict, learning_rate: float, tokens: int,
+                   grad_norm: float | None = None) -> None:
+        """Logs one optimizer step's train metrics, learning rate, throughput, memory and the
+        gradient norm before clipping."""
         now = time.perf_counter()
-        tokens_per_second = tokens / max(now - self._last_time, 1e-9)
+        seconds = max(now - self._last_time, 1e-9)
         self._last_time = now
         self.peak_memory_bytes = peak_resident_memory_bytes()
         self._write(step, {**metrics, "learning_rate": learning_rate,
-                           "tokens_per_second": tokens_per_second,
-                           "memory_bytes": float(self.peak_memory_bytes)})
+                           "tokens_per_second": tokens / seconds,
+                           "memory_bytes": float(self.peak_memory_bytes),
+                           "num_tokens": float(tokens), "step_seconds": seconds,
+                           **({"grad_norm": grad_norm} if grad_norm is not None else {})})
+        tokens_per_second = tokens / seconds
         self._progress.set_postfix(loss=f"{metrics['train_total_loss']:.3f}",
                                    acc=f"{metrics['train_fraction_of_correct_next_step_preds']:.2f}",
                                    tok_s=f"{tokens_per_second:.0f}", refresh=False)
@@ -86,12 +114,47 @@ class TrainingLog:
         self._last_time = time.perf_counter()  # evaluation time is not training throughput
         self.note(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
+    def restart_clock(self) -> None:
+        """Time spent since the last step (checkpoint writing) is not training throughput."""
+        self._last_time = time.perf_counter()
+
+    def flush(self) -> None:
+        """Puts every record written so far on disk."""
+        self._metrics.flush()
+        os.fsync(self._metrics.fileno())
+        self._tensorboard.flush()
+
     def close(self) -> None:
         """Flushes everything and plots the loss curve."""
         self._progress.close()
         self._tensorboard.close()
         self._metrics.close()
         plot_loss_curve(self.output_dir / METRICS_FILE, self.output_dir / LOSS_CURVE)
+
+
+class QuietLog:
+    """The log of a process that is not rank 0: it writes nothing."""
+
+    peak_memory_bytes = 0
+
+    def note(self, message: str) -> None:
+        pass
+
+    def train_step(self, step: int, metrics: dict, learning_rate: float, tokens: int,
+                   grad_norm: float | None = None) -> None:
+        self.peak_memory_bytes = peak_resident_memory_bytes()
+
+    def eval_step(self, step: int, metrics: dict) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def restart_clock(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def plot_loss_curve(metrics_file: Path, png_path: Path) -> None:

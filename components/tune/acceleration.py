@@ -1,0 +1,118 @@
+"""Two speed-ups of the training forward and backward that change no result.
+
+- :class:`FusedLoraLinear`: PEFT's LoRA linear layer (same parameters, same saved adapter) whose
+  forward computes ``base(x) + s (A x) B^T`` as one ``addmm`` into the base layer's output.
+  PEFT computes ``B(A x)`` as a full-size tensor, multiplies it by ``s`` and adds it: two more
+  passes over every linear layer's output, forward and backward. It is plugged in through PEFT's
+  custom-module API (``LoraConfig._register_custom_module``) and falls back to PEFT's forward
+  whenever anything other than one plain LoRA adapter is active.
+- :func:`compile_decoder_layers`: ``torch.compile`` of every decoder layer (dynamic shapes: the
+  packed rows change length every step), which fuses the element-wise work around the matrix
+  multiplies (RMSNorm, rotary embeddings, SiLU, residuals, LoRA scaling) into a few C++ loops.
+  The packed attention stays outside the compiled graphs. Compiling costs about half a minute
+  on first use (Inductor caches its kernels on disk for later runs); on a 2-core CPU it makes a
+  training step of the embedded model about a third faster.
+"""
+from __future__ import annotations
+
+import shutil
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
+
+COMPILE_MODES = ("auto", "on", "off")
+COMPILE_MIN_PARAMETERS = 50_000_000  # "auto": smaller models train too fast to repay compiling
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b + s (x A^T) B^T`` with both sums inside matrix multiplies, forward
+    (``addmm_`` into ``x W^T``) and backward (``dx = dy W + s (dy B) A``, one ``addmm_``), in the
+    dtype of ``x`` (bf16 under autocast: the adapter weights are cast, as autocast would)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
+        dtype = x.dtype
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        low_rank = F.linear(x, a) * scaling  # [n, r]
+        y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+        y.addmm_(low_rank, b.t())  # in place: torch.addmm would first copy y
+        ctx.save_for_backward(x, weight, lora_a, lora_b, low_rank)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, d_y):
+        x, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
+        dtype = d_y.dtype
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        d_low_rank = (d_y @ b) * ctx.scaling  # [n, r]
+        d_x = (d_y @ weight.to(dtype)).addmm_(d_low_rank, a) if ctx.needs_input_grad[0] else None
+        d_a = (d_low_rank.t() @ x).to(lora_a.dtype)
+        d_b = (d_y.t() @ low_rank).to(lora_b.dtype)
+        return d_x, None, None, d_a, d_b, None
+
+
+class FusedLoraLinear(LoraLinear):
+    """PEFT's ``lora.Linear`` with the adapter's output added inside matrix multiplies."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapters = self.active_adapters
+        base = self.base_layer
+        plain = (not self.disable_adapters and not self.merged and len(adapters) == 1
+                 and adapters[0] in self.lora_A and adapters[0] not in self.lora_variant
+                 and isinstance(self.lora_dropout[adapters[0]], torch.nn.Identity)
+                 and isinstance(base, torch.nn.Linear) and not base.weight.requires_grad
+                 and not args and not kwargs)
+        if not plain:
+            return super().forward(x, *args, **kwargs)
+        adapter = adapters[0]
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        flat = x.reshape(-1, x.shape[-1])
+        y = _LoraLinearFunction.apply(flat, base.weight, base.bias, self.lora_A[adapter].weight,
+                                      self.lora_B[adapter].weight, self.scaling[adapter])
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def lora_config(rank: int, target_modules):
+    """Tunepipe's LoRA configuration (alpha = 2 x rank, no dropout) with fused linear layers."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                        target_modules=target_modules, task_type="CAUSAL_LM")
+    config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+    return config
+
+
+def wants_compile(mode: str, model: torch.nn.Module, device: torch.device, packed: bool) -> bool:
+    """Whether to compile: ``on``/``off``, or ``auto``: on a CPU with a C++ compiler, for a
+    packed model of at least ``COMPILE_MIN_PARAMETERS`` parameters (tested there; CUDA and XLA
+    runs compile only when asked)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    parameters = sum(p.numel() for p in model.parameters())
+    return (device.type == "cpu" and packed and parameters >= COMPILE_MIN_PARAMETERS
+            and (shutil.which("c++") or shutil.which("g++")) is not None)
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """Compiles the decoder layers of a transformers model (or PEFT model) in place, all but the
+    first: its input (the embeddings) needs no gradient, which would take graphs of its own for
+    1/layers of the gain. Returns how many it compiled."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in layer_classes][1:]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def compiled_token_loss():
+    """:func:`components.tune.packing.token_loss` compiled: the float32 cast, log-sum-exp, target
+    gather and argmax over the vocabulary fused into a few passes (the same numbers)."""
+    from components.tune.packing import token_loss
+
+    return torch.compile(token_loss, dynamic=True)

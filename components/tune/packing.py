@@ -1,0 +1,289 @@
+"""Padding-free training batches: examples packed into rows, logits only where the loss needs them.
+
+The loss (``components.common.token_metrics``) is the cross-entropy of every target token
+(loss mask 1) predicted from the tokens before it, summed over the step's global batch and
+divided by the number of target tokens. This module computes exactly that sum with less work
+than a padded batch through ``model(...).logits``:
+
+- **Packing.** A micro-batch is one row: its examples concatenated, with position ids that
+  restart at 0 for every example, so no padding token is ever computed. Attention stays within
+  each example: the registered attention function ``tunepipe_packed`` runs causal
+  ``scaled_dot_product_attention`` on each example's span of the row (no block-diagonal mask over
+  the whole row, whose cost would grow with the square of the row length).
+- **Target-only logits.** The LM head (hidden size x vocabulary: 576 x 49,152 for SmolLM2, a
+  third of its per-token FLOPs) and the cross-entropy run only at the positions whose next
+  token is a target, through the model's own ``logits_to_keep`` argument (so any logit
+  processing the model applies is kept).
+
+Each micro-batch holds at most ``max_tokens`` tokens (one longer example gets a row of its own);
+a step's micro-batches accumulate gradients, which changes nothing in the sum. Models whose
+attention is not plain causal attention (sliding windows, soft-capping) or that do not use
+transformers' attention interface are not packed: each example gets a row of its own and the
+model's own attention, still padding-free and with target-only logits.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from components.common.token_metrics import IGNORE_INDEX, TokenScores
+
+PACKED_ATTENTION = "tunepipe_packed"
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch: a row of concatenated examples and the positions the loss is on."""
+
+    input_ids: torch.Tensor  # [1, tokens]
+    position_ids: torch.Tensor  # [1, tokens], restarting at 0 for every example
+    segments: list[tuple[int, int]] | None  # (start, end) of every example; None: one example
+    target_positions: torch.Tensor  # [n]: positions whose next token is a target
+    targets: torch.Tensor  # [n]: those next tokens (IGNORE_INDEX for alignment padding)
+    num_tokens: int  # real tokens (alignment padding excluded)
+    num_targets: int  # real targets
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.segments,
+                           self.target_positions.to(device), self.targets.to(device),
+                           self.num_tokens, self.num_targets)
+
+
+def num_targets(example: tuple[np.ndarray, np.ndarray]) -> int:
+    """Target tokens of one ``(token_ids, loss_mask)`` example: mask 1 after the first token."""
+    return int(np.count_nonzero(example[1][1:]))
+
+
+def row_groups(lengths: Sequence[int], max_tokens: int, pack: bool = True) -> list[list[int]]:
+    """Which examples (indices into ``lengths``) share each row: in order, a new row whenever
+    the next example would take the row past ``max_tokens`` (or for every example without
+    ``pack``)."""
+    rows: list[list[int]] = []
+    width = 0
+    for index, length in enumerate(lengths):
+        if not rows or not pack or width + length > max_tokens:
+            rows.append([])
+            width = 0
+        rows[-1].append(index)
+        width += length
+    return rows
+
+
+def pack_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], max_tokens: int,
+                  pack: bool = True, pad_to_multiple: int = 0,
+                  pad_token_id: int = 0) -> list[PackedBatch]:
+    """Packs ``(token_ids, loss_mask)`` examples, in order, into rows of at most ``max_tokens``
+    (:func:`row_groups`).
+
+    With ``pack=False`` every example gets a row of its own. ``pad_to_multiple`` pads each row
+    (with a dummy example that has no targets) and its target list (with ignored targets) to a
+    multiple of that size, for compilers that want few distinct shapes (XLA).
+    """
+    groups = row_groups([len(example[0]) for example in examples], max_tokens, pack)
+    return [_packed_row([examples[i] for i in group], pad_to_multiple, pad_token_id, single=not pack)
+            for group in groups]
+
+
+def _packed_row(row, pad_to_multiple: int, pad_token_id: int, single: bool) -> PackedBatch:
+    ids, positions, segments, target_positions, targets = [], [], [], [], []
+    offset = 0
+    for tokens, mask in row:
+        length = len(tokens)
+        tokens = tokens.astype(np.int64)
+        ids.append(tokens)
+        positions.append(np.arange(length, dtype=np.int64))
+        segments.append((offset, offset + length))
+        predicting = np.flatnonzero(mask[1:])  # position i predicts token i + 1
+        target_positions.append(predicting + offset)
+        targets.append(tokens[predicting + 1])
+        offset += length
+    num_tokens = offset
+    real_targets = int(sum(len(t) for t in targets))
+    if pad_to_multiple:
+        padding = -num_tokens % pad_to_multiple
+        if padding:
+            ids.append(np.full(padding, pad_token_id, dtype=np.int64))
+            positions.append(np.arange(padding, dtype=np.int64))
+            segments.append((offset, offset + padding))
+        target_padding = -real_targets % pad_to_multiple if real_targets else pad_to_multiple
+        target_positions.append(np.zeros(target_padding, dtype=np.int64))
+        targets.append(np.full(target_padding, IGNORE_INDEX, dtype=np.int64))
+    return PackedBatch(
+        input_ids=torch.from_numpy(np.concatenate(ids))[None],
+        position_ids=torch.from_numpy(np.concatenate(positions))[None],
+        segments=None if single else segments,
+        target_positions=torch.from_numpy(np.concatenate(target_positions)),
+        targets=torch.from_numpy(np.concatenate(targets)),
+        num_tokens=num_tokens, num_targets=real_targets)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of ``logits`` ([n, vocabulary]) against ``targets`` and the number of
+    targets that are the argmax, ignoring ``IGNORE_INDEX`` targets.
+
+    The definition of ``token_metrics.score_logits``: logits cast to float32 before the
+    cross-entropy and the argmax.
+    """
+    logits = logits.float()
+    loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    correct = ((logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()
+    return loss_sum, correct
+
+
+def packed_loss(model, batch: PackedBatch, loss=token_loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the batch's targets (a tensor, for backward) and the number of
+    targets the model predicts correctly (argmax), as a tensor (:func:`token_loss`, or ``loss``:
+    the same function compiled)."""
+    extra = {}
+    if batch.segments is not None:  # a tensor: compiled layers do not specialise on its values
+        extra["packed_lengths"] = torch.tensor([end - start for start, end in batch.segments])
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                   logits_to_keep=batch.target_positions, use_cache=False, **extra).logits
+    return loss(logits[0], batch.targets)
+
+
+@torch.no_grad()
+def score_packed(model, examples: Sequence[tuple[np.ndarray, np.ndarray]], max_tokens: int,
+                 device: torch.device | str = "cpu", pack: bool = True, autocast=None,
+                 pad_to_multiple: int = 0, loss=token_loss) -> TokenScores:
+    """Token scores of ``model`` over ``examples`` (no gradient): ``score_dataset``'s numbers.
+
+    ``autocast`` is a context-manager factory (e.g. bf16 autocast) entered around each forward.
+    """
+    total_loss, total_correct, total_targets = 0.0, 0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    for batch in pack_examples([examples[i] for i in order], max_tokens, pack, pad_to_multiple):
+        batch = batch.to(device)
+        with (autocast or nullcontext)():
+            loss_sum, correct = packed_loss(model, batch, loss)
+        total_loss += float(loss_sum)
+        total_correct += int(correct)
+        total_targets += batch.num_targets
+    return TokenScores(total_loss, total_correct, total_targets)
+
+
+SHORT_EXAMPLE_TOKENS = 512  # on CPU, examples up to this length take _ShortCausalAttention's backward
+
+
+@contextmanager
+def _float32_products_of_bfloat16(enabled: bool):
+    """Within it (when ``enabled``), float32 matrix products on CPU run on the bf16 units
+    (oneDNN's ``fp32_precision = "bf16"``) with float32 accumulation and output. For inputs
+    that are bf16 values cast to float32 this is exact up to summation order, and several times
+    faster than float32 products."""
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    if enabled:
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = previous
+
+
+class _ShortCausalAttention(torch.autograd.Function):
+    """Causal attention of one example of moderate length on CPU, for training.
+
+    The forward is the CPU flash-attention kernel's (it also returns each row's log-sum-exp);
+    the backward recomputes the scores ``S = Q K^T`` and ``dP = dO V^T`` in float32 (from bf16
+    inputs on the bf16 units: :func:`_float32_products_of_bfloat16`), the probabilities
+    ``P = exp(s S - lse)``, and applies the usual formulas (``dV = P^T dO``,
+    ``dS = P (dP - rowsum(dO O))``, ``dQ = s dS K``, ``dK = s dS^T Q``) with a few batched
+    matrix multiplies. The flash kernel's backward is slower up to ``SHORT_EXAMPLE_TOKENS``
+    (forward and backward of SmolLM2's attention on 2 cores: 2.7 against 5.0 ms at 256 tokens,
+    9.7 against 10.5 ms at 512; from about 640 tokens on the flash kernel is faster). Heads that share keys and values
+    (grouped-query attention) are stacked so no key or value is copied.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale):
+        output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, True, attn_mask=None, scale=scale)[:2]
+        ctx.save_for_backward(query, key, value, output, logsumexp)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, output, logsumexp = ctx.saved_tensors
+        scale = ctx.scale
+        _, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        group = heads // kv_heads
+        rows = group * length  # [kv_heads, group x length, ...]: the heads sharing a key/value
+        q = query.reshape(kv_heads, rows, dim)
+        k, v = key.reshape(kv_heads, length, dim), value.reshape(kv_heads, length, dim)
+        d_out = grad_output.reshape(kv_heads, rows, dim).to(query.dtype)
+        with _float32_products_of_bfloat16(query.dtype == torch.bfloat16):
+            scores = torch.bmm(q.float(), k.float().transpose(1, 2))
+            d_probabilities = torch.bmm(d_out.float(), v.float().transpose(1, 2))
+        probabilities = scores.mul_(scale).sub_(logsumexp.reshape(kv_heads, rows, 1)).exp_()
+        probabilities = probabilities.view(kv_heads, group, length, length).tril_().view(kv_heads, rows, length)
+        d_value = torch.bmm(probabilities.to(query.dtype).transpose(1, 2), d_out)  # cast, then a view
+        row_dot = (d_out.float() * output.reshape(kv_heads, rows, dim).float()).sum(-1, keepdim=True)
+        d_scores = d_probabilities.sub_(row_dot).mul_(probabilities).to(query.dtype)
+        d_query = torch.bmm(d_scores, k).mul_(scale).view_as(query)
+        d_key = torch.bmm(d_scores.transpose(1, 2), q).mul_(scale).view_as(key)
+        return d_query, d_key, d_value.view_as(value), None
+
+
+def _causal_attention(query, key, value, dropout: float, scale: float | None):
+    """Causal attention of one example: ``_ShortCausalAttention`` up to ``SHORT_EXAMPLE_TOKENS``
+    on CPU when training, else ``scaled_dot_product_attention``."""
+    if (query.device.type == "cpu" and query.shape[2] <= SHORT_EXAMPLE_TOKENS and dropout == 0.0
+            and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
+        scale = scale if scale is not None else query.shape[-1] ** -0.5
+        return _ShortCausalAttention.apply(query, key, value, scale)
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True,
+                                          scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+
+
+@torch.compiler.disable  # a Python loop over examples: outside compiled decoder layers
+def packed_causal_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                            packed_lengths: torch.Tensor | None = None, **kwargs):
+    """Causal attention within each example of a packed row (transformers' attention interface).
+
+    ``query`` is ``[1, heads, tokens, head_dim]``, ``key``/``value`` may have fewer (grouped)
+    heads; ``packed_lengths`` are the lengths of the row's examples, in order (none: the row is
+    one example). Returns ``([1, tokens, heads, head_dim], None)``.
+    """
+    lengths = packed_lengths.tolist() if packed_lengths is not None else [query.shape[2]]
+    if len(lengths) == 1:
+        output = _causal_attention(query, key, value, dropout, scaling)
+        return output.transpose(1, 2).contiguous(), None
+    # split, not slicing: a slice's backward writes its gradient into a zero tensor of the whole
+    # row, once per example; split's backward concatenates the pieces once.
+    pieces = [_causal_attention(q, k, v, dropout, scaling).transpose(1, 2)
+              for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                                 value.split(lengths, dim=2))]
+    return torch.cat(pieces, dim=1), None  # [1, tokens, heads, head_dim], one copy
+
+
+def supports_packing(model) -> bool:
+    """Whether ``tunepipe_packed`` attention computes this model's attention exactly.
+
+    It does for decoder-only models with plain causal softmax attention through transformers'
+    attention interface (Llama, SmolLM, Qwen2, Mistral without a sliding window, ...).
+    """
+    config = model.config
+    return (bool(getattr(model, "_supports_attention_backend", False))
+            and not getattr(config, "sliding_window", None)
+            and not getattr(config, "attn_logit_softcapping", None)
+            and not getattr(config, "is_encoder_decoder", False))
+
+
+def use_packed_attention(model) -> bool:
+    """Switches ``model`` (a transformers model) to ``tunepipe_packed`` attention when it
+    supports it; returns whether it did."""
+    if not supports_packing(model):
+        return False
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_causal_attention)
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return True
