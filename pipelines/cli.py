@@ -80,6 +80,10 @@ def print_run_summary(model_display_name: str, run_dir: Path, example_data_uri: 
     print(f"Outputs of this run:  {run_dir}")
     print(f"Base model:           {metadata['base_model']['reference']} -> "
           f"{metadata['base_model']['source']}")
+    if "peak_memory_bytes" in metadata:
+        print(f"Tuning:               step {metadata['step']}, batch size {metadata['batch_size']}, "
+              f"{metadata['tuning_method']}, {metadata['device']} ({metadata['dtype']}), peak "
+              f"resident memory {metadata['peak_memory_bytes'] / 2**30:.2f} GiB")
     evaluation = metadata.get("evaluation", {})
     for line in evaluation_lines(evaluation, metadata.get("step")):
         print(line)

@@ -70,6 +70,7 @@ def test_selected_checkpoint_is_registered_and_served(pipeline_run):
     metadata = json.loads((registered.path / "tunepipe_model.json").read_text())
     assert metadata["step"] == selected["step"] and metadata["project"] == "test-project"
     assert len(metadata["dataset_sha256"]) == 64 and metadata["evaluation"]["checkpoints"]
+    assert metadata["peak_memory_bytes"] > 0 and metadata["examples_seen"] == metadata["step"] * 8
     assert (registered.path / "adapter" / "adapter_model.safetensors").exists()
 
     record = json.loads((pipeline_run / "deploy-endpoint" / "endpoint").read_text())
