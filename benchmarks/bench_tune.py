@@ -186,7 +186,7 @@ def worker_ours(args) -> dict:
             "seconds": sum(r["step_seconds"] for r in timed),
             "steps": [r["step"] for r in timed], "dtype": result.dtype,
             "peak_memory_bytes": result.peak_memory_bytes,
-            "final_loss": records[-1]["train_total_loss"],
+            "loss": f"last-step train loss {records[-1]['train_total_loss']:.3f}",
             "warmup_seconds": records[0]["step_seconds"],
             "settings": f"components.tune.trainer.tune, defaults: packed rows (<= "
                         f"{config.max_tokens_per_micro_batch} tokens) with per-example attention, "
@@ -257,7 +257,7 @@ def worker_baseline(args) -> dict:
     return {"tokens": sum(tokens_per_batch[step - 1] for step in timed),
             "seconds": sum(turns.seconds[step] for step in timed), "steps": list(timed),
             "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "final_loss": output.training_loss, "warmup_seconds": turns.seconds[1],
+            "loss": f"mean train loss {output.training_loss:.3f}", "warmup_seconds": turns.seconds[1],
             "settings": f"transformers.Trainer + PEFT ({args.baseline}): {description}, "
                         "SDPA attention, adamw_torch_fused"}
 
@@ -361,11 +361,10 @@ def main() -> int:
             rates[worker.role] = rate
             flops = rate * flops_per_token
             print(f"{worker.role}: {result['settings']}")
-            print(f"  {result['tokens']:,} tokens in {result['seconds']:.1f} s = {rate:.0f} tokens/s; "
+            print(f"  {int(result['tokens']):,} tokens in {result['seconds']:.1f} s = {rate:.0f} tokens/s; "
                   f"{flops / 1e12:.3f} useful TFLOP/s = {100 * flops / peak:.1f}% of the bf16 matmul "
                   f"peak; peak resident memory {result['peak_memory_bytes'] / 2**30:.2f} GiB; "
-                  f"warm-up step {result['warmup_seconds']:.1f} s; final train loss "
-                  f"{result['final_loss']:.3f}", flush=True)
+                  f"warm-up step {result['warmup_seconds']:.1f} s; {result['loss']}", flush=True)
         print(f"useful FLOPs per token: {flops_per_token / 1e6:.0f} M "
               f"(6 x parameters would say {6 * parameter_count(model_config) / 1e6:.0f} M)")
     if len(rates) < 2:

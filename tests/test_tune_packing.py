@@ -191,10 +191,13 @@ def test_compiled_decoder_layers_compute_what_eager_layers_compute(tiny_model_di
             torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("query_block", [256, 16])  # one block; three blocks, the last short
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_short_example_attention_backward_equals_sdpa(dtype, tolerance):
+def test_short_example_attention_backward_equals_sdpa(dtype, tolerance, query_block, monkeypatch):
+    from components.tune import packing
     from components.tune.packing import _ShortCausalAttention
 
+    monkeypatch.setattr(packing, "QUERY_BLOCK_TOKENS", query_block)
     torch.manual_seed(0)
     query = torch.randn(1, 6, 40, 16, dtype=dtype, requires_grad=True)  # 6 heads sharing 2 keys
     key = torch.randn(1, 2, 40, 16, dtype=dtype, requires_grad=True)

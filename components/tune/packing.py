@@ -167,7 +167,8 @@ def score_packed(model, examples: Sequence[tuple[np.ndarray, np.ndarray]], max_t
     return TokenScores(total_loss, total_correct, total_targets)
 
 
-SHORT_EXAMPLE_TOKENS = 512  # on CPU, examples up to this length take _ShortCausalAttention's backward
+SHORT_EXAMPLE_TOKENS = 640  # on CPU, examples up to this length take _ShortCausalAttention's backward
+QUERY_BLOCK_TOKENS = 256  # _ShortCausalAttention's backward takes the queries this many at a time
 
 
 @contextmanager
@@ -188,15 +189,20 @@ def _float32_products_of_bfloat16(enabled: bool):
 class _ShortCausalAttention(torch.autograd.Function):
     """Causal attention of one example of moderate length on CPU, for training.
 
-    The forward is the CPU flash-attention kernel's (it also returns each row's log-sum-exp);
-    the backward recomputes the scores ``S = Q K^T`` and ``dP = dO V^T`` in float32 (from bf16
-    inputs on the bf16 units: :func:`_float32_products_of_bfloat16`), the probabilities
+    The forward is the CPU flash-attention kernel's (it also returns each row's log-sum-exp).
+    The backward takes the queries in blocks of ``QUERY_BLOCK_TOKENS`` positions; a block only
+    sees the keys up to its last position, which skips most of the masked upper triangle. For
+    each block it recomputes the scores ``S = Q K^T`` and ``dP = dO V^T`` in float32 (from bf16
+    inputs on the bf16 units: :func:`_float32_products_of_bfloat16`) and the probabilities
     ``P = exp(s S - lse)``, and applies the usual formulas (``dV = P^T dO``,
-    ``dS = P (dP - rowsum(dO O))``, ``dQ = s dS K``, ``dK = s dS^T Q``) with a few batched
-    matrix multiplies. The flash kernel's backward is slower up to ``SHORT_EXAMPLE_TOKENS``
-    (forward and backward of SmolLM2's attention on 2 cores: 2.7 against 5.0 ms at 256 tokens,
-    9.7 against 10.5 ms at 512; from about 640 tokens on the flash kernel is faster). Heads that share keys and values
-    (grouped-query attention) are stacked so no key or value is copied.
+    ``dS = P (dP - rowsum(dO O))``, ``dQ = s dS K``, ``dK = s dS^T Q``, key and value gradients
+    summed in float32 over the blocks) with a few batched matrix multiplies. Heads that share
+    keys and values (grouped-query attention) are stacked so no key or value is copied.
+
+    Forward and backward of SmolLM2's attention (9 heads sharing 3 keys) on 2 cores, best of 7
+    interleaved runs (benchmarks/bench_tune.py's machine): 2.7 ms against the flash kernel's
+    4.2 ms at 256 tokens, 4.8 against 8.3 ms at 400; the two are about even from 640 tokens
+    on, hence ``SHORT_EXAMPLE_TOKENS``.
     """
 
     @staticmethod
@@ -210,25 +216,38 @@ class _ShortCausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         query, key, value, output, logsumexp = ctx.saved_tensors
-        scale = ctx.scale
+        scale, dtype = ctx.scale, query.dtype
         _, heads, length, dim = query.shape
         kv_heads = key.shape[1]
-        group = heads // kv_heads
-        rows = group * length  # [kv_heads, group x length, ...]: the heads sharing a key/value
-        q = query.reshape(kv_heads, rows, dim)
-        k, v = key.reshape(kv_heads, length, dim), value.reshape(kv_heads, length, dim)
-        d_out = grad_output.reshape(kv_heads, rows, dim).to(query.dtype)
-        with _float32_products_of_bfloat16(query.dtype == torch.bfloat16):
-            scores = torch.bmm(q.float(), k.float().transpose(1, 2))
-            d_probabilities = torch.bmm(d_out.float(), v.float().transpose(1, 2))
-        probabilities = scores.mul_(scale).sub_(logsumexp.reshape(kv_heads, rows, 1)).exp_()
-        probabilities = probabilities.view(kv_heads, group, length, length).tril_().view(kv_heads, rows, length)
-        d_value = torch.bmm(probabilities.to(query.dtype).transpose(1, 2), d_out)  # cast, then a view
-        row_dot = (d_out.float() * output.reshape(kv_heads, rows, dim).float()).sum(-1, keepdim=True)
-        d_scores = d_probabilities.sub_(row_dot).mul_(probabilities).to(query.dtype)
-        d_query = torch.bmm(d_scores, k).mul_(scale).view_as(query)
-        d_key = torch.bmm(d_scores.transpose(1, 2), q).mul_(scale).view_as(key)
-        return d_query, d_key, d_value.view_as(value), None
+        group = heads // kv_heads  # [kv_heads, group, positions, ...]: the heads sharing a key/value
+        q = query.view(kv_heads, group, length, dim)
+        k, v = key.view(kv_heads, length, dim), value.view(kv_heads, length, dim)
+        d_out = grad_output.to(dtype).reshape(kv_heads, group, length, dim)
+        lse = logsumexp.view(kv_heads, group, length, 1)
+        row_dot = (d_out.float() * output.reshape(kv_heads, group, length, dim).float()).sum(-1, keepdim=True)
+        d_query = torch.empty_like(q)
+        d_key = torch.zeros(kv_heads, length, dim, dtype=torch.float32, device=query.device)
+        d_value = torch.zeros_like(d_key)
+        for start in range(0, length, QUERY_BLOCK_TOKENS):
+            end = min(start + QUERY_BLOCK_TOKENS, length)  # the block's queries see keys [0, end)
+            rows = group * (end - start)
+            q_block = q[:, :, start:end].reshape(kv_heads, rows, dim)
+            d_out_block = d_out[:, :, start:end].reshape(kv_heads, rows, dim)
+            k_seen, v_seen = k[:, :end], v[:, :end]
+            with _float32_products_of_bfloat16(dtype == torch.bfloat16):
+                scores = torch.bmm(q_block.float(), k_seen.float().transpose(1, 2))
+                d_probabilities = torch.bmm(d_out_block.float(), v_seen.float().transpose(1, 2))
+            probabilities = (scores.view(kv_heads, group, end - start, end).mul_(scale)
+                             .sub_(lse[:, :, start:end]).exp_().tril_(diagonal=start)
+                             .view(kv_heads, rows, end))
+            d_value[:, :end] += torch.bmm(probabilities.to(dtype).transpose(1, 2), d_out_block).float()
+            d_scores = (d_probabilities.view(kv_heads, group, end - start, end)
+                        .sub_(row_dot[:, :, start:end]).view(kv_heads, rows, end)
+                        .mul_(probabilities).to(dtype))
+            d_query[:, :, start:end] = torch.bmm(d_scores, k_seen).view(kv_heads, group, end - start, dim)
+            d_key[:, :end] += torch.bmm(d_scores.transpose(1, 2), q_block).float()
+        return (d_query.mul_(scale).view_as(query), d_key.mul_(scale).to(dtype).view_as(key),
+                d_value.to(dtype).view_as(value), None)
 
 
 def _causal_attention(query, key, value, dropout: float, scale: float | None):
