@@ -102,3 +102,14 @@ def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(tmp_path, tiny_mo
         assert [v for _, v in resumed_scalars[name]] == pytest.approx(
             [v for _, v in expected_scalars[name]], rel=1e-4, abs=1e-6)
     assert len(resumed_scalars["train_total_loss"]) == STEPS
+
+
+def test_command_line_reports_bad_input_in_one_line(tmp_path, tiny_model_dir, token_data, capsys):
+    from components.tune.cli import main
+
+    base = ["--base", str(tiny_model_dir), "--output", str(tmp_path / "out"), "--steps", "1"]
+    assert main([*base, "--train", str(tmp_path / "missing")]) == 2
+    assert f"{tmp_path / 'missing'} is not a token dataset" in capsys.readouterr().err
+    assert main([*base, "--train", str(token_data[0]), "--adapter-size", "3"]) == 2
+    assert "adapter size must be one of (1, 4, 8, 16)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -57,7 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the tuner; a bad setting, missing dataset or occupied output exits 2 with the reason."""
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"python -m components.tune.cli: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     model = resolve_model(args.base)
     if args.batch_size is not None:
         batch_size = args.batch_size

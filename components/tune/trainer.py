@@ -208,6 +208,8 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
     if config.batch_size < runtime.world_size:
         raise ValueError(f"batch size {config.batch_size} is smaller than the number of processes "
                          f"({runtime.world_size}): every process needs at least one example per step")
+    train_set = TokenDataset(train_data)  # a missing dataset fails before anything is written
+    eval_examples = list(TokenDataset(eval_data)) if eval_data else []
     index = read_index(output_dir) if resume else None
     if runtime.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -220,8 +222,6 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
     model = distribute(model, runtime, config.sharding)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    train_set = TokenDataset(train_data)
-    eval_examples = list(TokenDataset(eval_data)) if eval_data else []
     sampler = BatchSampler(len(train_set), config.batch_size, config.seed)
     row_multiple = XLA_ROW_MULTIPLE if runtime.is_xla else 0
 
