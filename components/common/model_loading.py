@@ -11,6 +11,7 @@ from components.common.model_catalog import resolve_model
 TUNED_MODEL_METADATA = "tunepipe_model.json"
 ADAPTER_DIR = "adapter"  # a LoRA-tuned model: the PEFT adapter, applied to the base model
 FULL_MODEL_DIR = "model"  # a fully fine-tuned model: the whole model (save_pretrained)
+TRAINING_STATE = "training_state.pt"  # a checkpoint's resume state; not part of the model
 
 
 def select_device() -> torch.device:

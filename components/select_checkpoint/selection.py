@@ -34,12 +34,12 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from components.common.model_loading import TUNED_MODEL_METADATA
+from components.common.model_loading import TRAINING_STATE, TUNED_MODEL_METADATA
 from components.common.storage import staged_local_path
 
 SELECTION_METRIC = "eval_total_loss"
 MODES = ("true", "false", "default")
-TRAINING_ONLY_FILES = ("training_state.pt",)  # optimizer state for resuming; not part of a model
+TRAINING_ONLY_FILES = (TRAINING_STATE,)  # optimizer state for resuming; not part of a model
 _DEFAULT_SELECTION = re.compile(r"^[a-z]+-bison(-32k)?@001$")
 
 

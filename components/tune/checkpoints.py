@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.common.model_loading import ADAPTER_DIR, FULL_MODEL_DIR, TUNED_MODEL_METADATA
+from components.common.model_loading import (ADAPTER_DIR, FULL_MODEL_DIR, TRAINING_STATE,
+                                             TUNED_MODEL_METADATA)
 from components.tune.runtime import Runtime, unwrap
 
 CHECKPOINTS_INDEX = "checkpoints.json"
 CHECKPOINTS_DIR = "checkpoints"
-TRAINING_STATE = "training_state.pt"
 
 
 def checkpoint_dir_name(step: int) -> str:
