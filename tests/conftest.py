@@ -11,6 +11,9 @@ pytest_plugins = ["tests.gcs_emulator"]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests compute in float32 on every machine, so their numbers do not depend on whether the CI
+# machine's CPU has native bf16; tests/test_precision.py covers the automatic rule itself.
+os.environ.setdefault("TUNEPIPE_PRECISION", "fp32")
 # The converted embedded model is a cache worth sharing between test sessions.
 os.environ.setdefault("TUNEPIPE_CACHE", str(Path.home() / ".tunepipe" / "cache"))
 

@@ -19,17 +19,6 @@ def select_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the device supports it (CUDA with bf16, CPUs: AMX makes it fast), else fp32."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        torch.ones(2, 2, dtype=torch.bfloat16) @ torch.ones(2, 2, dtype=torch.bfloat16)
-    except RuntimeError:
-        return torch.float32
-    return torch.bfloat16
-
-
 def load_tokenizer(checkpoint: str | Path):
     """The checkpoint's tokenizer, with a pad token (EOS when it has none) and left padding."""
     from transformers import AutoTokenizer

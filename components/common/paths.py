@@ -10,13 +10,16 @@ def tunepipe_home() -> Path:
     return Path(os.environ.get("TUNEPIPE_HOME") or Path.home() / ".tunepipe").expanduser()
 
 
-def model_cache_dir() -> Path:
-    """Converted checkpoints (GGUF dequantized into safetensors folders).
-
-    ``$TUNEPIPE_CACHE`` when set (so several homes can share one cache), else under the home.
-    """
+def cache_dir() -> Path:
+    """What tunepipe can recompute: ``$TUNEPIPE_CACHE`` when set (so several homes can share
+    one cache), else ``cache/`` under the home."""
     cache = os.environ.get("TUNEPIPE_CACHE")
-    return (Path(cache).expanduser() if cache else tunepipe_home() / "cache") / "models"
+    return Path(cache).expanduser() if cache else tunepipe_home() / "cache"
+
+
+def model_cache_dir() -> Path:
+    """Converted checkpoints (GGUF dequantized into safetensors folders)."""
+    return cache_dir() / "models"
 
 
 def registry_dir() -> Path:

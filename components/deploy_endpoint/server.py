@@ -65,10 +65,14 @@ class Predictor:
     """The loaded model; generates for a list of prompts, one request at a time."""
 
     def __init__(self, name: str, model_dir: str):
-        from components.common.model_loading import load_tuned_model
+        from components.common.model_loading import load_tuned_model, select_device
+        from components.common.precision import choose_precision
 
         self.name, self.model_dir = name, model_dir
-        self.model, self.tokenizer, self.metadata = load_tuned_model(model_dir)
+        device = select_device()
+        self.precision = choose_precision(device)
+        self.model, self.tokenizer, self.metadata = load_tuned_model(model_dir, device,
+                                                                     self.precision.dtype)
         self._lock = threading.Lock()
 
     def predict(self, prompts: list[str], parameters: dict) -> dict:
@@ -106,6 +110,7 @@ def make_handler(predictor: Predictor):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             self._reply(HTTPStatus.OK, {"name": predictor.name, "model_dir": predictor.model_dir,
                                         "base_model": predictor.metadata.get("base_model", {}),
+                                        "precision": predictor.precision.describe(),
                                         "status": "ready"})
 
         def do_POST(self) -> None:  # noqa: N802

@@ -22,8 +22,9 @@ and 15 checkpoints are 4000, 10 to 15 minutes for the embedded model on 2 cores)
 base model, the checkpoint with the lowest eval loss recorded by the tuner, and the final
 checkpoint generate, and every checkpoint still gets token metrics. Results say which.
 
-Models run in float32 on a CPU (exact greedy decoding, and what the tiny embedded model needs)
-and in the device's compute dtype on a GPU.
+Models run in the precision every component uses (:mod:`components.common.precision`): bfloat16
+where the hardware does it fast, else float32 (``TUNEPIPE_PRECISION=fp32`` for bit-exact greedy
+decoding anywhere).
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ import torch
 
 from components.common.generation import (DEFAULT_BATCH_SIZE, MAX_OUTPUT_TOKENS_LIMIT,
                                           SamplingParams, generate_detailed)
-from components.common.model_loading import (base_checkpoint_of, compute_dtype, load_base_model,
-                                             load_tokenizer, load_tuned_model, select_device)
+from components.common.model_loading import (base_checkpoint_of, load_base_model, load_tokenizer,
+                                             load_tuned_model, select_device)
+from components.common.precision import Precision, choose_precision
 from components.common.prompts import format_prompt
 from components.common.storage import staged_local_path
 from components.common.token_metrics import score_dataset
@@ -208,10 +210,11 @@ class ModelEvaluation:
                 "seconds": round(self.seconds, 3)}
 
 
-def evaluation_device_and_dtype(device: torch.device | str | None = None) -> tuple[torch.device, torch.dtype]:
-    """The local device and the dtype evaluate runs in there (float32 on a CPU)."""
+def evaluation_device_and_precision(device: torch.device | str | None = None
+                                    ) -> tuple[torch.device, Precision]:
+    """The local device and the precision evaluate runs in there (the shared rule)."""
     device = torch.device(device) if device is not None else select_device()
-    return device, (torch.float32 if device.type == "cpu" else compute_dtype(device))
+    return device, choose_precision(device)
 
 
 def evaluate_loaded_model(model, tokenizer, source: ModelSource, examples: Sequence[EvalExample],
@@ -256,7 +259,9 @@ def evaluate_sources(sources: Sequence[ModelSource], examples: Sequence[EvalExam
     ``token_examples`` the examples are tokenized with each model's tokenizer.
     Returns the evaluations and the shared settings (resolved maxOutputTokens, labels, device).
     """
-    device, dtype = evaluation_device_and_dtype(device)
+    device, precision = evaluation_device_and_precision(device)
+    dtype = precision.dtype
+    progress(f"evaluate: precision {precision.describe()}")
     references = [e.output_text for e in examples]
     labels = label_set(references)
     evaluations = []
@@ -284,7 +289,8 @@ def evaluate_sources(sources: Sequence[ModelSource], examples: Sequence[EvalExam
         "task": "classification" if labels else "generation",
         "labels": labels,
         "device": device.type,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": precision.dtype_name,
+        "precision": precision.describe(),
         "num_examples": len(examples),
     }
     return evaluations, shared
@@ -380,7 +386,7 @@ def evaluate_tuning_run(tuned_model_dir: str | os.PathLike, validated_dataset_di
     base_reference, base_checkpoint = base_model_of(index, large_model_reference)
     from components.common.model_catalog import context_class_of
 
-    device, _ = evaluation_device_and_dtype(device)
+    device = torch.device(device) if device is not None else select_device()
     generate_labels, plan_reason = generation_plan(checkpoints, len(examples), device.type,
                                                    generation_budget)
     sources = [ModelSource("base", "base", base_checkpoint)] + [

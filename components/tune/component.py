@@ -82,7 +82,7 @@ def tune(
     tuned_model.metadata.update({
         "base_model": model.to_dict(), "final_step": result.final_step,
         "stopped_early": result.stopped_early, "device": result.device, "dtype": result.dtype,
-        "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+        "precision": result.precision, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
         "train_steps": config.train_steps, "examples_seen": result.final_step * config.batch_size,
         "tuning_method": config.method,
         "adapter_size": config.adapter_size if config.method == "lora" else None,
@@ -102,7 +102,7 @@ def tune(
     with open(os.path.join(tuned_model.path, LOSS_CURVE), "rb") as png:
         image = base64.b64encode(png.read()).decode()
     with open(loss_curve.path, "w") as report:
-        report.write(f"# Tuning\n\n{result.final_step} steps on {result.device} ({result.dtype}), "
+        report.write(f"# Tuning\n\n{result.final_step} steps, {result.precision}, "
                      f"batch size {config.batch_size}, learning rate {config.learning_rate:g}, "
                      f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB"
                      f"{', stopped early' if result.stopped_early else ''}.\n\n"

@@ -1,8 +1,9 @@
 """Where the tuner runs: the device, the compute dtype and the processes of a distributed run.
 
-- **CPU**: bfloat16 compute where the CPU supports it (with AMX, bf16 matrix multiplies are
-  several times faster than fp32), else float32.
-- **One CUDA GPU**: bfloat16 where the GPU supports it, else float32.
+- **Precision**: :func:`components.common.precision.choose_precision`, the rule every component
+  follows (bfloat16 where the hardware does it fast: CPUs with AMX, AVX512_BF16 or Arm BF16,
+  GPUs with bf16; float32 elsewhere; ``TUNEPIPE_PRECISION`` forces it).
+- **One CUDA GPU**: the GPU of ``LOCAL_RANK``.
 - **Several GPUs**: launched by ``torchrun --nproc-per-node N -m components.tune.cli ...``, which
   sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. Every
   process takes its slice of each step's global batch; gradients are averaged by DDP (the
@@ -31,9 +32,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from components.common.model_loading import compute_dtype
+from components.common.precision import PRECISIONS, Precision, choose_precision
 
-PRECISIONS = ("auto", "bf16", "fp32")
 SHARDINGS = ("ddp", "fsdp")
 XLA_ROW_MULTIPLE = 256  # XLA compiles one graph per shape: rows padded to a multiple of this
 
@@ -43,7 +43,7 @@ class Runtime:
     """The device, compute dtype and process layout of a run."""
 
     device: torch.device
-    dtype: torch.dtype  # compute dtype: matmuls run in it (bf16 under autocast) or float32
+    precision: Precision  # the compute dtype (matmuls run in it: bf16 under autocast) and why
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -63,8 +63,12 @@ class Runtime:
         return self.device.type == "xla"
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.precision.dtype
+
+    @property
     def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        return self.precision.dtype_name
 
     def autocast(self):
         """bf16 autocast on the device when the compute dtype is bf16, else nothing."""
@@ -107,9 +111,8 @@ def _wants_xla() -> bool:
 
 
 def start_runtime(precision: str = "auto") -> Runtime:
-    """Picks the device and dtype and joins the process group of a ``torchrun`` launch."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    """Picks the device and precision (``auto``: the shared rule, else forced) and joins the
+    process group of a ``torchrun`` launch."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -118,22 +121,12 @@ def start_runtime(precision: str = "auto") -> Runtime:
         import torch_xla.core.xla_model as xm
 
         device, backend = xm.xla_device(), "xla"
-        auto_dtype = torch.bfloat16
     elif forced != "cpu" and torch.cuda.is_available():
         device, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(device)
-        auto_dtype = compute_dtype(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
-        auto_dtype = compute_dtype(device)
-    if precision == "fp32":
-        dtype = torch.float32
-    elif precision == "bf16":
-        if auto_dtype != torch.bfloat16:
-            raise ValueError(f"precision='bf16' but {device.type} does not support bfloat16")
-        dtype = torch.bfloat16
-    else:
-        dtype = auto_dtype
+    chosen = choose_precision(device, precision)
     if world_size > 1 and not dist.is_initialized():
         if backend == "xla":
             import torch_xla.distributed.xla_backend  # noqa: F401  (registers the backend)
@@ -141,7 +134,7 @@ def start_runtime(precision: str = "auto") -> Runtime:
             dist.init_process_group("xla", init_method="xla://")
         else:
             dist.init_process_group(backend)
-    return Runtime(device, dtype, rank, world_size, local_rank,
+    return Runtime(device, chosen, rank, world_size, local_rank,
                    backend if world_size > 1 else None)
 
 

@@ -38,7 +38,8 @@ restored, and metrics.jsonl / TensorBoard records after that step are dropped, s
 any moment and resumed ends with the same weights and metrics as an uninterrupted one. Without
 ``resume`` a folder that already holds a run is refused.
 
-Devices (:mod:`components.tune.runtime`): CPU (bf16 when supported), one CUDA GPU, several
+Devices (:mod:`components.tune.runtime`): CPU (bf16 where it is fast, see
+:mod:`components.common.precision`), one CUDA GPU, several
 processes under ``torchrun`` (DDP, or FSDP with ``sharding="fsdp"``), TPU through torch_xla
 (untested). In a distributed run every process takes its slice of each step's global batch
 (examples ``rank, rank + world_size, ...``) and scales its summed loss by
@@ -67,7 +68,8 @@ from components.tune.checkpoints import (CHECKPOINTS_INDEX, read_index, restore_
 from components.tune.packing import (PackedBatch, num_targets, pack_examples, packed_loss,
                                      row_groups, score_packed, token_loss,
                                      use_packed_attention)
-from components.tune.runtime import (PRECISIONS, SHARDINGS, XLA_ROW_MULTIPLE, Runtime, distribute,
+from components.common.precision import PRECISIONS
+from components.tune.runtime import (SHARDINGS, XLA_ROW_MULTIPLE, Runtime, distribute,
                                      gradient_sync, start_runtime)
 from components.tune.settings import ADAPTER_SIZES, METHODS
 from components.tune.training_log import METRICS_FILE, QuietLog, TrainingLog
@@ -100,7 +102,7 @@ class TuneConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
-    precision: str = "auto"  # "auto" (bf16 where supported), "bf16" or "fp32"
+    precision: str = "auto"  # "auto" (components.common.precision's rule), "bf16" or "fp32"
     compile: str = "auto"  # torch.compile the decoder layers: "auto" (see acceleration), "on", "off"
     sharding: str = "ddp"  # several processes: "ddp" (replicas) or "fsdp" (sharded)
     max_tokens_per_micro_batch: int = DEFAULT_MAX_TOKENS_PER_MICRO_BATCH  # memory, not results
@@ -179,6 +181,7 @@ class TuneResult:
     checkpoints: list[dict]
     device: str
     dtype: str
+    precision: str  # the dtype and why, e.g. "cpu float32: no native bf16 (AVX2)"
     train_seconds: float
     peak_memory_bytes: int
     world_size: int = 1
@@ -238,6 +241,7 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
     log = (TrainingLog(output_dir, total_steps=config.train_steps, start_step=step, resumed=resume)
            if runtime.is_main else QuietLog())
     trainable = sum(p.numel() for p in parameters)
+    log.note(f"precision {runtime.precision.describe()}")
     log.note(f"device={runtime.device.type} dtype={runtime.dtype_name} processes={runtime.world_size} "
              f"method={config.method} trainable_parameters={trainable:,} examples={len(train_set)} "
              f"batch_size={config.batch_size} steps={config.train_steps} packed={packs}"
@@ -254,6 +258,7 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
             "epochs_seen": step * config.batch_size / len(train_set),
             "batch_size": config.batch_size, "learning_rate": config.learning_rate,
             "device": runtime.device.type, "dtype": runtime.dtype_name,
+            "precision": runtime.precision.describe(),
             "world_size": runtime.world_size, "peak_memory_bytes": log.peak_memory_bytes,
             **run_metadata}
         training_state = {
@@ -329,7 +334,7 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
     log.close()
     return TuneResult(final_step=step, stopped_early=stopped_early, checkpoints=checkpoints,
                       device=runtime.device.type, dtype=runtime.dtype_name,
-                      train_seconds=time.perf_counter() - started,
+                      precision=runtime.precision.describe(), train_seconds=time.perf_counter() - started,
                       peak_memory_bytes=log.peak_memory_bytes, world_size=runtime.world_size)
 
 

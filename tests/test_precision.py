@@ -1,0 +1,126 @@
+"""The precision rule (components.common.precision): each CPU kind simulated, forcing, warnings."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from components.common import precision
+from components.common.precision import (CpuInfo, SlowPrecisionWarning, cached_cpu_matmuls,
+                                         choose_precision)
+
+AVX2 = CpuInfo("AVX2", None)
+AMX = CpuInfo("AVX512", "AMX")
+AVX512_BF16 = CpuInfo("AVX512", "AVX512_BF16")
+ARM_BF16 = CpuInfo("DEFAULT", "Arm BF16")
+SLOW_BF16 = {"float32": 50.0, "bfloat16": 1.2}  # an AVX2 CPU, as measured here
+FAST_BF16 = {"float32": 50.0, "bfloat16": 180.0}
+
+
+def never_measured():
+    raise AssertionError("a CPU with native bf16 must not be measured")
+
+
+@pytest.fixture(autouse=True)
+def automatic(monkeypatch, tmp_path):
+    """No forced precision (conftest pins fp32 for the other tests) and an empty cache."""
+    monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
+    monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("cpu, name", [(AMX, "AMX"), (AVX512_BF16, "AVX512_BF16"),
+                                       (ARM_BF16, "Arm BF16")])
+def test_native_bf16_cpus_get_bf16_without_measuring(cpu, name):
+    chosen = choose_precision("cpu", cpu=cpu, measure=never_measured)
+    assert chosen.dtype == torch.bfloat16
+    assert chosen.describe() == f"cpu bfloat16: native bf16 ({name})"
+
+
+def test_avx2_cpu_gets_float32_and_says_why():
+    chosen = choose_precision("cpu", cpu=AVX2, measure=lambda: SLOW_BF16)
+    assert chosen.dtype == torch.float32
+    assert chosen.describe() == "cpu float32: no native bf16 (AVX2; bf16 1.2 vs fp32 50.0 GFLOP/s)"
+
+
+def test_cpu_without_native_flags_gets_bf16_when_measured_faster():
+    chosen = choose_precision("cpu", cpu=CpuInfo("AVX512", None), measure=lambda: FAST_BF16)
+    assert chosen.dtype == torch.bfloat16
+    assert chosen.reason.startswith("bf16 matmuls measured faster")
+
+
+def test_measurement_is_cached_per_machine(tmp_path):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return SLOW_BF16
+
+    assert cached_cpu_matmuls(AVX2, measure) == SLOW_BF16
+    assert cached_cpu_matmuls(AVX2, measure) == SLOW_BF16
+    assert len(calls) == 1
+    cache = json.loads((tmp_path / "cache" / "precision.json").read_text())
+    assert list(cache.values()) == [SLOW_BF16]
+    cached_cpu_matmuls(CpuInfo("AVX512", None), measure)  # another machine kind: measured anew
+    assert len(calls) == 2
+
+
+def test_real_measurement_returns_both_speeds():
+    speeds = precision.measure_cpu_matmuls()
+    assert set(speeds) == {"float32", "bfloat16"} and all(v > 0 for v in speeds.values())
+
+
+@pytest.mark.parametrize("cpu", [AVX2, AMX])
+def test_forcing_fp32_by_environment(monkeypatch, cpu):
+    monkeypatch.setenv(precision.PRECISION_ENV, "fp32")
+    chosen = choose_precision("cpu", cpu=cpu, measure=never_measured)
+    assert chosen.dtype == torch.float32
+    assert chosen.reason == "forced by TUNEPIPE_PRECISION=fp32"
+
+
+def test_forcing_bf16_where_it_is_slow_warns(monkeypatch):
+    monkeypatch.setenv(precision.PRECISION_ENV, "bf16")
+    with pytest.warns(SlowPrecisionWarning, match="float32 is faster"):
+        chosen = choose_precision("cpu", cpu=AVX2, measure=lambda: SLOW_BF16)
+    assert chosen.dtype == torch.bfloat16
+    assert "slower than fp32 here" in chosen.reason
+
+
+def test_forcing_bf16_where_it_is_fast_does_not_warn(monkeypatch):
+    monkeypatch.setenv(precision.PRECISION_ENV, "bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chosen = choose_precision("cpu", cpu=AMX, measure=never_measured)
+    assert chosen.dtype == torch.bfloat16
+
+
+def test_an_explicit_request_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv(precision.PRECISION_ENV, "bf16")
+    chosen = choose_precision("cpu", "fp32", cpu=AMX, measure=never_measured)
+    assert chosen.dtype == torch.float32 and chosen.reason == "forced by precision=fp32"
+
+
+def test_a_bad_setting_is_named(monkeypatch):
+    monkeypatch.setenv(precision.PRECISION_ENV, "half")
+    with pytest.raises(ValueError, match="TUNEPIPE_PRECISION must be one of auto, bf16, fp32, got 'half'"):
+        choose_precision("cpu", cpu=AVX2, measure=lambda: SLOW_BF16)
+
+
+def test_cuda_follows_bf16_support(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert choose_precision("cuda").describe() == "cuda bfloat16: GPU supports bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert choose_precision("cuda").dtype == torch.float32
+    monkeypatch.setenv(precision.PRECISION_ENV, "bf16")
+    with pytest.raises(ValueError, match="no bfloat16 support"):
+        choose_precision("cuda")
+
+
+def test_the_tuner_runtime_uses_the_rule(monkeypatch):
+    from components.tune.runtime import start_runtime
+
+    monkeypatch.setenv(precision.PRECISION_ENV, "fp32")
+    runtime = start_runtime("auto")
+    assert runtime.dtype == torch.float32
+    assert runtime.precision.describe() == "cpu float32: forced by TUNEPIPE_PRECISION=fp32"
