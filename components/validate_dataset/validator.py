@@ -5,6 +5,11 @@ every example against its format (:mod:`components.common.dataset_formats`), cou
 the same batched encoder transform uses (:mod:`components.transform.encoding`), and writes the
 validated examples and their tokens so that transform does not tokenize a second time.
 
+Structure first, tokens after (:func:`run_validation`): every rule below but the token counts is
+checked with light imports only (no tokenizer, numpy or torch), so a dataset that fails on
+structure is answered in about a second; the tokenizer is loaded, and the examples kept from the
+structural pass tokenized, only for a dataset without errors.
+
 Errors (the dataset is refused; the pipeline stops before tuning):
 
 - invalid UTF-8 (reported with the line and the byte offset in the line);
@@ -46,19 +51,21 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Callable
 
 from components.common import storage
 from components.common.dataset_formats import (MAX_AUTHOR_FIELDS, MAX_EVAL_EXAMPLES,
                                                MAX_EXAMPLES, MIN_EVAL_EXAMPLES, MIN_EXAMPLES,
                                                RECOMMENDED_MIN_EXAMPLES,
-                                               RECOMMENDED_MIN_UNLABELED, Limits, author_fields,
-                                               compatible_formats,
+                                               RECOMMENDED_MIN_UNLABELED, Example, Limits,
+                                               author_fields, compatible_formats,
                                                detect_format, normalize_format, parse_example,
                                                token_limits)
-from components.common.model_catalog import context_class_of
-from components.common.token_dataset import TokenDatasetWriter
-from components.transform.encoding import DEFAULT_BATCH_SIZE, ExampleEncoder
+from components.common.model_catalog import check_reference, context_class_of
+
+if TYPE_CHECKING:  # imported where tokens are counted: numpy, the tokenizer libraries, torch
+    from components.common.token_dataset import TokenDatasetWriter
+    from components.transform.encoding import ExampleEncoder
 
 BOM = b"\xef\xbb\xbf"
 MAX_REPORTED_ERRORS = 20  # in the report and in the exception message
@@ -70,6 +77,7 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 HISTOGRAM_PNG = "histogram.png"
 TOKENS_DIR = "tokens"
+KEPT_EXAMPLES_BYTES = 64 * 2**20  # a file's examples kept between the two passes, at most
 
 
 @dataclass(frozen=True)
@@ -187,36 +195,90 @@ def length_stats(lengths: list[int]) -> dict | None:
 def check_file(uri: str, dataset_format: str, *, role: str = "train",
                encoder: ExampleEncoder | None = None, jsonl_out: IO[str] | None = None,
                token_writer: TokenDatasetWriter | None = None, name: str | None = None,
-               batch_size: int = DEFAULT_BATCH_SIZE) -> FileCheck:
+               batch_size: int | None = None) -> FileCheck:
     """Validates one JSONL file, streaming.
 
     Valid examples are written, as given, to ``jsonl_out``; with an ``encoder`` they are
-    tokenized in batches (lengths and truncations are counted) and, with a ``token_writer``,
-    written as a token dataset. Nothing raises for bad data: every problem is in the result.
+    tokenized in batches of ``batch_size`` (default: transform's; lengths and truncations are
+    counted) and, with a ``token_writer``, written as a token dataset. Nothing raises for bad
+    data: every problem is in the result.
     """
-    fmt = normalize_format(dataset_format)
-    check = FileCheck(role, str(uri), name or str(uri), fmt)
-    evaluation = role == "eval"
-    seen: dict[bytes, int] = {}
-    pending: list = []
+    check = FileCheck(role, str(uri), name or str(uri), normalize_format(dataset_format))
+    counter = None if encoder is None else _TokenCounter(check, encoder, token_writer,
+                                                         batch_size)
+    _read_file(check, uri, jsonl_out, None if counter is None else counter.add)
+    if counter is not None:
+        counter.flush()
+    return check
 
-    def flush() -> None:
-        if not pending:
+
+class _TokenCounter:
+    """Tokenizes examples in batches: lengths and truncations go into a :class:`FileCheck`,
+    token rows into a token dataset writer (when given)."""
+
+    def __init__(self, check: FileCheck, encoder: ExampleEncoder,
+                 writer: TokenDatasetWriter | None = None, batch_size: int | None = None):
+        if batch_size is None:
+            from components.transform.encoding import DEFAULT_BATCH_SIZE
+
+            batch_size = DEFAULT_BATCH_SIZE
+        self.check, self.encoder, self.writer, self.batch_size = check, encoder, writer, batch_size
+        self.pending: list[Example] = []
+
+    def add(self, example: Example, size: int = 0) -> None:
+        self.pending.append(example)
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
             return
-        for encoded in encoder.encode_batch(pending):
+        check = self.check
+        for encoded in self.encoder.encode_batch(self.pending):
             check.input_lengths.append(encoded.input_tokens)
             check.output_lengths.append(encoded.output_tokens)
             check.truncated_inputs += encoded.input_truncated
             check.truncated_outputs += encoded.output_truncated
             check.truncated_examples += encoded.truncated
-            if token_writer is not None and encoded.ids is not None:
-                token_writer.add(encoded.ids, encoded.mask)
-        pending.clear()
+            if self.writer is not None and encoded.ids is not None:
+                self.writer.add(encoded.ids, encoded.mask)
+        self.pending.clear()
 
+
+class _KeptExamples:
+    """The valid examples of the structural pass, kept for the token pass while their lines
+    total at most ``budget`` bytes; beyond it none are kept (``examples`` is None) and the token
+    pass reads the file again."""
+
+    def __init__(self, budget: int | None = None):
+        self.examples: list[Example] | None = []
+        self.left = KEPT_EXAMPLES_BYTES if budget is None else budget
+
+    def add(self, example: Example, size: int) -> None:
+        if self.examples is None:
+            return
+        self.left -= size
+        if self.left < 0:
+            self.examples = None
+        else:
+            self.examples.append(example)
+
+
+def _read_file(check: FileCheck, uri: str, jsonl_out: IO[str] | None,
+               on_example: Callable[[Example, int], None] | None) -> None:
+    """The structural pass over one file: each line's rules, then the dataset-wide ones.
+
+    Each valid example is written, as given, to ``jsonl_out`` and passed to ``on_example``
+    with the size of its line in bytes.
+    """
+    fmt = check.dataset_format
+    evaluation = check.role == "eval"
+    seen: dict[bytes, int] = {}
     try:
         with storage.local_copy(uri) as path, open(path, "rb") as handle:
             for number, raw in enumerate(handle, 1):
                 check.lines = number
+                size = len(raw)
                 if raw.endswith(b"\n"):
                     raw = raw[:-1]
                 if raw.endswith(b"\r"):
@@ -249,20 +311,15 @@ def check_file(uri: str, dataset_format: str, *, role: str = "train",
                 if jsonl_out is not None:
                     jsonl_out.write(text)
                     jsonl_out.write("\n")
-                if encoder is not None:
-                    pending.append(example)
-                    if len(pending) >= batch_size:
-                        flush()
-            if encoder is not None:
-                flush()
+                if on_example is not None:
+                    on_example(example, size)
     except FileNotFoundError as error:
         check.add_error(None, "(file)", str(error))
-        return check
+        return
     except IsADirectoryError:
         check.add_error(None, "(file)", "is a directory; expected a JSONL file")
-        return check
+        return
     _dataset_checks(check, fmt, evaluation)
-    return check
 
 
 def _duplicate_key(obj, text: str) -> bytes:
@@ -462,24 +519,26 @@ def run_validation(dataset_uri: str, evaluation_data_uri: str = "", dataset_form
                    large_model_reference: str = "text-bison@002", max_context_length: str = "",
                    output_dir: str | os.PathLike | None = None, *, tokenizer=None,
                    count_tokens: bool = True, evaluation_only: bool = False,
-                   batch_size: int = DEFAULT_BATCH_SIZE) -> ValidationReport:
+                   batch_size: int | None = None) -> ValidationReport:
     """Validates a training set (and an evaluation set); writes ``output_dir`` when valid.
 
     ``tokenizer`` skips loading the model's (tests); ``count_tokens=False`` checks structure
     only. ``evaluation_only`` validates ``dataset_uri`` as an evaluation set (``tunepipe
     validate --eval``). The output directory appears atomically, and only for a valid dataset.
     Bad data never raises here: call :meth:`ValidationReport.raise_if_invalid`.
+
+    Structure comes first: every file is read and checked (every rule but the token counts)
+    without the tokenizer, numpy or torch, so a dataset that fails on structure is answered
+    without loading a model. Only a dataset without errors is then tokenized: the tokenizer is
+    loaded and the examples kept from the structural pass are encoded (a file whose lines total
+    more than ``KEPT_EXAMPLES_BYTES`` is read a second time instead).
     """
     fmt = normalize_format(dataset_format)
-    limits = token_limits(fmt, context_class(large_model_reference, max_context_length))
-    model = {"reference": large_model_reference, "context_class":
-             context_class(large_model_reference, max_context_length)}
-    encoder = None
-    if count_tokens:
-        if tokenizer is None:
-            tokenizer, resolved = load_model_tokenizer(large_model_reference)
-            model["checkpoint"] = resolved.checkpoint
-        encoder = ExampleEncoder(tokenizer, fmt, limits)
+    model_class = context_class(large_model_reference, max_context_length)
+    limits = token_limits(fmt, model_class)
+    model = {"reference": large_model_reference, "context_class": model_class}
+    if count_tokens and tokenizer is None:
+        check_reference(large_model_reference)  # an unknown model is refused before any data
     general: list[str] = []
     if evaluation_data_uri and fmt == "chat":
         general.append(f"{evaluation_data_uri}: (dataset): evaluation data is not supported for "
@@ -495,11 +554,21 @@ def run_validation(dataset_uri: str, evaluation_data_uri: str = "", dataset_form
         jobs = [("eval" if evaluation_only else "train", dataset_uri, TRAIN_FILE)]
         if evaluation_data_uri and not evaluation_only and fmt != "chat":
             jobs.append(("eval", evaluation_data_uri, EVAL_FILE))
+        kept: list[_KeptExamples | None] = []
         for role, uri, file_name in jobs:
-            files.append(_check_into(staging, role, uri, file_name, fmt, encoder, batch_size))
-        for check in files:
-            _truncation_warning(check, limits, fmt)
+            kept.append(_KeptExamples() if count_tokens else None)
+            files.append(_check_into(staging, role, uri, file_name, fmt, kept[-1]))
         report = ValidationReport(fmt, model, limits, files, general)
+        if count_tokens and report.valid:
+            from components.transform.encoding import ExampleEncoder
+
+            if tokenizer is None:
+                tokenizer, resolved = load_model_tokenizer(large_model_reference)
+                model["checkpoint"] = resolved.checkpoint
+            encoder = ExampleEncoder(tokenizer, fmt, limits)
+            for check, (_, uri, _), examples in zip(files, jobs, kept):
+                _count_tokens_into(staging, check, uri, examples.examples, encoder, batch_size)
+                _truncation_warning(check, limits, fmt)
         if staging is not None:
             if not report.valid:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -520,21 +589,47 @@ def run_validation(dataset_uri: str, evaluation_data_uri: str = "", dataset_form
 
 
 def _check_into(staging: Path | None, role: str, uri: str, file_name: str, fmt: str,
-                encoder: ExampleEncoder | None, batch_size: int) -> FileCheck:
-    """check_file, writing the valid lines and tokens under ``staging`` when given."""
+                kept: _KeptExamples | None) -> FileCheck:
+    """The structural pass over one file, writing its valid lines under ``staging`` when given
+    and keeping its examples in ``kept`` when given."""
+    check = FileCheck(role, str(uri), str(uri), fmt)
+    on_example = None if kept is None else kept.add
     if staging is None:
-        return check_file(uri, fmt, role=role, encoder=encoder, batch_size=batch_size)
-    writer = None
-    if encoder is not None:
-        writer = TokenDatasetWriter(staging / TOKENS_DIR / role, token_metadata(encoder))
+        _read_file(check, uri, None, on_example)
+        return check
     with open(staging / file_name, "w", encoding="utf-8", newline="\n") as out:
-        try:
-            check = check_file(uri, fmt, role=role, encoder=encoder, jsonl_out=out,
-                               token_writer=writer, batch_size=batch_size)
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
+        _read_file(check, uri, out, on_example)
+    return check
+
+
+def _count_tokens_into(staging: Path | None, check: FileCheck, uri: str,
+                       examples: list[Example] | None, encoder: ExampleEncoder,
+                       batch_size: int | None) -> None:
+    """The token pass over a valid file: its lengths and truncations into ``check``, its token
+    dataset under ``staging`` when given. ``examples`` are the file's valid examples, or None to
+    read the file again."""
+    writer = None
+    if staging is not None:
+        from components.common.token_dataset import TokenDatasetWriter
+
+        writer = TokenDatasetWriter(staging / TOKENS_DIR / check.role, token_metadata(encoder))
+    counter = _TokenCounter(check, encoder, writer, batch_size)
+    try:
+        if examples is not None:
+            for example in examples:
+                counter.add(example)
+        else:
+            again = FileCheck(check.role, check.uri, check.name, check.dataset_format)
+            _read_file(again, uri, None, counter.add)
+            if again.num_errors or (again.lines, again.examples) != (check.lines,
+                                                                     check.examples):
+                check.add_error(None, "(file)", "changed while it was being validated; "
+                                                "validate it again")
+        counter.flush()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     if writer is not None:
         if check.unlabeled or check.num_errors:
             writer.abort()  # unlabeled examples have nothing to train on: no token cache
@@ -543,7 +638,6 @@ def _check_into(staging: Path | None, role: str, uri: str, file_name: str, fmt: 
                                                        check.truncated_outputs,
                                                        check.truncated_examples))
             writer.close()
-    return check
 
 
 def token_metadata(encoder: ExampleEncoder) -> dict:
