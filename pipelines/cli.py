@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -42,12 +43,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             request.pipeline_root = args.pipeline_root
         for note in request.notes:
             print(f"note: {note}")
-        run_dir = run_locally(request, verbose=args.verbose)
+        run = run_locally(request, verbose=args.verbose)
     except (ParameterError, ValueError, FileNotFoundError) as error:
         print(f"tunepipe run: invalid request:\n{error}", file=sys.stderr)
         return USAGE_ERROR
     parameters = request.parameters
-    print_run_summary(parameters["model_display_name"], run_dir,
+    print_run_summary(parameters["model_display_name"], run,
                       parameters.get("evaluation_data_uri") or parameters["dataset_uri"])
     return 0
 
@@ -68,8 +69,44 @@ def _shell_quote(text: str) -> str:
     return f"$'{escaped}'"
 
 
-def print_run_summary(model_display_name: str, run_dir: Path, example_data_uri: str) -> None:
-    """What a finished run produced: scores, where the model is, how to prompt the endpoint."""
+# The phases a run's time is reported in, and the pipeline tasks each one covers.
+PHASE_TASKS = {"validate": ("validate-dataset",), "transform": ("transform",), "tune": ("tune",),
+               "evaluate": ("evaluate", "select-checkpoint"),
+               "deploy": ("upload-model", "deploy-endpoint")}
+SETUP_SECONDS_ENV = "TUNEPIPE_SETUP_SECONDS"  # set by `make run`: its install and compile time
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest:02d}s" if minutes else f"{rest}s"
+
+
+def phase_times(task_seconds: dict[str, float], compile_seconds: float,
+                setup_seconds: float | None) -> list[tuple[str, float]]:
+    """``(phase, seconds)`` in run order: setup (when known), the tuner's compile warm-up, then
+    the pipeline's tasks by phase (tune without its warm-up); tasks of no phase under their own
+    names."""
+    phases = [("setup", setup_seconds)] if setup_seconds is not None else []
+    phases.append(("compile", compile_seconds))
+    covered = set()
+    for phase, tasks in PHASE_TASKS.items():
+        seconds = sum(task_seconds.get(task, 0.0) for task in tasks)
+        covered.update(tasks)
+        phases.append((phase, seconds - compile_seconds if phase == "tune" else seconds))
+    phases += [(task, seconds) for task, seconds in task_seconds.items() if task not in covered]
+    return phases
+
+
+def _setup_seconds() -> float | None:
+    try:
+        return float(os.environ[SETUP_SECONDS_ENV])
+    except (KeyError, ValueError):
+        return None
+
+
+def print_run_summary(model_display_name: str, run, example_data_uri: str) -> None:
+    """What a finished run (a ``LocalRun``) produced: scores, where the model is, how to prompt
+    the endpoint, and where the time went."""
     from components.common.model_loading import read_tuned_model_metadata
     from components.common.model_registry import get_model
     from components.deploy_endpoint.endpoints import get_endpoint
@@ -82,8 +119,10 @@ def print_run_summary(model_display_name: str, run_dir: Path, example_data_uri: 
           f"{metadata['base_model']['source']}")
     if "peak_memory_bytes" in metadata:
         print(f"Tuning:               step {metadata['step']}, batch size {metadata['batch_size']}, "
-              f"{metadata['tuning_method']}, {metadata['device']} ({metadata['dtype']}), peak "
-              f"resident memory {metadata['peak_memory_bytes'] / 2**30:.2f} GiB")
+              f"{metadata['tuning_method']}, peak resident memory "
+              f"{metadata['peak_memory_bytes'] / 2**30:.2f} GiB")
+    if "precision" in metadata:
+        print(f"Precision:            {metadata['precision']}")
     evaluation = metadata.get("evaluation", {})
     for line in evaluation_lines(evaluation, metadata.get("step")):
         print(line)
@@ -94,6 +133,10 @@ def print_run_summary(model_display_name: str, run_dir: Path, example_data_uri: 
     print(f"  tunepipe endpoints predict {shlex.quote(model_display_name)} "
           f"--prompt {_shell_quote(_example_prompt(example_data_uri))}")
     print(f"Stop it with:         tunepipe endpoints stop {shlex.quote(model_display_name)}")
+    phases = phase_times(run.task_seconds, metadata.get("compile_seconds", 0.0), _setup_seconds())
+    total = sum(seconds for _, seconds in phases)
+    print(f"Time by phase ({_duration(total)} in all):")
+    print("  " + ", ".join(f"{phase} {_duration(seconds)}" for phase, seconds in phases))
     print("=" * 78)
 
 

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 import warnings
 import tempfile
@@ -87,17 +88,28 @@ def prepare(request: RunRequest) -> tuple[str, dict[str, Any]]:
     return pipeline_name, values
 
 
-class _QuietExecutorInput(io.TextIOBase):
-    """Passes the runner's log through, less the executor-input JSON each task dumps."""
+_TASK_EVENT = re.compile(r"^(Executing task|Task) '(?P<task>[\w-]+)'( finished with status)?")
+_ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")
 
-    def __init__(self, target):
-        self._target, self._pending, self._skipping = target, "", False
+
+class _RunnerLog(io.TextIOBase):
+    """Passes the runner's log through (less, unless ``verbose``, the executor-input JSON each
+    task dumps) and times every task from its "Executing task" line to its "finished" line."""
+
+    def __init__(self, target, verbose: bool):
+        self._target, self._verbose = target, verbose
+        self._pending, self._skipping = "", False
+        self._started: dict[str, float] = {}
+        self.task_seconds: dict[str, float] = {}
 
     def write(self, text: str) -> int:
         self._pending += text
         *lines, self._pending = self._pending.split("\n")
         for line in lines:
-            if "Got executor_input:" in line:
+            self._time_task(line)
+            if self._verbose:
+                self._target.write(line + "\n")
+            elif "Got executor_input:" in line:
                 self._skipping = True
             elif self._skipping:
                 self._skipping = line.rstrip() != "    }"
@@ -106,12 +118,33 @@ class _QuietExecutorInput(io.TextIOBase):
         self._target.flush()
         return len(text)
 
+    def _time_task(self, line: str) -> None:
+        if " - INFO - " not in line:
+            return
+        event = _TASK_EVENT.search(_ANSI_COLOR.sub("", line).split(" - INFO - ", 1)[1])
+        if not event:
+            return
+        if event.group(1) == "Executing task":
+            self._started[event["task"]] = time.perf_counter()
+        elif event.group(3) and event["task"] in self._started:
+            self.task_seconds[event["task"]] = time.perf_counter() - self._started[event["task"]]
+
     def flush(self) -> None:
         self._target.flush()
 
 
-def run_locally(request: RunRequest, verbose: bool = False) -> Path:
-    """Runs the request's template with the KFP local runner; returns the run's output folder.
+@dataclass
+class LocalRun:
+    """A finished local run: its output folder and the wall time of each task."""
+
+    run_dir: Path
+    task_seconds: dict[str, float]  # task name (validate-dataset, tune, ...) -> seconds
+    seconds: float
+
+
+def run_locally(request: RunRequest, verbose: bool = False) -> LocalRun:
+    """Runs the request's template with the KFP local runner; returns the run's output folder
+    and task times.
 
     Unless ``verbose``, the JSON executor input that KFP logs for every task is left out.
     """
@@ -130,13 +163,15 @@ def run_locally(request: RunRequest, verbose: bool = False) -> Path:
     pipeline = components.load_component_from_file(str(request.template))
     before = set(pipeline_root.iterdir())
     started = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stdout if verbose else _QuietExecutorInput(sys.stdout)), \
+    log = _RunnerLog(sys.stdout, verbose)
+    with contextlib.redirect_stdout(log), \
             warnings.catch_warnings():
         # Display names, accelerators and the container image matter on Vertex and KFP; the
         # local runner says at every task that it ignores them.
         warnings.filterwarnings("ignore", message=".*no effect in the current local runner")
         warnings.filterwarnings("ignore", message=".*non-Python base image")
         pipeline(**values)
-    print(f"{pipeline_name} finished in {time.perf_counter() - started:.0f} s")
+    seconds = time.perf_counter() - started
+    print(f"{pipeline_name} finished in {seconds:.0f} s")
     new = sorted(set(pipeline_root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
-    return new[-1] if new else pipeline_root
+    return LocalRun(new[-1] if new else pipeline_root, log.task_seconds, seconds)

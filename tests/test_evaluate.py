@@ -280,7 +280,7 @@ def test_component_evaluates_base_and_every_checkpoint(component_run, tuning_run
 def test_token_metrics_are_token_metrics_definitions(component_run, tuning_run):
     from components.common.model_loading import load_base_model
     from components.common.token_dataset import TokenDataset
-    from components.common.token_metrics import score_dataset
+    from tests.reference_scoring import score_dataset
 
     base = load_base_model(tuning_run["base"])
     expected = score_dataset(base, list(TokenDataset(tuning_run["tokenized"] / "eval")), 2).metrics("eval")

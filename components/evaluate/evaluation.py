@@ -2,7 +2,8 @@
 
 For each model:
 
-- token metrics (:mod:`components.common.token_metrics`, Vertex's names): ``eval_total_loss``,
+- token metrics (:mod:`components.common.token_metrics`, Vertex's names, computed by the tuner's
+  packed scorer, :func:`components.common.packing.score_examples`): ``eval_total_loss``,
   ``eval_fraction_of_correct_next_step_preds``, ``eval_num_predictions``, on the tokenized eval
   set (transform's ``tokenized_dataset/eval``; tokenized here with transform's encoder when a
   caller has only the JSONL);
@@ -46,7 +47,7 @@ from components.common.model_loading import (base_checkpoint_of, load_base_model
 from components.common.precision import Precision, choose_precision
 from components.common.prompts import format_prompt
 from components.common.storage import staged_local_path
-from components.common.token_metrics import score_dataset
+from components.common.packing import score_examples
 from components.evaluate.metrics import generation_metrics, label_set
 
 CHECKPOINTS_INDEX = "checkpoints.json"
@@ -56,7 +57,6 @@ RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 MAX_OUTPUT_MARGIN = 16  # tokens beyond the longest expected output (maxOutputTokens = 0)
 GENERATION_BUDGET = 4000  # example-generations on a CPU before generation is limited
-TOKEN_METRICS_BATCH_SIZE = 8
 NOT_EVALUATED_REASON = "no evaluation data"
 
 Progress = Callable[[str], None]
@@ -225,9 +225,7 @@ def evaluate_loaded_model(model, tokenizer, source: ModelSource, examples: Seque
     started = time.perf_counter()
     metrics: dict[str, float] = {}
     if token_examples:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        metrics.update(score_dataset(model, token_examples, pad, TOKEN_METRICS_BATCH_SIZE,
-                                     device).metrics("eval"))
+        metrics.update(score_examples(model, token_examples).metrics("eval"))
     evaluation = ModelEvaluation(source, metrics)
     if sampling is not None:
         prompts = [format_prompt(tokenizer, e.input_text) for e in examples]

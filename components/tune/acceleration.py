@@ -23,6 +23,7 @@ from peft.tuners.lora import Linear as LoraLinear
 
 COMPILE_MODES = ("auto", "on", "off")
 COMPILE_MIN_PARAMETERS = 50_000_000  # "auto": smaller models train too fast to repay compiling
+COMPILE_MIN_STEPS = 100  # "auto": fewer steps do not repay the warm-up (numbers: see wants_compile)
 
 
 class _LoraLinearFunction(torch.autograd.Function):
@@ -85,16 +86,18 @@ def lora_config(rank: int, target_modules):
     return config
 
 
-def wants_compile(mode: str, model: torch.nn.Module, device: torch.device, packed: bool) -> bool:
-    """Whether to compile: ``on``/``off``, or ``auto``: on a CPU with a C++ compiler, for a
-    packed model of at least ``COMPILE_MIN_PARAMETERS`` parameters (tested there; CUDA and XLA
-    runs compile only when asked)."""
+def wants_compile(mode: str, model: torch.nn.Module, runtime, packed: bool, steps: int) -> bool:
+    """Whether to compile: ``on``/``off``, or ``auto``: only where it was measured to pay for its
+    warm-up within the run (see ``COMPILE_MIN_STEPS``): a CPU computing in bfloat16 with a C++
+    compiler, a packed model of at least ``COMPILE_MIN_PARAMETERS`` parameters, and at least
+    ``COMPILE_MIN_STEPS`` steps. CUDA and XLA runs compile only when asked."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
     if mode != "auto":
         return mode == "on"
     parameters = sum(p.numel() for p in model.parameters())
-    return (device.type == "cpu" and packed and parameters >= COMPILE_MIN_PARAMETERS
+    return (runtime.device.type == "cpu" and runtime.dtype == torch.bfloat16 and packed
+            and parameters >= COMPILE_MIN_PARAMETERS and steps >= COMPILE_MIN_STEPS
             and (shutil.which("c++") or shutil.which("g++")) is not None)
 
 
@@ -111,8 +114,8 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
 
 
 def compiled_token_loss():
-    """:func:`components.tune.packing.token_loss` compiled: the float32 cast, log-sum-exp, target
+    """:func:`components.common.packing.token_loss` compiled: the float32 cast, log-sum-exp, target
     gather and argmax over the vocabulary fused into a few passes (the same numbers)."""
-    from components.tune.packing import token_loss
+    from components.common.packing import token_loss
 
     return torch.compile(token_loss, dynamic=True)

@@ -8,7 +8,7 @@ Semantics (SPEC.md):
 - The loss is the cross-entropy of the target tokens (loss mask 1: the output of text examples,
   the assistant turns of chat examples including their end-of-turn token; transform writes the
   masks), summed over the step's whole batch and divided by the batch's number of target tokens
-  (``components.common.token_metrics``). :mod:`components.tune.packing` computes exactly that
+  (``components.common.token_metrics``). :mod:`components.common.packing` computes exactly that
   without padding and with logits only at target positions.
 - Learning rate: linear warmup over ``warmup_fraction`` of the steps, then cosine decay to 10%,
   a function of the step number alone (:func:`learning_rate_at`). AdamW, gradient clipping at
@@ -65,7 +65,7 @@ from components.tune.acceleration import (COMPILE_MODES, compile_decoder_layers,
                                           compiled_token_loss, lora_config, wants_compile)
 from components.tune.checkpoints import (CHECKPOINTS_INDEX, read_index, restore_checkpoint,
                                          save_checkpoint, write_index)
-from components.tune.packing import (PackedBatch, num_targets, pack_examples, packed_loss,
+from components.common.packing import (PackedBatch, num_targets, pack_examples, packed_loss,
                                      row_groups, score_packed, token_loss,
                                      use_packed_attention)
 from components.common.precision import PRECISIONS
@@ -182,7 +182,8 @@ class TuneResult:
     device: str
     dtype: str
     precision: str  # the dtype and why, e.g. "cpu float32: no native bf16 (AVX2)"
-    train_seconds: float
+    compile_seconds: float  # the compile warm-up before the first step (0: not compiled)
+    train_seconds: float  # the training loop, evaluations and checkpoints (warm-up excluded)
     peak_memory_bytes: int
     world_size: int = 1
 
@@ -221,7 +222,7 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
     _seed_everything(config.seed)
 
     tokenizer = load_tokenizer(base_model["checkpoint"])
-    model, packs, loss = _trainable_model(base_model["checkpoint"], config, runtime)
+    model, packs, loss, compiled_layers = _trainable_model(base_model["checkpoint"], config, runtime)
     model = distribute(model, runtime, config.sharding)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -238,10 +239,17 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
         stale_evaluations = state["early_stopping"]["stale_evaluations"]
         previous_accuracy = state["early_stopping"]["previous_accuracy"]
         stopped_early = index["stopped_early"]
+    compile_seconds = 0.0
+    if compiled_layers:
+        compile_seconds = _compile_warm_up(model, train_set[sampler.indices(step)[0]], runtime,
+                                           config, packs, row_multiple, loss, compiled_layers)
+    # The bar starts after the warm-up: its elapsed time and ETA are training steps only.
     log = (TrainingLog(output_dir, total_steps=config.train_steps, start_step=step, resumed=resume)
            if runtime.is_main else QuietLog())
     trainable = sum(p.numel() for p in parameters)
-    log.note(f"precision {runtime.precision.describe()}")
+    log.note(f"precision {runtime.precision.describe()}; "
+             + (f"compiled {compiled_layers} decoder layers in {compile_seconds:.1f} s (warm-up)"
+                if compiled_layers else "decoder layers not compiled"))
     log.note(f"device={runtime.device.type} dtype={runtime.dtype_name} processes={runtime.world_size} "
              f"method={config.method} trainable_parameters={trainable:,} examples={len(train_set)} "
              f"batch_size={config.batch_size} steps={config.train_steps} packed={packs}"
@@ -258,7 +266,7 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
             "epochs_seen": step * config.batch_size / len(train_set),
             "batch_size": config.batch_size, "learning_rate": config.learning_rate,
             "device": runtime.device.type, "dtype": runtime.dtype_name,
-            "precision": runtime.precision.describe(),
+            "precision": runtime.precision.describe(), "compile_seconds": compile_seconds,
             "world_size": runtime.world_size, "peak_memory_bytes": log.peak_memory_bytes,
             **run_metadata}
         training_state = {
@@ -334,13 +342,15 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
     log.close()
     return TuneResult(final_step=step, stopped_early=stopped_early, checkpoints=checkpoints,
                       device=runtime.device.type, dtype=runtime.dtype_name,
-                      precision=runtime.precision.describe(), train_seconds=time.perf_counter() - started,
+                      precision=runtime.precision.describe(), compile_seconds=compile_seconds,
+                      train_seconds=time.perf_counter() - started,
                       peak_memory_bytes=log.peak_memory_bytes, world_size=runtime.world_size)
 
 
 def _trainable_model(checkpoint: str, config: TuneConfig, runtime: Runtime):
-    """The model to train, whether its examples can be packed into shared rows, and the loss
-    function (:func:`token_loss`, compiled when the decoder layers are).
+    """The model to train, whether its examples can be packed into shared rows, the loss
+    function (:func:`token_loss`, compiled when the decoder layers are) and how many decoder
+    layers were compiled (0: none).
 
     LoRA: the base frozen in the compute dtype with float32 adapters; full fine-tuning (and
     FSDP, which shards float32 parameters) keeps float32 master weights.
@@ -356,12 +366,33 @@ def _trainable_model(checkpoint: str, config: TuneConfig, runtime: Runtime):
 
         # Adapters in float32; under bf16 autocast their matmuls run in bf16.
         model = get_peft_model(model, lora_config(config.adapter_size, LORA_TARGET_MODULES))
-    loss = token_loss
-    if wants_compile(config.compile, model, runtime.device, packs):
-        compile_decoder_layers(model)
+    loss, compiled_layers = token_loss, 0
+    if wants_compile(config.compile, model, runtime, packs, config.train_steps):
+        compiled_layers = compile_decoder_layers(model)
         loss = compiled_token_loss()
     model.train()
-    return model, packs, loss
+    return model, packs, loss, compiled_layers
+
+
+def _compile_warm_up(model, example, runtime: Runtime, config: TuneConfig, packs: bool,
+                     row_multiple: int, loss, compiled_layers: int) -> float:
+    """Compiles the graphs before the first step: a forward and backward of one example (the
+    first of the next step), gradients then dropped, so no result changes. Returns seconds."""
+    if runtime.is_main:
+        print(f"tune: compile warm-up: compiling {compiled_layers} decoder layers "
+              "(Inductor caches the kernels on disk: later runs start faster)", flush=True)
+    started = time.perf_counter()
+    batch, = pack_examples([example], config.max_tokens_per_micro_batch, packs, row_multiple)
+    with gradient_sync(model, enabled=False):
+        with runtime.autocast():
+            micro_loss, _ = packed_loss(model, batch.to(runtime.device), loss)
+        micro_loss.backward()
+    for parameter in model.parameters():
+        parameter.grad = None
+    seconds = time.perf_counter() - started
+    if runtime.is_main:
+        print(f"tune: compile warm-up done in {seconds:.1f} s", flush=True)
+    return seconds
 
 
 def _my_micro_batches(batch, runtime: Runtime, config: TuneConfig, packs: bool, row_multiple: int,

@@ -1,4 +1,8 @@
-"""Padding-free training batches: examples packed into rows, logits only where the loss needs them.
+"""Padding-free batches: examples packed into rows, logits only where the loss needs them.
+
+The one token scorer: the tuner trains and evaluates with it (:func:`packed_loss`,
+:func:`score_packed`) and the evaluate component scores every model with it
+(:func:`score_examples`).
 
 The loss (``components.common.token_metrics``) is the cross-entropy of every target token
 (loss mask 1) predicted from the tokens before it, summed over the step's global batch and
@@ -294,6 +298,28 @@ def supports_packing(model) -> bool:
             and not getattr(config, "sliding_window", None)
             and not getattr(config, "attn_logit_softcapping", None)
             and not getattr(config, "is_encoder_decoder", False))
+
+
+@contextmanager
+def packed_attention(model):
+    """Within it, ``model`` uses ``tunepipe_packed`` attention where it supports it (yields
+    whether it does); its own attention is restored after (generation needs it)."""
+    previous = model.config._attn_implementation
+    packs = use_packed_attention(model)
+    try:
+        yield packs
+    finally:
+        if packs:
+            model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def score_examples(model, examples: Sequence[tuple[np.ndarray, np.ndarray]],
+                   max_tokens: int = 4096) -> TokenScores:
+    """Token scores of a model in eval mode over ``(token_ids, loss_mask)`` examples: packed
+    rows where the model supports it, on the model's device, in the model's dtype."""
+    with packed_attention(model) as packs:
+        return score_packed(model, examples, max_tokens, next(model.parameters()).device, packs)
 
 
 def use_packed_attention(model) -> bool:

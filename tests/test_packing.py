@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from components.common.model_loading import load_base_model
-from components.common.token_metrics import collate, score_dataset, score_logits
+from tests.reference_scoring import collate, score_dataset, score_logits
 from components.tune.acceleration import (FusedLoraLinear, compile_decoder_layers,
                                           compiled_token_loss, lora_config)
-from components.tune.packing import (SHORT_EXAMPLE_TOKENS, num_targets, pack_examples, packed_loss, row_groups,
+from components.common.packing import (score_examples, SHORT_EXAMPLE_TOKENS, num_targets, pack_examples, packed_loss, row_groups,
                                      score_packed, token_loss, use_packed_attention)
 
 
@@ -135,6 +135,18 @@ def test_eval_scores_equal_score_dataset(tiny_model_dir):
     assert scores.loss_sum == pytest.approx(expected.loss_sum, rel=1e-5)
 
 
+def test_score_examples_is_the_padded_reference_and_restores_attention(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="sdpa").eval()
+    examples = _examples(seed=4, count=9)
+    expected = score_dataset(model, examples, pad_token_id=2, batch_size=4)
+    scores = score_examples(model, examples, max_tokens=60)
+    assert model.config._attn_implementation == "sdpa"  # generation needs its own attention back
+    assert (scores.num_predictions, scores.num_correct) == (expected.num_predictions, expected.num_correct)
+    assert scores.loss_sum == pytest.approx(expected.loss_sum, rel=1e-5)
+
+
 def test_packing_keeps_order_and_targets():
     examples = _examples(seed=3, count=4)
     lengths = [len(e[0]) for e in examples]
@@ -194,8 +206,8 @@ def test_compiled_decoder_layers_compute_what_eager_layers_compute(tiny_model_di
 @pytest.mark.parametrize("query_block", [256, 16])  # one block; three blocks, the last short
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_short_example_attention_backward_equals_sdpa(dtype, tolerance, query_block, monkeypatch):
-    from components.tune import packing
-    from components.tune.packing import _ShortCausalAttention
+    from components.common import packing
+    from components.common.packing import _ShortCausalAttention
 
     monkeypatch.setattr(packing, "QUERY_BLOCK_TOKENS", query_block)
     torch.manual_seed(0)
