@@ -38,7 +38,7 @@ test: install
 	$(VENV)/bin/pytest -q
 
 # Every benchmark side by side with its peer, in the dtype this machine trains in; the last line
-# of each names the CPU capability and dtype (about 20 minutes on a 2-core AVX2 CPU).
+# of each names the CPU capability and dtype (sized for 20 minutes on a 2-core AVX2 CPU).
 bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 

@@ -70,7 +70,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="tuning steps per mode")
     args = parser.parse_args()
-    import torch
+    from benchmarks.machine import machine_fields
 
     with tempfile.TemporaryDirectory(prefix="bench-compile-") as work:
         work = Path(work)
@@ -84,12 +84,11 @@ def main() -> int:
     saving = off["step_seconds"] - on["step_seconds"]
     break_even = on["compile_seconds"] / saving if saving > 0 else float("inf")
     print(f"compiling saves {saving:.2f} s/step; it pays after {break_even:.0f} steps")
-    capability = torch.backends.cpu.get_cpu_capability()
     dtype = on["precision"].split()[1].rstrip(":")
     print(f"BENCH compile ratio={off['step_seconds'] / on['step_seconds']:.2f} "
           f"ours={on['step_seconds']:.3f} baseline={off['step_seconds']:.3f} unit=s/step "
           f"warm_up={on['compile_seconds']:.1f} break_even_steps={break_even:.0f} "
-          f"capability={capability} dtype={dtype}")
+          f"{machine_fields(dtype)}")
     return 0
 
 

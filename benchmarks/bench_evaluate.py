@@ -14,8 +14,11 @@ method's own tokens over its own time, after one warm-up call each. The two take
 chunks of 64 prompts, so load from other work on a shared machine hits both alike. Every example whose answers
 differ is printed; the run fails (exit 1) when fewer than 99% are equal. Target: ratio >= 3.
 
+Both run in float32 on every machine, so their greedy answers can be compared token for token
+(evaluate itself runs in bf16 where the CPU has native bf16, see ``components.common.precision``).
+
 The last line is ``BENCH evaluate ratio=<ours/baseline> ours=<tokens/s> baseline=<tokens/s>
-unit=tokens/s``.
+unit=tokens/s capability=<CPU> dtype=float32`` (``benchmarks/machine.py``).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_evaluate.py [--limit N] [--batch-size B]
 """
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.machine import machine_fields  # noqa: E402
 from components.common.generation import (SamplingParams, generate_detailed,  # noqa: E402
                                           prompt_token_ids)
 from components.common.model_catalog import resolve_model  # noqa: E402
@@ -44,6 +48,7 @@ NUM_EXAMPLES = 250
 MAX_OUTPUT_TOKENS = 48
 MIN_EQUAL_FRACTION = 0.99
 TARGET_RATIO = 3.0
+DTYPE = torch.float32  # both methods: exact greedy answers to compare
 
 _OPINIONS = [
     ("The acting was superb and the story kept me hooked until the very end.", "positive"),
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint = resolve_model("text-bison@002").checkpoint
     tokenizer = load_tokenizer(checkpoint)
-    model = load_base_model(checkpoint, "cpu", torch.float32)
+    model = load_base_model(checkpoint, "cpu", DTYPE)
     examples = build_examples(args.limit)
     prompts = [format_prompt(tokenizer, text) for text, _ in examples]
     lengths = [len(prompt_token_ids(tokenizer, p)) for p in prompts]
@@ -205,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"same outputs: {len(prompts) - len(differences)}/{len(prompts)} ({equal:.1%}; need "
           f">= {MIN_EQUAL_FRACTION:.0%}); speed-up {ratio:.2f}x (target >= {TARGET_RATIO:.0f}x: "
           f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}); base model exact match {exact:.1%}")
-    print(f"BENCH evaluate ratio={ratio:.2f} ours={ours_rate:.1f} baseline={baseline_rate:.1f} unit=tokens/s")
+    print(f"BENCH evaluate ratio={ratio:.2f} ours={ours_rate:.1f} baseline={baseline_rate:.1f} "
+          f"unit=tokens/s {machine_fields(DTYPE)}")
     return 0 if equal >= MIN_EQUAL_FRACTION else 1
 
 

@@ -10,9 +10,13 @@ temporary JSONL file, then
     in batches of the same size, of the same prompts and targets, formatted the same way before
     the clock starts (formatting is not counted for the baseline).
 
-Both are best of ``--repeat`` runs. The last line printed is
-``BENCH transform ratio=<ours/baseline speed> ours=<examples/s> baseline=<examples/s>
-unit=examples/s``; the target is ratio >= 0.67.
+Both are best of ``--repeat`` runs. Ours tokenizes with the Rust tokenizer's offset-free batch
+call (``encode_batch_fast``, the same ids: see ``components/transform/encoding.py``); the
+baseline is the usual call, which also computes every token's character offsets.
+
+The last line printed is ``BENCH transform ratio=<ours/baseline speed> ours=<examples/s>
+baseline=<examples/s> unit=examples/s capability=<CPU> dtype=n/a`` (no floating-point work;
+``benchmarks/machine.py``); the target is ratio >= 0.67.
 
 Usage: ``python benchmarks/bench_transform.py [--examples N] [--repeat R]``.
 """
@@ -31,6 +35,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import machine_fields  # noqa: E402
 from components.common.model_catalog import resolve_model  # noqa: E402
 from components.common.model_loading import load_tokenizer  # noqa: E402
 from components.common.prompts import chat_messages, format_prompt, format_target  # noqa: E402
@@ -114,7 +119,7 @@ def main() -> None:
     print(f"baseline (tokenizer batch encoding only): "
           f"{', '.join(f'{t:.2f}' for t in baseline_times)} s")
     print(f"BENCH transform ratio={ours / baseline:.3f} ours={ours:.1f} baseline={baseline:.1f} "
-          f"unit=examples/s")
+          f"unit=examples/s {machine_fields('n/a')}")
 
 
 if __name__ == "__main__":
