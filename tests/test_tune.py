@@ -261,3 +261,45 @@ def test_a_folder_holding_a_run_is_not_overwritten_without_resume(tmp_path, tiny
     again = tune(base, train, None, tmp_path, config, resume=True)
     assert again.final_step == 1 and [c["step"] for c in again.checkpoints] == [1]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_compile_warm_up_is_its_own_phase_and_changes_no_result(tmp_path, tiny_model_dir, token_data,
+                                                               capsys):
+    train, evaluation = token_data
+    base = resolve_model(str(tiny_model_dir)).to_dict()
+    results = {}
+    for mode in ("off", "on"):
+        capsys.readouterr()
+        config = TuneConfig(train_steps=3, learning_rate=3e-3, batch_size=4, compile=mode)
+        results[mode] = tune(base, train, None, tmp_path / mode, config)
+    assert results["off"].compile_seconds == 0.0
+    assert results["on"].compile_seconds > 0.0
+    output = capsys.readouterr().out
+    assert "tune: compile warm-up done in" in output
+    assert output.index("compile warm-up done") < output.index("tune 0/3")  # bar starts after it
+    metrics = {mode: [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").open()]
+               for mode in results}
+    for eager, compiled in zip(metrics["off"], metrics["on"]):
+        assert compiled["train_total_loss"] == pytest.approx(eager["train_total_loss"], rel=1e-4)
+    # The warm-up compiled every graph: no training step compiles (the first one included).
+    warm_up = results["on"].compile_seconds
+    assert all(record["step_seconds"] < warm_up / 4 for record in metrics["on"])
+
+
+def test_compile_auto_only_where_it_was_measured_to_pay():
+    from components.tune.acceleration import COMPILE_MIN_STEPS, wants_compile
+
+    class Runtime:
+        def __init__(self, device, dtype):
+            self.device, self.dtype = torch.device(device), dtype
+
+    big = torch.nn.Linear(8000, 8000)  # 64M parameters: above COMPILE_MIN_PARAMETERS
+    small = torch.nn.Linear(10, 10)
+    bf16_cpu, fp32_cpu = Runtime("cpu", torch.bfloat16), Runtime("cpu", torch.float32)
+    assert wants_compile("auto", big, bf16_cpu, True, COMPILE_MIN_STEPS)
+    assert not wants_compile("auto", big, bf16_cpu, True, COMPILE_MIN_STEPS - 1)
+    assert not wants_compile("auto", big, fp32_cpu, True, 10 * COMPILE_MIN_STEPS)
+    assert not wants_compile("auto", small, bf16_cpu, True, 10 * COMPILE_MIN_STEPS)
+    assert not wants_compile("auto", big, bf16_cpu, False, 10 * COMPILE_MIN_STEPS)
+    assert wants_compile("on", small, fp32_cpu, False, 1)
+    assert not wants_compile("off", big, bf16_cpu, True, 10 * COMPILE_MIN_STEPS)

@@ -241,8 +241,8 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
         stopped_early = index["stopped_early"]
     compile_seconds = 0.0
     if compiled_layers:
-        compile_seconds = _compile_warm_up(model, train_set[sampler.indices(step)[0]], runtime,
-                                           config, packs, row_multiple, loss, compiled_layers)
+        compile_seconds = _compile_warm_up(model, [train_set[i] for i in sampler.indices(step)[:2]],
+                                           runtime, config, packs, row_multiple, loss, compiled_layers)
     # The bar starts after the warm-up: its elapsed time and ETA are training steps only.
     log = (TrainingLog(output_dir, total_steps=config.train_steps, start_step=step, resumed=resume)
            if runtime.is_main else QuietLog())
@@ -374,15 +374,16 @@ def _trainable_model(checkpoint: str, config: TuneConfig, runtime: Runtime):
     return model, packs, loss, compiled_layers
 
 
-def _compile_warm_up(model, example, runtime: Runtime, config: TuneConfig, packs: bool,
+def _compile_warm_up(model, examples, runtime: Runtime, config: TuneConfig, packs: bool,
                      row_multiple: int, loss, compiled_layers: int) -> float:
-    """Compiles the graphs before the first step: a forward and backward of one example (the
-    first of the next step), gradients then dropped, so no result changes. Returns seconds."""
+    """Compiles the graphs before the first step: a forward and backward of a row of two
+    examples (the first of the next step: one would specialise the graphs on rows of a single
+    example), gradients then dropped, so no result changes. Returns seconds."""
     if runtime.is_main:
         print(f"tune: compile warm-up: compiling {compiled_layers} decoder layers "
               "(Inductor caches the kernels on disk: later runs start faster)", flush=True)
     started = time.perf_counter()
-    batch, = pack_examples([example], config.max_tokens_per_micro_batch, packs, row_multiple)
+    batch = pack_examples(examples, config.max_tokens_per_micro_batch, packs, row_multiple)[0]
     with gradient_sync(model, enabled=False):
         with runtime.autocast():
             micro_loss, _ = packed_loss(model, batch.to(runtime.device), loss)
