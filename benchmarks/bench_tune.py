@@ -16,9 +16,10 @@ a float32 machine compares float32 with float32, and a bf16 machine bf16 with bf
 - ours: ``components.tune.trainer.tune`` as the pipeline runs it, default settings (packed rows
   with per-example attention, logits only at target positions, fused LoRA layers; in bf16 a
   bf16 frozen base with float32 adapters under bf16 autocast, in float32 everything in
-  float32); its decoder layers are compiled as ``compile="auto"`` decides (on a bf16 CPU for
-  long runs only; ``--compile on|off`` overrides it), before the warm-up step, not timed, and
-  printed;
+  float32); its decoder layers are compiled as ``compile="auto"`` decides for a long run
+  (``--compile long-run``, the default: compiled on a bf16 CPU, where runs of 200+ steps
+  compile, not in float32, where no run does; ``--compile auto|on|off`` passes a mode as is),
+  in the tuner's warm-up before the first step, not timed, and printed;
 - baseline: ``transformers.Trainer`` with PEFT, in its best configuration for this kind of CPU
   that we found (``BASELINE_VARIANTS``; ``--baseline`` picks another of the same dtype, all are
   printed). In bf16 (``bf16-grouped``): the base weights in bf16, ``bf16=True`` (autocast, AMX),
@@ -227,6 +228,14 @@ def _turn(step: int) -> None:
         sys.exit(0)
 
 
+def _compile_mode(requested: str, dtype: str) -> str:
+    """The tuner's compile mode: ``long-run`` is what ``auto`` picks for a long run in ``dtype``
+    (compiled in bf16, not in float32: components.tune.acceleration), the others as given."""
+    if requested != "long-run":
+        return requested
+    return "on" if dtype == "bfloat16" else "off"
+
+
 def worker_ours(args) -> dict:
     from components.common.model_catalog import resolve_model
     from components.tune.trainer import TuneConfig, tune
@@ -234,7 +243,8 @@ def worker_ours(args) -> dict:
     torch.set_num_threads(args.threads)
     config = TuneConfig(train_steps=args.steps + 1, learning_rate=LEARNING_RATE,
                         batch_size=args.batch_size, adapter_size=LORA_RANK,
-                        enable_early_stopping=False, compile=args.compile)  # precision "auto"
+                        enable_early_stopping=False,  # precision "auto"
+                        compile=_compile_mode(args.compile, args.dtype))
     output = Path(args.work) / "ours"
     result = tune(resolve_model("text-bison@002").to_dict(), Path(args.work) / "train", None,
                   output, config, on_step_end=_turn)
@@ -378,8 +388,9 @@ def main() -> int:
                             f"{v} in {k}" for k, v in DEFAULT_BASELINE.items()) + ")")
     parser.add_argument("--peak-seconds", type=float, default=PEAK_SECONDS,
                         help="time budget of each matmul peak measurement")
-    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                        help="ours: compile the decoder layers (auto: the tuner's rule)")
+    parser.add_argument("--compile", default="long-run", choices=["long-run", "auto", "on", "off"],
+                        help="ours: compile the decoder layers (long-run: as compile=auto does "
+                             "for a run of 200+ steps; auto: the tuner's rule for this short run)")
     parser.add_argument("--only", choices=["ours", "baseline"])
     parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)

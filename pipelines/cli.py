@@ -114,7 +114,7 @@ def print_run_summary(model_display_name: str, run, example_data_uri: str) -> No
     model = get_model(model_display_name)
     metadata = read_tuned_model_metadata(model.path)
     print("\n" + "=" * 78)
-    print(f"Outputs of this run:  {run_dir}")
+    print(f"Outputs of this run:  {run.run_dir}")
     print(f"Base model:           {metadata['base_model']['reference']} -> "
           f"{metadata['base_model']['source']}")
     if "peak_memory_bytes" in metadata:

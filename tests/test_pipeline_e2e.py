@@ -5,6 +5,8 @@ answering over HTTP.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -14,20 +16,36 @@ from pipelines.cli import main
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, tiny_model_dir, sample_dir):
+def run_output(tmp_path_factory, tiny_model_dir, sample_dir):
+    """The run's output folder and what ``tunepipe run`` printed."""
     root = tmp_path_factory.mktemp("pipeline-root")
-    code = main(["run", "tune-large-model", "--pipeline-root", str(root),
-                 "--param", "project=test-project",
-                 "--param", "model_display_name=tiny-intents",
-                 "--param", f"dataset_uri={sample_dir / 'support_intents_train.jsonl'}",
-                 "--param", f"evaluation_data_uri={sample_dir / 'support_intents_eval.jsonl'}",
-                 "--param", f"large_model_reference={tiny_model_dir}",
-                 "--param", "train_steps=4", "--param", "evaluation_interval=2",
-                 "--param", "enable_checkpoint_selection=true"])
-    assert code == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["run", "tune-large-model", "--pipeline-root", str(root),
+                     "--param", "project=test-project",
+                     "--param", "model_display_name=tiny-intents",
+                     "--param", f"dataset_uri={sample_dir / 'support_intents_train.jsonl'}",
+                     "--param", f"evaluation_data_uri={sample_dir / 'support_intents_eval.jsonl'}",
+                     "--param", f"large_model_reference={tiny_model_dir}",
+                     "--param", "train_steps=4", "--param", "evaluation_interval=2",
+                     "--param", "enable_checkpoint_selection=true"])
+    assert code == 0, printed.getvalue()[-3000:]
     (run_dir,) = root.iterdir()
-    yield run_dir
+    yield run_dir, printed.getvalue()
     endpoints.stop_endpoint("tiny-intents", missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(run_output):
+    return run_output[0]
+
+
+def test_summary_names_the_precision_and_the_time_of_each_phase(run_output):
+    summary = run_output[1].split("Outputs of this run:", 1)[1]
+    assert "Precision:            cpu float32: forced by TUNEPIPE_PRECISION=fp32" in summary
+    phases = summary.split("Time by phase (", 1)[1].splitlines()[1]
+    names = [part.strip().split()[0] for part in phases.split(",")]
+    assert names == ["compile", "validate", "transform", "tune", "evaluate", "deploy"]
 
 
 def test_validated_and_tokenized_data(pipeline_run):
