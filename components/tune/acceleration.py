@@ -16,14 +16,17 @@ When compiling pays (``compile="auto"``, :func:`wants_compile`), measured with
 ``benchmarks/bench_compile.py`` (the embedded SmolLM2-135M, LoRA rank 8, batch 8 of the sample
 data, 2 cores, empty Inductor cache):
 
-- AVX2 CPU (AMD EPYC, no AMX), float32: warm-up 55.7 s, then 4.12 s/step compiled against 4.02
-  s/step eager. Compiling never pays: the float32 matrix products are the whole step.
+- AVX2 CPU (AMD EPYC, no AMX), float32: warm-up 55.6-55.7 s; then, in two runs, 4.12 s/step
+  compiled against 4.02 eager, and 4.25 against 4.98: the float32 matrix products are nearly
+  the whole step, and the gain (-2% to +17%, within this machine's run-to-run drift) would
+  repay the warm-up after 76 steps at best, never at worst.
 - AMX CPU, bfloat16 (measured by the earlier ``bench_tune`` work on such a machine, not re-run
   since): compiled steps about a third faster (about 1.0 -> 0.67 s/step) for a warm-up of 30 s
   (Inductor cache warm) to about a minute (cold): it pays after 100 to 180 steps.
 
 So ``auto`` compiles only on a CPU computing in bf16, for runs of at least
-``COMPILE_MIN_STEPS`` (200) steps: it never makes a run slower, even with a cold cache.
+``COMPILE_MIN_STEPS`` (200) steps, and never in float32 on CPU (an uncertain gain does not
+justify a certain minute): it never makes a run slower, even with a cold cache.
 """
 from __future__ import annotations
 
