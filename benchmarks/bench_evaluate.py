@@ -1,8 +1,8 @@
 """Benchmark: evaluate's batched generation against a naive one-prompt-at-a-time loop.
 
-160 realistic evaluation prompts (``--limit 250`` for Vertex's largest evaluation set; 160 keep
-``make bench`` within 20 minutes on a 2-core AVX2 CPU, where 250 take 12 minutes) (classification, extraction and short-answer QA of varied
-length, formatted with the chat template as evaluate formats them) are answered by the embedded
+160 realistic evaluation prompts (classification, extraction and short-answer QA of varied
+length, formatted with the chat template as evaluate formats them; ``--limit 250`` for Vertex's
+largest evaluation set, which takes 12 minutes on a 2-core AVX2 CPU) are answered by the embedded
 model (``resolve_model('text-bison@002')``, SmolLM2-135M-Instruct) twice, greedy, float32:
 
 - ours: ``components.common.generation.generate_detailed`` (length-sorted batches, left padding,
