@@ -34,7 +34,7 @@ def tokenize_sample(directory: Path) -> Path:
     from components.common.dataset_formats import token_limits
     from components.common.model_catalog import resolve_model
     from components.common.model_loading import load_tokenizer
-    from components.transform.encoding import ExampleEncoder
+    from components.common.encoding import ExampleEncoder
     from components.transform.transform import tokenize_file
 
     tokenizer = load_tokenizer(resolve_model("text-bison@002").checkpoint)

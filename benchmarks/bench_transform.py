@@ -11,7 +11,7 @@ temporary JSONL file, then
     the clock starts (formatting is not counted for the baseline).
 
 Both are best of ``--repeat`` runs. Ours tokenizes with the Rust tokenizer's offset-free batch
-call (``encode_batch_fast``, the same ids: see ``components/transform/encoding.py``); the
+call (``encode_batch_fast``, the same ids: see ``components/common/encoding.py``); the
 baseline is the usual call, which also computes every token's character offsets.
 
 The last line printed is ``BENCH transform ratio=<ours/baseline speed> ours=<examples/s>
@@ -39,7 +39,7 @@ from benchmarks.machine import machine_fields  # noqa: E402
 from components.common.model_catalog import resolve_model  # noqa: E402
 from components.common.model_loading import load_tokenizer  # noqa: E402
 from components.common.prompts import chat_messages, format_prompt, format_target  # noqa: E402
-from components.transform.encoding import DEFAULT_BATCH_SIZE  # noqa: E402
+from components.common.encoding import DEFAULT_BATCH_SIZE  # noqa: E402
 from components.transform.transform import transform_dataset  # noqa: E402
 from components.validate_dataset.validator import run_validation  # noqa: E402
 

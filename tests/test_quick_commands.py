@@ -126,9 +126,11 @@ def test_quick_commands_import_no_model_stack(tmp_path, args):
 @pytest.fixture
 def no_tokenizer(monkeypatch):
     """Loading a tokenizer fails the test."""
+    from components.common import model_loading
+
     def refuse(reference):
         raise AssertionError(f"the tokenizer of {reference} was loaded")
-    monkeypatch.setattr(validator, "load_model_tokenizer", refuse)
+    monkeypatch.setattr(model_loading, "load_model_tokenizer", refuse)
 
 
 def test_invalid_datasets_never_load_the_tokenizer(tmp_path, no_tokenizer):

@@ -17,9 +17,9 @@ from components.common.dataset_formats import Example, token_limits  # noqa: E40
 from components.common.prompts import (chat_messages, format_conversation_prompt,  # noqa: E402
                                        format_prompt, format_target)
 from components.common.token_dataset import TokenDataset  # noqa: E402
-from components.transform.encoding import ExampleEncoder  # noqa: E402
-from components.transform.templates import (TemplateRenderer,  # noqa: E402
-                                            template_is_content_opaque)
+from components.common.encoding import ExampleEncoder  # noqa: E402
+from components.common.prompt_templates import (TemplateRenderer,  # noqa: E402
+                                                template_is_content_opaque)
 from components.transform.transform import (TransformError, transform_dataset,  # noqa: E402
                                             transform_for_pipeline)
 from components.validate_dataset.validator import run_validation  # noqa: E402

@@ -185,7 +185,7 @@ def test_early_stopping_rule_never_stops_before_the_second_evaluation():
 # --- loss mask: chat ------------------------------------------------------------------------------
 
 def test_chat_examples_train_only_on_assistant_turns(tmp_path, tiny_model_dir):
-    from components.transform.encoding import ExampleEncoder
+    from components.common.encoding import ExampleEncoder
 
     tokenizer = load_tokenizer(tiny_model_dir)
     encoder = ExampleEncoder(tokenizer, "chat", Limits(8192, 1024))

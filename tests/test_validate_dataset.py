@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from components.common.dataset_formats import token_limits  # noqa: E402
-from components.transform.encoding import ExampleEncoder  # noqa: E402
+from components.common.encoding import ExampleEncoder  # noqa: E402
 from components.validate_dataset.cli import main  # noqa: E402
 from components.validate_dataset.validator import (DatasetValidationError,  # noqa: E402
                                                    check_file, run_validation,

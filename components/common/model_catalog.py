@@ -97,6 +97,17 @@ def context_class_of(reference: str) -> str:
     return "32k" if "-32k" in reference.split("@")[0] else "8k"
 
 
+def context_class(large_model_reference: str, max_context_length: str) -> str:
+    """'8k' or '32k': ``max_context_length`` when set, else implied by the model name."""
+    value = (max_context_length or "").strip().lower()
+    if value in ("8k", "32k"):
+        return value
+    if value:
+        raise ValueError(f"max_context_length must be '', '8k' or '32k', "
+                         f"not {max_context_length!r}")
+    return context_class_of(large_model_reference or "")
+
+
 def _locate(reference: str) -> tuple[str, CatalogEntry | Path]:
     """What a reference names, without converting or loading anything: ``("catalog", entry)``,
     ``("folder", path)`` or ``("gguf", path)``; raises :class:`UnknownModelError`."""

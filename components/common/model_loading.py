@@ -30,6 +30,12 @@ def load_tokenizer(checkpoint: str | Path):
     return tokenizer
 
 
+def load_model_tokenizer(large_model_reference: str):
+    """The tokenizer of a model reference and what it resolved to: ``(tokenizer, resolved)``."""
+    resolved = resolve_model(large_model_reference)
+    return load_tokenizer(resolved.checkpoint), resolved
+
+
 def load_base_model(checkpoint: str | Path, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32):
     """A causal LM from a checkpoint folder, in eval mode."""

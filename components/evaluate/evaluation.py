@@ -48,10 +48,10 @@ from components.common.precision import Precision, choose_precision
 from components.common.prompts import format_prompt
 from components.common.storage import staged_local_path
 from components.common.packing import score_examples
+from components.common.validated_dataset import EVAL_FILE
 from components.evaluate.metrics import generation_metrics, label_set
 
 CHECKPOINTS_INDEX = "checkpoints.json"
-EVAL_JSONL = "eval.jsonl"
 EVAL_TOKENS = "eval"
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -152,7 +152,7 @@ def tokenize_examples(tokenizer, examples: Sequence[EvalExample], context_class:
                       ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(token ids, loss mask)`` of each example exactly as transform tokenizes eval data."""
     from components.common.dataset_formats import Example, token_limits
-    from components.transform.encoding import ExampleEncoder
+    from components.common.encoding import ExampleEncoder
 
     encoder = ExampleEncoder(tokenizer, "text", token_limits("text", context_class))
     encoded = encoder.encode_batch([Example(None, ((e.input_text, e.output_text),)) for e in examples])
@@ -366,7 +366,7 @@ def evaluate_tuning_run(tuned_model_dir: str | os.PathLike, validated_dataset_di
     Without ``eval.jsonl`` in the validated dataset: ``({"evaluated": False, "reason": ...}, [])``.
     """
     settings = settings or GenerationSettings()
-    eval_path = Path(validated_dataset_dir) / EVAL_JSONL
+    eval_path = Path(validated_dataset_dir) / EVAL_FILE
     if not eval_path.exists():
         return {"evaluated": False, "reason": NOT_EVALUATED_REASON,
                 "detail": f"{eval_path} does not exist (no evaluation_data_uri)"}, []

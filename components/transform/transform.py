@@ -4,7 +4,7 @@ Reads ``train.jsonl`` (and ``eval.jsonl`` when present) from a validated dataset
 writes ``train/`` (and ``eval/``) token datasets (:mod:`components.common.token_dataset`) under the
 output directory, atomically (built in a temporary sibling, renamed into place).
 
-Tokenization is :class:`components.transform.encoding.ExampleEncoder` (chat template, default
+Tokenization is :class:`components.common.encoding.ExampleEncoder` (chat template, default
 context, truncation: see that module). It streams: lines are read one by one, encoded in batches
 of ``batch_size`` with one tokenizer call per batch, and written as they are encoded.
 
@@ -25,14 +25,12 @@ import uuid
 from pathlib import Path
 
 from components.common.dataset_formats import normalize_format, parse_example, token_limits
+from components.common.encoding import (DEFAULT_BATCH_SIZE, ExampleEncoder, batched, encoding_key,
+                                        folder_fingerprint, tokenizer_fingerprint)
+from components.common.model_catalog import context_class, resolve_model
 from components.common.token_dataset import TokenDataset, TokenDatasetWriter
-from components.common.model_catalog import resolve_model
-from components.transform.encoding import (DEFAULT_BATCH_SIZE, ExampleEncoder, batched,
-                                           encoding_key, folder_fingerprint,
-                                           tokenizer_fingerprint)
-from components.validate_dataset.validator import (EVAL_FILE, TOKENS_DIR, TRAIN_FILE,
-                                                   context_class, load_model_tokenizer,
-                                                   token_metadata, truncation_metadata)
+from components.common.validated_dataset import (EVAL_FILE, TOKENS_DIR, TRAIN_FILE,
+                                                 token_metadata, truncation_metadata)
 
 ROLES = (("train", TRAIN_FILE), ("eval", EVAL_FILE))
 
@@ -134,7 +132,9 @@ def transform_dataset(validated_dir: str | os.PathLike, dataset_format: str,
                 reused = True
             else:
                 if encoder is None:
-                    if tokenizer is None:
+                    if tokenizer is None:  # model_loading imports torch: only when needed
+                        from components.common.model_loading import load_model_tokenizer
+
                         tokenizer, _ = load_model_tokenizer(large_model_reference)
                     encoder = ExampleEncoder(tokenizer, fmt, limits, default_context or "")
                 meta = tokenize_file(source, encoder, staging / role, batch_size)

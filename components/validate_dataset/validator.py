@@ -2,8 +2,9 @@
 
 The validator streams a JSONL file (local path, ``file://`` or ``gs://``) line by line, checks
 every example against its format (:mod:`components.common.dataset_formats`), counts tokens with
-the same batched encoder transform uses (:mod:`components.transform.encoding`), and writes the
-validated examples and their tokens so that transform does not tokenize a second time.
+the same batched encoder transform uses (:mod:`components.common.encoding`), and writes the
+validated examples and their tokens (:mod:`components.common.validated_dataset`, the folder
+transform and evaluate read) so that transform does not tokenize a second time.
 
 Structure first, tokens after (:func:`run_validation`): every rule below but the token counts is
 checked with light imports only (no tokenizer, numpy or torch), so a dataset that fails on
@@ -61,22 +62,21 @@ from components.common.dataset_formats import (MAX_AUTHOR_FIELDS, MAX_EVAL_EXAMP
                                                author_fields, compatible_formats,
                                                detect_format, normalize_format, parse_example,
                                                token_limits)
-from components.common.model_catalog import check_reference, context_class_of
+from components.common.model_catalog import check_reference, context_class
+from components.common.validated_dataset import (EVAL_FILE, TOKENS_DIR, TRAIN_FILE,
+                                                 token_metadata, truncation_metadata)
 
 if TYPE_CHECKING:  # imported where tokens are counted: numpy, the tokenizer libraries, torch
     from components.common.token_dataset import TokenDatasetWriter
-    from components.transform.encoding import ExampleEncoder
+    from components.common.encoding import ExampleEncoder
 
 BOM = b"\xef\xbb\xbf"
 MAX_REPORTED_ERRORS = 20  # in the report and in the exception message
 MAX_KEPT_ERRORS = 1000  # per file, kept in memory (the count is always exact)
 MAX_LISTED_LINES = 10  # line numbers listed in a warning
-TRAIN_FILE = "train.jsonl"
-EVAL_FILE = "eval.jsonl"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 HISTOGRAM_PNG = "histogram.png"
-TOKENS_DIR = "tokens"
 KEPT_EXAMPLES_BYTES = 64 * 2**20  # a file's examples kept between the two passes, at most
 
 
@@ -219,7 +219,7 @@ class _TokenCounter:
     def __init__(self, check: FileCheck, encoder: ExampleEncoder,
                  writer: TokenDatasetWriter | None = None, batch_size: int | None = None):
         if batch_size is None:
-            from components.transform.encoding import DEFAULT_BATCH_SIZE
+            from components.common.encoding import DEFAULT_BATCH_SIZE
 
             batch_size = DEFAULT_BATCH_SIZE
         self.check, self.encoder, self.writer, self.batch_size = check, encoder, writer, batch_size
@@ -495,26 +495,6 @@ class ValidationReport:
             raise DatasetValidationError(self)
 
 
-def context_class(large_model_reference: str, max_context_length: str) -> str:
-    """'8k' or '32k': ``max_context_length`` when set, else implied by the model name."""
-    value = (max_context_length or "").strip().lower()
-    if value in ("8k", "32k"):
-        return value
-    if value:
-        raise ValueError(f"max_context_length must be '', '8k' or '32k', "
-                         f"not {max_context_length!r}")
-    return context_class_of(large_model_reference or "")
-
-
-def load_model_tokenizer(large_model_reference: str):
-    """The tokenizer of a model reference and what it resolved to."""
-    from components.common.model_catalog import resolve_model
-    from components.common.model_loading import load_tokenizer
-
-    resolved = resolve_model(large_model_reference)
-    return load_tokenizer(resolved.checkpoint), resolved
-
-
 def run_validation(dataset_uri: str, evaluation_data_uri: str = "", dataset_format: str = "text",
                    large_model_reference: str = "text-bison@002", max_context_length: str = "",
                    output_dir: str | os.PathLike | None = None, *, tokenizer=None,
@@ -560,9 +540,11 @@ def run_validation(dataset_uri: str, evaluation_data_uri: str = "", dataset_form
             files.append(_check_into(staging, role, uri, file_name, fmt, kept[-1]))
         report = ValidationReport(fmt, model, limits, files, general)
         if count_tokens and report.valid:
-            from components.transform.encoding import ExampleEncoder
+            from components.common.encoding import ExampleEncoder
 
             if tokenizer is None:
+                from components.common.model_loading import load_model_tokenizer
+
                 tokenizer, resolved = load_model_tokenizer(large_model_reference)
                 model["checkpoint"] = resolved.checkpoint
             encoder = ExampleEncoder(tokenizer, fmt, limits)
@@ -638,17 +620,6 @@ def _count_tokens_into(staging: Path | None, check: FileCheck, uri: str,
                                                        check.truncated_outputs,
                                                        check.truncated_examples))
             writer.close()
-
-
-def token_metadata(encoder: ExampleEncoder) -> dict:
-    """The metadata of a token dataset: what decided its bytes (the cache key)."""
-    return {"dataset_format": encoder.format, "limits": encoder.limits.to_dict(),
-            "encoding_key": encoder.cache_key_digest()}
-
-
-def truncation_metadata(inputs: int, outputs: int, examples: int) -> dict:
-    return {"truncated_inputs": inputs, "truncated_outputs": outputs,
-            "truncated_examples": examples}
 
 
 def validate_for_pipeline(dataset_uri: str, evaluation_data_uri: str, dataset_format: str,

@@ -1,4 +1,4 @@
-"""Examples -> token ids and loss masks: the tokenization shared by validate and transform.
+"""Examples -> token ids and loss masks: the tokenization validate, transform and evaluate share.
 
 Prompts and targets are formatted by :mod:`components.common.prompts` (the one place prompts are
 formatted, so training prompts equal inference prompts) and tokenized in batches with the fast
@@ -15,8 +15,9 @@ is masked 0 and the assistant target is masked 1, so the loss is only on assista
 Each segment is tokenized on its own: the template's turn markers are special tokens, so a
 segment boundary never splits what the tokenizer would have merged.
 
-The texts are exactly those of ``prompts``; :class:`components.transform.templates.TemplateRenderer`
-produces them without a Jinja render per example when the template allows it (checked).
+The texts are exactly those of ``prompts``;
+:class:`components.common.prompt_templates.TemplateRenderer` produces them without a Jinja render
+per example when the template allows it (checked).
 
 The ids are exactly those of ``tokenizer(texts, add_special_tokens=False)``, computed by the Rust
 tokenizer's ``encode_batch_fast`` when the tokenizer allows it (:class:`BatchTokenizer`): it skips
@@ -45,7 +46,7 @@ import numpy as np
 
 from components.common.dataset_formats import Example, Limits, normalize_format
 from components.common.prompts import chat_messages, format_conversation_prompt, format_target
-from components.transform.templates import TemplateRenderer
+from components.common.prompt_templates import TemplateRenderer
 
 DEFAULT_BATCH_SIZE = 512
 _SENTINEL = "\ue000tunepipe\ue001"
@@ -182,7 +183,7 @@ class ExampleEncoder:
     def __init__(self, tokenizer, dataset_format: str, limits: Limits, default_context: str = "",
                  fast_templates: bool = True):
         self.tokenizer = tokenizer
-        # Exactly the prompts.py texts; fast when the template allows it (see templates.py).
+        # Exactly the prompts.py texts; fast when the template allows it (see prompt_templates.py).
         self.renderer = TemplateRenderer(tokenizer, fast=fast_templates)
         # Exactly the ids of tokenizer(texts, add_special_tokens=False), without offsets.
         self.token_ids = BatchTokenizer(tokenizer)
