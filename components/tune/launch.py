@@ -75,5 +75,6 @@ def result_from_output(output_dir: Path, seconds: float) -> TuneResult:
     last = json.loads((output_dir / index["checkpoints"][-1]["dir"] / TUNED_MODEL_METADATA).read_text())
     return TuneResult(final_step=index["final_step"], stopped_early=index["stopped_early"],
                       checkpoints=index["checkpoints"], device=last["device"], dtype=last["dtype"],
-                      precision=last["precision"], train_seconds=seconds, peak_memory_bytes=index["peak_memory_bytes"],
+                      precision=last["precision"], compile_seconds=last["compile_seconds"],
+                      train_seconds=seconds, peak_memory_bytes=index["peak_memory_bytes"],
                       world_size=last["world_size"])
