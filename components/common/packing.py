@@ -256,8 +256,11 @@ class _ShortCausalAttention(torch.autograd.Function):
 
 def _causal_attention(query, key, value, dropout: float, scale: float | None):
     """Causal attention of one example: ``_ShortCausalAttention`` up to ``SHORT_EXAMPLE_TOKENS``
-    on CPU when training, else ``scaled_dot_product_attention``."""
-    if (query.device.type == "cpu" and query.shape[2] <= SHORT_EXAMPLE_TOKENS and dropout == 0.0
+    on CPU when training in bf16, else ``scaled_dot_product_attention`` (in float32 its backward
+    is the faster one: 29 against 38 ms at 334 tokens, 78 against 113 ms at 600, SmolLM2's 9
+    heads on an AVX2 CPU)."""
+    if (query.device.type == "cpu" and query.dtype == torch.bfloat16
+            and query.shape[2] <= SHORT_EXAMPLE_TOKENS and dropout == 0.0
             and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
         scale = scale if scale is not None else query.shape[-1] ** -0.5
         return _ShortCausalAttention.apply(query, key, value, scale)
