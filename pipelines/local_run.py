@@ -79,7 +79,9 @@ def request_from_file(path: str | Path, template_override: str | None = None) ->
 def prepare(request: RunRequest) -> tuple[str, dict[str, Any]]:
     """The pipeline name and the checked, typed parameter values of a request."""
     from components.common.parameters import check_parameters
+    from components.common.precision import requested_precision
 
+    requested_precision()  # a bad TUNEPIPE_PRECISION is refused before any task starts
     pipeline_name, template = read_template(request.template)
     values = bind_parameters(template, request.parameters)
     problems = check_parameters(pipeline_name, values)

@@ -105,3 +105,14 @@ def test_run_refuses_unknown_parameters_before_any_work(tmp_path, capsys, sample
     assert code == 2
     assert "unknown parameter 'accelerator_type:' (did you mean 'accelerator_type'?)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_refuses_a_bad_precision_setting_before_any_work(tmp_path, capsys, sample_dir,
+                                                             monkeypatch):
+    monkeypatch.setenv("TUNEPIPE_PRECISION", "half")
+    code = main(["run", "tune-large-model", "--pipeline-root", str(tmp_path),
+                 "--param", "project=p", "--param", "model_display_name=m",
+                 "--param", f"dataset_uri={sample_dir / 'support_intents_train.jsonl'}"])
+    assert code == 2
+    assert "TUNEPIPE_PRECISION must be one of auto, bf16, fp32, got 'half'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
