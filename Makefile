@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test compile bench gpu-check clean
+.PHONY: install run run-chat test compile bench gpu-check clean
 
 install: $(STAMP)
 
@@ -37,8 +37,22 @@ run:
 	TUNEPIPE_SETUP_SECONDS=$$(( $$(date +%s) - started )) \
 	$(VENV)/bin/tunepipe run tune-large-model --request-file samples/request.json
 
+# The chat job: tune the embedded model on the bundled support conversations with the chat
+# template, then count how often the base and the tuned model end their replies to held-out
+# conversations with the house sign-off (SIGN_OFF in samples/make_samples.py).
+CHAT_SIGN_OFF := Warm regards, the Pebble crew
+run-chat:
+	@started=$$(date +%s); \
+	$(MAKE) --no-print-directory install && \
+	$(VENV)/bin/tunepipe compile && \
+	TUNEPIPE_SETUP_SECONDS=$$(( $$(date +%s) - started )) \
+	$(VENV)/bin/tunepipe run --request-file samples/chat_request.json \
+	  --held-out samples/support_chat_heldout.jsonl --expect-ending '$(CHAT_SIGN_OFF)'
+
+# Two workers, whole files each: much of the suite waits on subprocesses (the KFP local runner's
+# tasks, torchrun, endpoint servers), so two run in about half the time of one on two cores.
 test: install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 # Every benchmark side by side with its peer, in the dtype this machine trains in; the last line
 # of each names the CPU capability and dtype (sized for 20 minutes on a 2-core AVX2 CPU).

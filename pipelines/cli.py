@@ -27,9 +27,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.held_out import compare_on_held_out, read_held_out
     from pipelines.local_run import RunRequest, request_from_file, run_locally
     from pipelines.templates import ParameterError, template_path
 
+    if args.expect_ending and not args.held_out:
+        print("tunepipe run: --expect-ending checks the replies to --held-out conversations; "
+              "give --held-out FILE too", file=sys.stderr)
+        return USAGE_ERROR
     try:
         if args.request_file:
             request = request_from_file(args.request_file, args.pipeline)
@@ -43,22 +48,34 @@ def cmd_run(args: argparse.Namespace) -> int:
             request.pipeline_root = args.pipeline_root
         for note in request.notes:
             print(f"note: {note}")
+        default_context = str(request.parameters.get("default_context", ""))
+        if args.held_out:
+            read_held_out(args.held_out, default_context)  # a bad file is refused before the run
         run = run_locally(request, verbose=args.verbose)
     except (ParameterError, ValueError, FileNotFoundError) as error:
         print(f"tunepipe run: invalid request:\n{error}", file=sys.stderr)
         return USAGE_ERROR
+    from components.common.model_registry import get_model
+
     parameters = request.parameters
-    print_run_summary(parameters["model_display_name"], run,
-                      parameters.get("evaluation_data_uri") or parameters["dataset_uri"])
+    held_out = None
+    if args.held_out:
+        print(f"Held-out check: base and tuned model answer {args.held_out} ...", flush=True)
+        held_out = compare_on_held_out(get_model(parameters["model_display_name"]).path,
+                                       args.held_out, default_context, args.expect_ending)
+    print_run_summary(run, parameters, held_out)
     return 0
 
 
 def _example_prompt(dataset_uri: str) -> str:
-    """The first example's input, to show how to prompt the endpoint."""
+    """The first example's input (chat: its first message), to show how to prompt the
+    endpoint."""
     from components.common import storage
 
-    first_line = storage.read_text(dataset_uri).lstrip("\ufeff").splitlines()[0]
-    return json.loads(first_line).get("input_text", "Hello")
+    first = json.loads(storage.read_text(dataset_uri).lstrip("\ufeff").splitlines()[0])
+    if "messages" in first:
+        return first["messages"][0]["content"]
+    return first.get("input_text", "Hello")
 
 
 def _shell_quote(text: str) -> str:
@@ -104,13 +121,16 @@ def _setup_seconds() -> float | None:
         return None
 
 
-def print_run_summary(model_display_name: str, run, example_data_uri: str) -> None:
-    """What a finished run (a ``LocalRun``) produced: scores, where the model is, how to prompt
-    the endpoint, and where the time went."""
+def print_run_summary(run, parameters: dict, held_out=None) -> None:
+    """What a finished run (a ``LocalRun`` with these ``parameters``) produced: scores (with a
+    ``HeldOutComparison``, the base and tuned replies to held-out conversations), where the
+    model is, how to prompt the endpoint, and where the time went."""
     from components.common.model_loading import read_tuned_model_metadata
     from components.common.model_registry import get_model
+    from components.common.parameters import CHAT_PIPELINE
     from components.deploy_endpoint.endpoints import get_endpoint
 
+    model_display_name = parameters["model_display_name"]
     model = get_model(model_display_name)
     metadata = read_tuned_model_metadata(model.path)
     print("\n" + "=" * 78)
@@ -126,18 +146,54 @@ def print_run_summary(model_display_name: str, run, example_data_uri: str) -> No
     evaluation = metadata.get("evaluation", {})
     for line in evaluation_lines(evaluation, metadata.get("step")):
         print(line)
+    if held_out is not None:
+        for line in held_out_lines(held_out, metadata.get("step")):
+            print(line)
     print(f"Tuned model:          {model.resource_name} in {model.path}")
     endpoint = get_endpoint(model_display_name)
     print(f"Endpoint:             {endpoint.predict_url} (pid {endpoint.pid})")
-    print("Prompt it with:")
-    print(f"  tunepipe endpoints predict {shlex.quote(model_display_name)} "
-          f"--prompt {_shell_quote(_example_prompt(example_data_uri))}")
+    example = _shell_quote(_example_prompt(parameters.get("evaluation_data_uri")
+                                           or parameters["dataset_uri"]))
+    if run.pipeline_name == CHAT_PIPELINE:  # the tuned model expects the context it learned with
+        context = parameters.get("default_context", "")
+        print("Chat with it:")
+        print(f"  tunepipe endpoints predict {shlex.quote(model_display_name)} --message {example}"
+              + (f" --context {_shell_quote(context)}" if context else ""))
+    else:
+        print("Prompt it with:")
+        print(f"  tunepipe endpoints predict {shlex.quote(model_display_name)} --prompt {example}")
     print(f"Stop it with:         tunepipe endpoints stop {shlex.quote(model_display_name)}")
     phases = phase_times(run.task_seconds, metadata.get("compile_seconds", 0.0), _setup_seconds())
+    if held_out is not None:
+        phases.append(("held-out check", held_out.seconds))
     total = sum(seconds for _, seconds in phases)
     print(f"Time by phase ({_duration(total)} in all):")
     print("  " + ", ".join(f"{phase} {_duration(seconds)}" for phase, seconds in phases))
     print("=" * 78)
+
+
+def held_out_lines(held_out, tuned_step: int | None) -> list[str]:
+    """The rule-following rates of the base and tuned replies to held-out conversations (a
+    ``HeldOutComparison``), and one conversation's replies side by side."""
+    total = len(held_out.prompts)
+    lines = [f"Held-out conversations: {held_out.uri} ({total})"]
+    if held_out.expected_ending:
+        lines.append(f"  replies that end with {held_out.expected_ending!r} "
+                     f"(base -> tuned, step {tuned_step}):")
+        base, tuned = (held_out.rule_count(replies) for replies in (held_out.base_replies,
+                                                                     held_out.tuned_replies))
+        lines.append(f"  {'rule followed':42s} {base:3d}/{total} = {base / total:.2f} -> "
+                     f"{tuned:3d}/{total} = {tuned / total:.2f}")
+    shown = next((i for i in range(total) if held_out.follows_rule(held_out.tuned_replies[i])
+                  and not held_out.follows_rule(held_out.base_replies[i])), 0)
+    lines.append(f"  conversation {shown + 1}, side by side:")
+    for label, text in (("user", held_out.prompts[shown][-1]["content"]),
+                        ("base", held_out.base_replies[shown]),
+                        ("tuned", held_out.tuned_replies[shown])):
+        text_lines = text.strip().splitlines() or [""]
+        lines.append(f"    {label + ':':7s}{text_lines[0]}")
+        lines += [f"           {line}" for line in text_lines[1:]]
+    return lines
 
 
 def evaluation_lines(evaluation: dict, selected_step: int | None) -> list[str]:
@@ -182,12 +238,20 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
             parameters = {key: value for key, value in (
                 ("temperature", args.temperature), ("maxOutputTokens", args.max_output_tokens),
                 ("topP", args.top_p), ("topK", args.top_k)) if value is not None}
-            reply = endpoints.predict(args.name, args.prompt, parameters)
+            if args.message:
+                reply = endpoints.predict_chat(args.name, args.message, args.context, parameters)
+            elif args.context:
+                print("tunepipe endpoints predict: --context goes with a chat request (--message)",
+                      file=sys.stderr)
+                return USAGE_ERROR
+            else:
+                reply = endpoints.predict(args.name, args.prompt, parameters)
             if args.json:
                 print(json.dumps(reply, indent=2))
             else:
                 for prediction in reply["predictions"]:
-                    print(prediction["content"])
+                    print(prediction["candidates"][0]["content"] if args.message
+                          else prediction["content"])
         elif args.action == "stop":
             stopped = endpoints.stop_endpoint(args.name)
             print(f"stopped {args.name}" if stopped else f"{args.name} was not running; record removed")
@@ -214,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--request-file", help="a Vertex pipelineJobs request body (JSON)")
     run.add_argument("--pipeline-root", help="where outputs go (default: runs/)")
     run.add_argument("--verbose", action="store_true", help="also show each task's executor input")
+    run.add_argument("--held-out", metavar="FILE",
+                     help="chat JSONL: after the run, the base and the tuned model answer each "
+                          "conversation's last user turn (the last assistant reply is the "
+                          "reference); the summary compares them")
+    run.add_argument("--expect-ending", default="", metavar="TEXT",
+                     help="with --held-out: the rule the summary counts, a reply that ends "
+                          "with TEXT (trailing whitespace aside)")
     run.set_defaults(handler=cmd_run)
 
     models = commands.add_parser("models", help="list registered models")
@@ -223,9 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     endpoints = commands.add_parser("endpoints", help="manage local endpoints")
     actions = endpoints.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="running endpoints")
-    predict = actions.add_parser("predict", help="send a predict request")
+    predict = actions.add_parser("predict", help="send a predict request (text or chat)")
     predict.add_argument("name")
-    predict.add_argument("--prompt", action="append", required=True, help="repeatable")
+    shape = predict.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--prompt", action="append",
+                       help="a text prompt; repeatable (one prediction each)")
+    shape.add_argument("--message", action="append",
+                       help="a chat turn; repeatable: user, assistant, user, ... in order")
+    predict.add_argument("--context", default="", help="the chat's system context (with --message)")
     predict.add_argument("--temperature", type=float)
     predict.add_argument("--max-output-tokens", type=int)
     predict.add_argument("--top-p", type=float)

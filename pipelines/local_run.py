@@ -78,12 +78,12 @@ def request_from_file(path: str | Path, template_override: str | None = None) ->
 
 def prepare(request: RunRequest) -> tuple[str, dict[str, Any]]:
     """The pipeline name and the checked, typed parameter values of a request."""
-    from components.common.parameters import check_parameters
+    from components.common.parameters import check_parameters, refused_parameters
     from components.common.precision import requested_precision
 
     requested_precision()  # a bad TUNEPIPE_PRECISION is refused before any task starts
     pipeline_name, template = read_template(request.template)
-    values = bind_parameters(template, request.parameters)
+    values = bind_parameters(template, request.parameters, refused_parameters(pipeline_name))
     problems = check_parameters(pipeline_name, values)
     if problems:
         raise ParameterError("\n".join(f"  - {p}" for p in problems))
@@ -137,8 +137,9 @@ class _RunnerLog(io.TextIOBase):
 
 @dataclass
 class LocalRun:
-    """A finished local run: its output folder and the wall time of each task."""
+    """A finished local run: its pipeline, output folder and the wall time of each task."""
 
+    pipeline_name: str
     run_dir: Path
     task_seconds: dict[str, float]  # task name (validate-dataset, tune, ...) -> seconds
     seconds: float
@@ -176,4 +177,5 @@ def run_locally(request: RunRequest, verbose: bool = False) -> LocalRun:
     seconds = time.perf_counter() - started
     print(f"{pipeline_name} finished in {seconds:.0f} s")
     new = sorted(set(pipeline_root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
-    return LocalRun(new[-1] if new else pipeline_root, log.task_seconds, seconds)
+    return LocalRun(pipeline_name, new[-1] if new else pipeline_root, log.task_seconds, seconds)
+

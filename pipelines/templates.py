@@ -18,9 +18,10 @@ COMPILED_DIR = REPO_ROOT / "compiled"
 
 def pipeline_functions() -> dict[str, Callable]:
     """Every pipeline by template name."""
+    from pipelines.tune_large_chat_model import tune_large_chat_model
     from pipelines.tune_large_model import tune_large_model
 
-    return {"tune-large-model": tune_large_model}
+    return {"tune-large-model": tune_large_model, "tune-large-chat-model": tune_large_chat_model}
 
 
 def compile_all(output_dir: Path = COMPILED_DIR) -> list[Path]:
@@ -114,15 +115,19 @@ def _coerce(parameter: TemplateParameter, value: Any) -> Any:
     return value
 
 
-def bind_parameters(template: dict[str, TemplateParameter], given: dict[str, Any]) -> dict[str, Any]:
+def bind_parameters(template: dict[str, TemplateParameter], given: dict[str, Any],
+                    refused: dict[str, str] | None = None) -> dict[str, Any]:
     """Checks ``given`` against the template and converts values to the declared types.
 
     Raises ParameterError listing unknown names (with the likely intended name), missing
-    required parameters and values of the wrong type, all at once.
+    required parameters and values of the wrong type, all at once. ``refused`` maps names the
+    template deliberately lacks to the reason, reported instead of "unknown parameter".
     """
     problems = []
     for name in given:
-        if name not in template:
+        if name in (refused or {}):
+            problems.append(f"parameter {name!r}: {refused[name]}")
+        elif name not in template:
             close = difflib.get_close_matches(name.strip(" :"), template, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"unknown parameter {name!r}{hint}")

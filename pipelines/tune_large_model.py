@@ -10,6 +10,77 @@ from components.upload_model.component import upload_model
 from components.validate_dataset.component import validate_dataset
 
 
+def tuning_tasks(*, dataset_format: str, default_context, project, model_display_name,
+                 dataset_uri, location, large_model_reference, accelerator_type, train_steps,
+                 learning_rate_multiplier, evaluation_data_uri, evaluation_interval,
+                 enable_early_stopping, enable_checkpoint_selection, tensorboard_resource_id,
+                 max_context_length) -> None:
+    """The tasks the tuning templates share: validate, transform, tune, evaluate, select a
+    checkpoint, upload and deploy.
+
+    Called inside a pipeline function (KFP builds the pipeline when it is decorated, so this is
+    defined first); the arguments are its parameters or constants (``dataset_format`` always a
+    constant: ``text`` or ``chat``).
+    """
+    validated = validate_dataset(
+        dataset_uri=dataset_uri,
+        evaluation_data_uri=evaluation_data_uri,
+        dataset_format=dataset_format,
+        large_model_reference=large_model_reference,
+        max_context_length=max_context_length,
+        default_context=default_context,
+    ).set_display_name("Validate Dataset").set_caching_options(False)
+
+    tokenized = transform(
+        validated_dataset=validated.outputs["validated_dataset"],
+        dataset_format=dataset_format,
+        large_model_reference=large_model_reference,
+        max_context_length=max_context_length,
+        default_context=default_context,
+    ).set_display_name("Transform").set_caching_options(False)
+    tuned = tune(
+        tokenized_dataset=tokenized.outputs["tokenized_dataset"],
+        large_model_reference=large_model_reference,
+        train_steps=train_steps,
+        learning_rate_multiplier=learning_rate_multiplier,
+        evaluation_interval=evaluation_interval,
+        enable_early_stopping=enable_early_stopping,
+        accelerator_type=accelerator_type,
+        max_context_length=max_context_length,
+        tensorboard_resource_id=tensorboard_resource_id,
+    ).set_display_name("Tune").set_caching_options(False)
+    tuned.set_accelerator_type("NVIDIA_A100_80GB").set_accelerator_limit(8)
+
+    evaluated = evaluate(
+        tuned_model=tuned.outputs["tuned_model"],
+        validated_dataset=validated.outputs["validated_dataset"],
+        tokenized_dataset=tokenized.outputs["tokenized_dataset"],
+        large_model_reference=large_model_reference,
+    ).set_display_name("Evaluate").set_caching_options(False)
+
+    selected = select_checkpoint(
+        tuned_model=tuned.outputs["tuned_model"],
+        evaluation_results=evaluated.outputs["evaluation_results"],
+        enable_checkpoint_selection=enable_checkpoint_selection,
+        large_model_reference=large_model_reference,
+    ).set_display_name("Select Checkpoint").set_caching_options(False)
+
+    uploaded = upload_model(
+        selected_model=selected.outputs["selected_model"],
+        validated_dataset=validated.outputs["validated_dataset"],
+        evaluation_results=evaluated.outputs["evaluation_results"],
+        model_display_name=model_display_name,
+        project=project,
+        location=location,
+        dataset_uri=dataset_uri,
+    ).set_display_name("Upload Model").set_caching_options(False)
+
+    deploy_endpoint(
+        registered_model=uploaded.outputs["registered_model"],
+        model_display_name=model_display_name,
+    ).set_display_name("Deploy Endpoint").set_caching_options(False)
+
+
 @dsl.pipeline(
     name="tune-large-model",
     description="Tunes a large language model for text or code generation with LoRA, evaluates "
@@ -59,60 +130,13 @@ def tune_large_model(
         encryption_spec_key_name: CMEK key name; only in us-central1 and never with TPU.
         max_context_length: ``8k`` or ``32k``; empty means what the model name implies.
     """
-    validated = validate_dataset(
-        dataset_uri=dataset_uri,
-        evaluation_data_uri=evaluation_data_uri,
-        dataset_format="text",
-        large_model_reference=large_model_reference,
-        max_context_length=max_context_length,
-    ).set_display_name("Validate Dataset").set_caching_options(False)
-
-    tokenized = transform(
-        validated_dataset=validated.outputs["validated_dataset"],
-        dataset_format="text",
-        large_model_reference=large_model_reference,
-        max_context_length=max_context_length,
-        default_context="",
-    ).set_display_name("Transform").set_caching_options(False)
-
-    tuned = tune(
-        tokenized_dataset=tokenized.outputs["tokenized_dataset"],
-        large_model_reference=large_model_reference,
-        train_steps=train_steps,
-        learning_rate_multiplier=learning_rate_multiplier,
-        evaluation_interval=evaluation_interval,
+    tuning_tasks(
+        dataset_format="text", default_context="", project=project,
+        model_display_name=model_display_name, dataset_uri=dataset_uri, location=location,
+        large_model_reference=large_model_reference, accelerator_type=accelerator_type,
+        train_steps=train_steps, learning_rate_multiplier=learning_rate_multiplier,
+        evaluation_data_uri=evaluation_data_uri, evaluation_interval=evaluation_interval,
         enable_early_stopping=enable_early_stopping,
-        accelerator_type=accelerator_type,
-        max_context_length=max_context_length,
-        tensorboard_resource_id=tensorboard_resource_id,
-    ).set_display_name("Tune").set_caching_options(False)
-    tuned.set_accelerator_type("NVIDIA_A100_80GB").set_accelerator_limit(8)
-
-    evaluated = evaluate(
-        tuned_model=tuned.outputs["tuned_model"],
-        validated_dataset=validated.outputs["validated_dataset"],
-        tokenized_dataset=tokenized.outputs["tokenized_dataset"],
-        large_model_reference=large_model_reference,
-    ).set_display_name("Evaluate").set_caching_options(False)
-
-    selected = select_checkpoint(
-        tuned_model=tuned.outputs["tuned_model"],
-        evaluation_results=evaluated.outputs["evaluation_results"],
         enable_checkpoint_selection=enable_checkpoint_selection,
-        large_model_reference=large_model_reference,
-    ).set_display_name("Select Checkpoint").set_caching_options(False)
+        tensorboard_resource_id=tensorboard_resource_id, max_context_length=max_context_length)
 
-    uploaded = upload_model(
-        selected_model=selected.outputs["selected_model"],
-        validated_dataset=validated.outputs["validated_dataset"],
-        evaluation_results=evaluated.outputs["evaluation_results"],
-        model_display_name=model_display_name,
-        project=project,
-        location=location,
-        dataset_uri=dataset_uri,
-    ).set_display_name("Upload Model").set_caching_options(False)
-
-    deploy_endpoint(
-        registered_model=uploaded.outputs["registered_model"],
-        model_display_name=model_display_name,
-    ).set_display_name("Deploy Endpoint").set_caching_options(False)

@@ -11,8 +11,10 @@ from components.common.model_catalog import resolve_model
 from components.common.model_loading import load_tokenizer, read_tuned_model_metadata
 from components.common.model_registry import get_model, list_models, register_model, resolve_model_dir
 from components.deploy_endpoint import endpoints
+from components.common.prompts import format_conversation_prompt
 from components.deploy_endpoint.server import RequestError, parse_predict_request
 from components.tune.trainer import TuneConfig, tune
+from pipelines import cli
 from tests.tokenized import write_token_dataset
 
 
@@ -57,17 +59,20 @@ def test_bad_predict_requests_are_explained(body, message):
 
 
 def test_predict_request_defaults_and_overrides():
-    prompts, parameters = parse_predict_request(
+    request = parse_predict_request(
         b'{"instances": [{"prompt": "a"}, {"prompt": "b"}], "parameters": {"temperature": 0.5}}')
-    assert prompts == ["a", "b"]
-    assert parameters == {"temperature": 0.5, "maxOutputTokens": 128, "topP": 0.95, "topK": 40}
+    assert not request.chat
+    assert request.conversations == [[{"role": "user", "content": "a"}],
+                                     [{"role": "user", "content": "b"}]]
+    assert request.parameters == {"temperature": 0.5, "maxOutputTokens": 128, "topP": 0.95,
+                                  "topK": 40}
 
 
 def test_endpoint_serves_predictions_over_http_until_stopped(tuned_checkpoint):
     registered = register_model(tuned_checkpoint, "intents-endpoint", {})
     endpoint = endpoints.start_endpoint("intents-endpoint", registered.path)
     try:
-        assert [e.name for e in endpoints.list_endpoints()] == ["intents-endpoint"]
+        assert "intents-endpoint" in [e.name for e in endpoints.list_endpoints()]
         reply = endpoints.predict("intents-endpoint", ["Where is my parcel?", "Reset my password"],
                                   {"maxOutputTokens": 5, "temperature": 0.0})
         assert len(reply["predictions"]) == 2
@@ -88,9 +93,191 @@ def test_endpoint_serves_predictions_over_http_until_stopped(tuned_checkpoint):
         # Starting it again replaces the running server.
         replacement = endpoints.start_endpoint("intents-endpoint", registered.path)
         assert replacement.pid != endpoint.pid
-        assert [e.pid for e in endpoints.list_endpoints()] == [replacement.pid]
+        assert endpoints.get_endpoint("intents-endpoint").pid == replacement.pid
     finally:
         assert endpoints.stop_endpoint("intents-endpoint")
-    assert endpoints.list_endpoints() == []
+    assert "intents-endpoint" not in [e.name for e in endpoints.list_endpoints()]
     with pytest.raises(LookupError, match="No running endpoint named 'intents-endpoint'"):
         endpoints.predict("intents-endpoint", ["hi"])
+
+
+# --- chat ------------------------------------------------------------------------------------
+
+CHAT = "intents-chat"
+CHAT_INSTANCE = {
+    "context": "You sort customer messages into intents.",
+    "examples": [{"input": {"content": "Where is my parcel?"},
+                  "output": {"content": "track_order"}}],
+    "messages": [{"author": "user", "content": "I forgot my password"},
+                 {"author": "assistant", "content": "reset_password"},
+                 {"author": "user", "content": "Cancel my order please"}],
+}
+# The conversation the chat template sees for CHAT_INSTANCE: context, example, messages.
+CHAT_CONVERSATION = [
+    {"role": "system", "content": "You sort customer messages into intents."},
+    {"role": "user", "content": "Where is my parcel?"},
+    {"role": "assistant", "content": "track_order"},
+    {"role": "user", "content": "I forgot my password"},
+    {"role": "assistant", "content": "reset_password"},
+    {"role": "user", "content": "Cancel my order please"},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_endpoint(tuned_checkpoint):
+    endpoint = endpoints.start_endpoint(CHAT, register_model(tuned_checkpoint, CHAT, {}).path)
+    yield endpoint
+    endpoints.stop_endpoint(CHAT, missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+def post(url: str, payload: dict) -> tuple[int, dict]:
+    """POSTs JSON; the status and the JSON reply (errors included)."""
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _user(content: str) -> dict:
+    return {"author": "user", "content": content}
+
+
+def prompt_tokens(tokenizer, conversation: list[dict]) -> int:
+    prompt = format_conversation_prompt(tokenizer, conversation)
+    return len(tokenizer(prompt, add_special_tokens=False).input_ids)
+
+
+def test_chat_predictions_use_context_examples_and_messages(chat_endpoint, tokenizer):
+    status, reply = post(chat_endpoint.predict_url, {
+        "instances": [CHAT_INSTANCE, {"messages": [_user("Where is my parcel?")]}],
+        "parameters": {"maxOutputTokens": 4, "temperature": 0.0}})
+    assert status == 200
+    assert reply["deployedModelId"] == CHAT
+    assert [[c["author"] for c in p["candidates"]] for p in reply["predictions"]] == [
+        ["assistant"], ["assistant"]]
+    tokens = reply["metadata"]["tokenMetadata"]
+    assert tokens["inputTokenCount"]["totalTokens"] == (
+        prompt_tokens(tokenizer, CHAT_CONVERSATION)
+        + prompt_tokens(tokenizer, [{"role": "user", "content": "Where is my parcel?"}]))
+    assert 0 < tokens["outputTokenCount"]["totalTokens"] <= 8
+
+    # A one-message chat is prompted exactly as the same text prompt.
+    _, text = post(chat_endpoint.predict_url, {"instances": [{"prompt": "Where is my parcel?"}],
+                                               "parameters": {"maxOutputTokens": 4}})
+    assert text["predictions"] == [{"content": reply["predictions"][1]["candidates"][0]["content"]}]
+
+    # The OpenAI route builds the same prompt: same greedy answer, same prompt token count.
+    status, completion = post(chat_endpoint.url + "/v1/chat/completions", {
+        "model": CHAT, "messages": CHAT_CONVERSATION, "max_tokens": 4, "temperature": 0})
+    assert status == 200
+    assert completion["choices"][0]["message"] == {
+        "role": "assistant", "content": reply["predictions"][0]["candidates"][0]["content"]}
+    assert completion["usage"]["prompt_tokens"] == prompt_tokens(tokenizer, CHAT_CONVERSATION)
+
+
+@pytest.mark.parametrize("instances, message", [
+    ([{"messages": []}],
+     'instances[0].messages must be a non-empty list of {"author": "user"|"assistant", '
+     '"content": "..."}'),
+    ([{"context": "Be brief.", "examples": []}],
+     'instances[0].messages must be a non-empty list of {"author": "user"|"assistant", '
+     '"content": "..."}'),
+    ([{"messages": [{"author": "model", "content": "hi"}]}],
+     'instances[0].messages[0].author must be "user" or "assistant" ("bot" also accepted), '
+     "got 'model'"),
+    ([{"messages": [_user("hi"), _user("again")]}],
+     'instances[0].messages[1].author must be "assistant": turns alternate "user" and '
+     '"assistant", starting with "user"'),
+    ([{"messages": [_user("hi"), {"author": "assistant", "content": "hello"}]}],
+     'instances[0].messages must end with a "user" message, the one to answer'),
+    ([{"messages": [_user("hi"), {"author": "assistant"}, _user("x")]}],
+     'instances[0].messages[1] must be {"author": "user"|"assistant", "content": "..."} '
+     "with a non-empty content"),
+    ([{"messages": [_user("hi")], "examples": [{"input": {"content": "q"}, "output": "a"}]}],
+     'instances[0].examples[0] must be {"input": {"content": "..."}, "output": {"content": '
+     '"..."}} with non-empty contents'),
+    ([{"messages": [_user("hi")], "context": 3}], "instances[0].context must be a string"),
+    ([{"messages": [_user("hi")]}, {"prompt": "hi"}],
+     'instances mix the chat shape (with "messages") and the text shape (with "prompt"); '
+     "send one shape per request"),
+])
+def test_bad_chat_requests_are_answered_400(chat_endpoint, instances, message):
+    assert post(chat_endpoint.predict_url, {"instances": instances}) == (400, {"error": message})
+
+
+def test_openai_chat_completion(chat_endpoint, tokenizer):
+    url = chat_endpoint.url + "/v1/chat/completions"
+    messages = [{"role": "user", "content": "Where is my parcel?"}]
+    status, reply = post(url, {"model": CHAT, "messages": messages, "max_tokens": 3,
+                               "temperature": 0.9, "top_p": 0.9, "n": 1, "seed": 7})
+    assert status == 200
+    assert reply["id"].startswith("chatcmpl-") and reply["object"] == "chat.completion"
+    assert isinstance(reply["created"], int) and reply["model"] == CHAT
+    choice, = reply["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    usage = reply["usage"]
+    assert usage["prompt_tokens"] == prompt_tokens(tokenizer, messages)
+    assert 0 <= usage["completion_tokens"] <= 3
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert choice["finish_reason"] == ("length" if usage["completion_tokens"] == 3 else "stop")
+    # Sampling with the same seed answers the same.
+    again = post(url, {"model": CHAT, "messages": messages, "max_tokens": 3, "temperature": 0.9,
+                       "top_p": 0.9, "seed": 7})[1]
+    assert again["choices"] == reply["choices"] and again["id"] != reply["id"]
+
+    with urllib.request.urlopen(chat_endpoint.url + "/v1/models", timeout=60) as response:
+        models = json.loads(response.read())
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [CHAT]
+
+
+@pytest.mark.parametrize("request_body, message", [
+    ({"model": "other", "messages": [{"role": "user", "content": "hi"}]},
+     "model must be 'intents-chat', the model this endpoint serves; got 'other'"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "n": 2},
+     "n=2 is not supported; this endpoint answers n=1"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stream": True},
+     "unsupported fields ['stream']; supported: ['max_tokens', 'messages', 'model', 'n', 'seed', "
+     "'temperature', 'top_p']"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+     "max_tokens=0 is out of range; expected an integer in [1, 1024]"),
+    ({"model": CHAT, "messages": []},
+     'messages must be a non-empty list of {"role": "system"|"user"|"assistant", '
+     '"content": "..."}'),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "hi"},
+                                  {"role": "system", "content": "late"}]},
+     "messages[1].role must be one of ['user', 'assistant'] (system only first), got 'system'"),
+    ({"model": CHAT, "messages": [{"role": "system", "content": "s"},
+                                  {"role": "assistant", "content": "a"}]},
+     'messages[1].role must be "user": turns alternate "user" and "assistant", starting with '
+     '"user"'),
+    ({"model": CHAT, "messages": [{"role": "system", "content": "s"}]},
+     'messages must end with a "user" message, the one to answer'),
+])
+def test_bad_openai_requests_are_answered_400(chat_endpoint, request_body, message):
+    assert post(chat_endpoint.url + "/v1/chat/completions", request_body) == (
+        400, {"error": {"message": message, "type": "invalid_request_error"}})
+
+
+def test_cli_predicts_chat_with_messages(chat_endpoint, capsys):
+    turns = ["I forgot my password", "reset_password", "Cancel my order please"]
+    context = "You sort customer messages into intents."
+    assert cli.main(["endpoints", "predict", CHAT, *[f"--message={t}" for t in turns],
+                     "--context", context, "--max-output-tokens", "4"]) == 0
+    reply = endpoints.predict_chat(CHAT, turns, context, {"maxOutputTokens": 4})
+    assert capsys.readouterr().out == reply["predictions"][0]["candidates"][0]["content"] + "\n"
+
+    for arguments in (["--prompt", "hi", "--message", "hi"], []):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["endpoints", "predict", CHAT, *arguments])
+        assert exit_.value.code == 2
+        assert "--prompt" in capsys.readouterr().err
+    assert cli.main(["endpoints", "predict", CHAT, "--prompt", "hi", "--context", "c"]) == 2
+    assert "--context goes with a chat request (--message)" in capsys.readouterr().err

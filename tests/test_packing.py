@@ -9,8 +9,7 @@ import torch
 
 from components.common.model_loading import load_base_model
 from tests.reference_scoring import collate, score_dataset, score_logits
-from components.tune.acceleration import (FusedLoraLinear, compile_decoder_layers,
-                                          compiled_token_loss, lora_config)
+from components.tune.acceleration import FusedLoraLinear, lora_config
 from components.common.packing import (score_examples, SHORT_EXAMPLE_TOKENS, num_targets, pack_examples, packed_loss, row_groups,
                                      score_packed, token_loss, use_packed_attention)
 
@@ -188,19 +187,6 @@ def test_fused_lora_layers_compute_what_peft_computes(tiny_model_dir):
     assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
-
-
-def test_compiled_decoder_layers_compute_what_eager_layers_compute(tiny_model_dir):
-    eager, _ = _lora_model(tiny_model_dir)
-    compiled, _ = _lora_model(tiny_model_dir)
-    assert compile_decoder_layers(compiled) == 1  # the first layer stays eager
-    for seed in (5, 6):  # another row length: no recompilation needed, same results
-        examples = _examples(seed=seed)
-        eager_loss, eager_grads = _step(eager, examples)
-        compiled_loss, compiled_grads = _step(compiled, examples, compiled_token_loss())
-        assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
-        for name, grad in eager_grads.items():
-            torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("query_block", [256, 16])  # one block; three blocks, the last short

@@ -88,12 +88,17 @@ CASES = [
      ["enable_checkpoint_selection='true' needs evaluation_data_uri (the best checkpoint is "
       "chosen by its evaluation)"]),
     ("chat-eval-data", CHAT, {"evaluation_data_uri": "gs://b/eval.jsonl"},
-     ["evaluation_data_uri is not supported for chat models (tune-large-chat-model); leave it "
-      "empty"]),
-    ("chat-eval-settings", CHAT, {"evaluation_interval": 5, "enable_early_stopping": False},
-     ["evaluation_interval, enable_early_stopping: evaluation settings are not supported for "
-      "chat models (tune-large-chat-model)"]),
-    ("chat-eval-defaults-ok", CHAT, {"evaluation_data_uri": "", "evaluation_interval": 20}, []),
+     ["parameter 'evaluation_data_uri': chat tuning has no evaluation data: tune-large-chat-model "
+      "takes no evaluation_data_uri (Vertex's chat template has no evaluation parameters); "
+      "remove it"]),
+    ("chat-eval-settings-even-defaults", CHAT, {"evaluation_interval": 20,
+                                                "enable_checkpoint_selection": "default"},
+     ["parameter 'evaluation_interval': chat tuning has no evaluation data: tune-large-chat-model "
+      "takes no evaluation_interval (Vertex's chat template has no evaluation parameters); "
+      "remove it",
+      "parameter 'enable_checkpoint_selection': chat tuning has no evaluation data: "
+      "tune-large-chat-model takes no enable_checkpoint_selection (Vertex's chat template has no "
+      "evaluation parameters); remove it"]),
     ("several-at-once", TEXT, {"location": "mars", "train_steps": "x"},
      [f"location 'mars' is not a supported region; use one of: {', '.join(REGIONS)}",
       "train_steps must be a positive integer, not 'x'"]),

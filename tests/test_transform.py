@@ -121,6 +121,29 @@ def test_chat_masks_only_assistant_turns(tmp_path, tokenizer):
     assert ids[:len(ids_of(tokenizer, first_prompt))].tolist() == ids_of(tokenizer, first_prompt)
 
 
+def test_multi_turn_loss_mask_with_a_context(tmp_path, tokenizer):
+    examples = [chat_example(i, context="You are a pirate.") for i in range(10)]
+    dataset, _ = validate_and_transform(tmp_path, examples, "chat", CHAT_MODEL,
+                                        default_context="You are a poet.", tokenizer=tokenizer)
+    ids, mask = dataset[0]
+    messages = [{"role": "system", "content": "You are a pirate."},
+                {"role": "user", "content": "Hello 0"},
+                {"role": "assistant", "content": "Hi 0, how can I help?"},
+                {"role": "user", "content": "Tell me a joke."},
+                {"role": "assistant", "content": "Why did the chicken cross?"}]
+    prompts = [format_conversation_prompt(tokenizer, messages[:2]),
+               format_conversation_prompt(tokenizer, messages[:4])]
+    answers = [format_target(tokenizer, messages[:2], messages[2]["content"]),
+               format_target(tokenizer, messages[:4], messages[4]["content"])]
+    # system + user 1 (mask 0), answer 1 (mask 1), user 2 (mask 0), answer 2 (mask 1)
+    pieces = [(prompts[0], 0), (answers[0], 1),
+              (prompts[1][len(prompts[0] + answers[0]):], 0), (answers[1], 1)]
+    assert ids.tolist() == [t for text, _ in pieces for t in ids_of(tokenizer, text)]
+    assert mask.tolist() == [flag for text, flag in pieces for _ in ids_of(tokenizer, text)]
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert answers == ["Hi 0, how can I help?<|im_end|>\n", "Why did the chicken cross?<|im_end|>\n"]
+
+
 def test_default_context_applied_and_overridden(tmp_path, tokenizer):
     examples = [chat_example(0, context="You are a pirate.")] + \
         [chat_example(i) for i in range(1, 10)]

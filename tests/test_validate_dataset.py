@@ -296,6 +296,28 @@ def test_text_format_ignores_context_with_a_warning(tmp_path):
         check.warnings
 
 
+def test_chat_truncation_is_counted_with_the_default_context(tmp_path, tokenizer):
+    # Line 1 fits 8192 tokens on its own but not after a 400-word default context; line 2 has
+    # an assistant turn over 1024 tokens.
+    long_user = json.dumps({"messages": [{"author": "user", "content": " ".join(["word"] * 7900)},
+                                         {"author": "assistant", "content": "ok"}]})
+    long_answer = json.dumps({"messages": [{"author": "user", "content": "hi"},
+                                           {"author": "assistant",
+                                            "content": " ".join(["word"] * 1100)}]})
+    path = write(tmp_path / "chat.jsonl", [long_user, long_answer] +
+                 [chat_line(i) for i in range(10)])
+    alone = run_validation(str(path), "", "chat", "chat-bison@002", "", tokenizer=tokenizer)
+    assert alone.to_dict()["files"]["train"]["truncated"] == {"inputs": 0, "outputs": 1,
+                                                              "examples": 1}
+    report = run_validation(str(path), "", "chat", "chat-bison@002", "", tokenizer=tokenizer,
+                            default_context=" ".join(["rule"] * 400))
+    assert report.valid
+    assert report.to_dict()["files"]["train"]["truncated"] == {"inputs": 1, "outputs": 1,
+                                                               "examples": 2}
+    assert (f"{path}: 2 example(s) will be truncated: 1 conversations longer than 8,192 tokens, "
+            f"1 with assistant turns longer than 1,024 tokens") in report.warnings
+
+
 def test_too_long_examples_are_truncated_warnings(tmp_path, tokenizer):
     long_input = " ".join(["word"] * 9000)
     long_output = " ".join(["word"] * 1100)
@@ -483,7 +505,7 @@ def test_component_signature():
 
     spec = validate_dataset.component_spec
     assert list(spec.inputs) == ["dataset_uri", "evaluation_data_uri", "dataset_format",
-                                 "large_model_reference", "max_context_length"]
+                                 "large_model_reference", "max_context_length", "default_context"]
     assert list(spec.outputs) == ["report", "validated_dataset"] or \
         sorted(spec.outputs) == ["report", "validated_dataset"]
     assert spec.outputs["validated_dataset"].type == "system.Dataset@0.0.1"

@@ -16,8 +16,9 @@ enable_early_stopping true, enable_checkpoint_selection 'default') are harmless 
 data, and request bodies often spell them out, so only a value that asks for evaluation behaviour
 and differs from the default is an error: an evaluation_interval other than 20, or
 enable_checkpoint_selection 'true'. Turning things off (enable_early_stopping false,
-enable_checkpoint_selection 'false') is accepted. For the chat pipeline, which has no evaluation,
-evaluation_data_uri and any evaluation setting that differs from its default is an error.
+enable_checkpoint_selection 'false') is accepted. The chat pipeline has no evaluation (Vertex's
+chat template has no evaluation parameters): any evaluation parameter given to it, whatever its
+value, is refused with that reason (:func:`refused_parameters`).
 """
 from __future__ import annotations
 
@@ -37,8 +38,6 @@ CHECKPOINT_SELECTION_VALUES = ("true", "false", "default")
 MAX_CONTEXT_LENGTHS = ("", "8k", "32k")
 
 CHAT_PIPELINE = "tune-large-chat-model"
-EVALUATION_DEFAULTS = {"evaluation_interval": 20, "enable_early_stopping": True,
-                       "enable_checkpoint_selection": "default"}
 
 _COMMON = {"project", "location", "model_display_name", "dataset_uri", "accelerator_type",
            "train_steps", "learning_rate_multiplier", "tensorboard_resource_id",
@@ -162,14 +161,8 @@ def check_parameters(pipeline_name: str, values: dict) -> list[str]:
     interval_changed = ("evaluation_interval" in values and
                         _as_int(values["evaluation_interval"]) not in (None, 20))
     if chat:
-        if has_eval_data:
-            errors.append("evaluation_data_uri is not supported for chat models "
-                          f"({CHAT_PIPELINE}); leave it empty")
-        changed = [name for name in EVALUATION_DEFAULTS
-                   if name in values and _differs_from_default(name, values[name])]
-        if changed:
-            errors.append(f"{', '.join(changed)}: evaluation settings are not supported for chat "
-                          f"models ({CHAT_PIPELINE})")
+        refused = refused_parameters(pipeline_name)
+        errors += [f"parameter {name!r}: {refused[name]}" for name in values if name in refused]
     elif not has_eval_data:
         if interval_changed:
             errors.append(f"evaluation_interval={_show(values['evaluation_interval'])} needs "
@@ -180,13 +173,17 @@ def check_parameters(pipeline_name: str, values: dict) -> list[str]:
     return errors
 
 
-def _differs_from_default(name: str, value: Any) -> bool:
-    if name == "evaluation_interval":
-        return _as_int(value) != 20
-    if name == "enable_early_stopping":
-        return _as_bool(value) is not True
-    raw = str(value).lower() if isinstance(value, bool) else _text(value).lower()
-    return raw != "default"
+def refused_parameters(pipeline_name: str) -> dict[str, str]:
+    """Parameters a pipeline deliberately lacks, each with the reason to give when one is passed.
+
+    Chat tuning has no evaluation data: tune-large-chat-model refuses the evaluation parameters
+    of tune-large-model (Vertex's chat template has none of them).
+    """
+    if pipeline_name != CHAT_PIPELINE:
+        return {}
+    return {name: f"chat tuning has no evaluation data: {CHAT_PIPELINE} takes no {name} "
+                  "(Vertex's chat template has no evaluation parameters); remove it"
+            for name in sorted(_EVALUATION)}
 
 
 def _normalized(name: str) -> str:

@@ -125,10 +125,28 @@ def stop_endpoint(name: str, missing_ok: bool = False) -> bool:
 
 def predict(name: str, prompts: list[str], parameters: dict | None = None,
             timeout: float = 300) -> dict:
-    """Sends a Vertex-style predict request to the named endpoint and returns its JSON reply."""
+    """Sends a Vertex-style text predict request to the named endpoint; returns its JSON reply."""
+    return _post_predict(name, [{"prompt": p} for p in prompts], parameters, timeout)
+
+
+def predict_chat(name: str, messages: list[str], context: str = "",
+                 parameters: dict | None = None, timeout: float = 300) -> dict:
+    """Sends a Vertex-style chat predict request and returns its JSON reply.
+
+    ``messages`` are the conversation's turns in order, alternating user and assistant and
+    starting (and ending) with the user's; ``context`` is the optional system context.
+    """
+    instance: dict = {"messages": [{"author": ("user", "assistant")[index % 2], "content": text}
+                                   for index, text in enumerate(messages)]}
+    if context:
+        instance["context"] = context
+    return _post_predict(name, [instance], parameters, timeout)
+
+
+def _post_predict(name: str, instances: list[dict], parameters: dict | None,
+                  timeout: float) -> dict:
     endpoint = get_endpoint(name)
-    body = json.dumps({"instances": [{"prompt": p} for p in prompts],
-                       "parameters": parameters or {}}).encode()
+    body = json.dumps({"instances": instances, "parameters": parameters or {}}).encode()
     request = urllib.request.Request(endpoint.predict_url, data=body,
                                      headers={"Content-Type": "application/json"})
     try:

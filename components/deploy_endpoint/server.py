@@ -1,10 +1,38 @@
 """A local prediction endpoint: one tuned model behind a Vertex-style HTTP API on loopback.
 
     POST /predict   (also any path ending in ``:predict``, as Vertex's REST paths do)
-    {"instances": [{"prompt": "..."}], "parameters": {"temperature": 0.0, "maxOutputTokens": 128,
-                                                     "topP": 0.95, "topK": 40}}
-    -> {"predictions": [{"content": "..."}], "deployedModelId": ..., "metadata": {...}}
+
+    text:  {"instances": [{"prompt": "..."}], "parameters": {"temperature": 0.0,
+            "maxOutputTokens": 128, "topP": 0.95, "topK": 40}}
+        -> {"predictions": [{"content": "..."}], "deployedModelId": ..., "metadata": {...}}
+    chat:  {"instances": [{"context": "...",
+                           "examples": [{"input": {"content": "..."},
+                                         "output": {"content": "..."}}],
+                           "messages": [{"author": "user", "content": "..."}, ...]}],
+            "parameters": {...}}
+        -> {"predictions": [{"candidates": [{"author": "assistant", "content": "..."}]}], ...}
+
+    An instance with ``messages`` (or ``context``, ``examples``) is chat; one request holds one
+    shape. Messages alternate ``user`` and ``assistant`` (``bot``, the Vertex SDK's name, is
+    accepted), starting and ending with the user. The prompt is the model's chat template over
+    the context (system turn), the examples (prior user and assistant turns) and the messages,
+    as training formats chat data. Candidates are authored ``assistant`` (chat-bison answers
+    ``"1"``), so a candidate can be appended to ``messages`` as it is.
+
+    POST /v1/chat/completions   (OpenAI-compatible)
+    {"model": NAME, "messages": [{"role": "system"|"user"|"assistant", "content": "..."}],
+     "temperature": 1.0, "max_tokens": 128, "top_p": 1.0, "n": 1, "seed": 0}
+        -> {"id", "object": "chat.completion", "created", "model", "choices": [{"index": 0,
+            "message": {"role": "assistant", "content"}, "finish_reason": "stop"|"length"}],
+            "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+    Omitted fields take OpenAI's defaults, except ``max_tokens`` (128, as ``/predict``).
+
+    GET /v1/models  -> the one model served, OpenAI-style
     GET /           -> health and model information
+
+A bad request is answered 400 with what was expected: ``{"error": "..."}`` on ``/predict``,
+``{"error": {"message": "...", "type": "invalid_request_error"}}`` on the OpenAI routes.
+Every route generates through the same batched generator (``components.common.generation``).
 
 Run it with ``python -m components.deploy_endpoint.server --name N --model-dir D --ready-file F``;
 it binds a free port on 127.0.0.1 and writes ``{"port": ...}`` to the ready file once it serves.
@@ -15,54 +43,214 @@ import argparse
 import json
 import os
 import threading
+import time
+import uuid
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any, Callable
+
+from components.common.prompts import chat_messages
+
+if TYPE_CHECKING:
+    from components.common.generation import Generation
 
 DEFAULT_PARAMETERS = {"temperature": 0.0, "maxOutputTokens": 128, "topP": 0.95, "topK": 40}
+OPENAI_DEFAULT_PARAMETERS = {"temperature": 1.0, "maxOutputTokens": 128, "topP": 1.0, "topK": 0}
+OPENAI_PARAMETER_NAMES = {"temperature": "temperature", "max_tokens": "maxOutputTokens",
+                          "top_p": "topP"}
 MAX_OUTPUT_TOKENS_LIMIT = 1024
+PARAMETER_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "temperature": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 2, "a number in [0, 2]"),
+    "maxOutputTokens": (lambda v: isinstance(v, int) and 1 <= v <= MAX_OUTPUT_TOKENS_LIMIT,
+                        f"an integer in [1, {MAX_OUTPUT_TOKENS_LIMIT}]"),
+    "topP": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "a number in (0, 1]"),
+    "topK": (lambda v: isinstance(v, int) and 0 <= v <= 1000, "an integer in [0, 1000]"),
+}
+TEXT_SHAPE = '{"instances": [{"prompt": "..."}, ...], "parameters": {...}}'
+CHAT_SHAPE = ('{"instances": [{"context": "...", "examples": [...], "messages": '
+              '[{"author": "user", "content": "..."}, ...]}], "parameters": {...}}')
+MESSAGE_SHAPE = '{"author": "user"|"assistant", "content": "..."}'
+EXAMPLE_SHAPE = '{"input": {"content": "..."}, "output": {"content": "..."}}'
+OPENAI_MESSAGE_SHAPE = '{"role": "system"|"user"|"assistant", "content": "..."}'
+OPENAI_FIELDS = {"model", "messages", "temperature", "max_tokens", "top_p", "n", "seed"}
+CHAT_FIELDS = {"context", "examples", "messages"}  # an instance with any of them is chat
+AUTHOR_ROLES = {"user": "user", "assistant": "assistant", "bot": "assistant"}
+CANDIDATE_AUTHOR = "assistant"
+
+Conversation = list[dict[str, str]]  # chat-template messages: {"role": ..., "content": ...}
 
 
 class RequestError(ValueError):
-    """A predict request that cannot be served; the message goes back to the client."""
+    """A request that cannot be served; the message goes back to the client."""
 
 
-def parse_predict_request(body: bytes) -> tuple[list[str], dict]:
-    """The prompts and generation parameters of a Vertex-style predict request body."""
+@dataclass
+class PredictRequest:
+    """A parsed ``/predict`` request: one conversation per instance, in order."""
+
+    conversations: list[Conversation]
+    chat: bool
+    parameters: dict
+
+
+@dataclass
+class ChatCompletionRequest:
+    """A parsed ``/v1/chat/completions`` request."""
+
+    conversation: Conversation
+    parameters: dict
+    seed: int
+
+
+def _load_json_object(body: bytes, shape: str) -> dict:
     try:
         request = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RequestError(f"request body is not valid JSON: {error}") from None
-    if not isinstance(request, dict) or not isinstance(request.get("instances"), list) \
-            or not request["instances"]:
-        raise RequestError('request must be {"instances": [{"prompt": "..."}, ...], "parameters": {...}}')
-    prompts = []
-    for number, instance in enumerate(request["instances"]):
-        prompt = instance.get("prompt", instance.get("content")) if isinstance(instance, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise RequestError(f"instances[{number}].prompt must be a non-empty string")
-        prompts.append(prompt)
-    parameters = dict(DEFAULT_PARAMETERS)
+    if not isinstance(request, dict):
+        raise RequestError(f"request must be {shape}")
+    return request
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _checked_parameters(parameters: dict, names: dict[str, str]) -> dict:
+    """``parameters`` (Vertex names) once in range; errors call them as ``names`` says."""
+    for name, (check, expected) in PARAMETER_CHECKS.items():
+        value = parameters[name]
+        if isinstance(value, bool) or not check(value):
+            raise RequestError(f"{names.get(name, name)}={value!r} is out of range; "
+                               f"expected {expected}")
+    return parameters
+
+
+def _check_turns(conversation: Conversation, where: str, key: str, first_index: int = 0) -> None:
+    """Raises unless the turns go user, assistant, user, ... and end with the user's."""
+    for offset, message in enumerate(conversation):
+        expected = "user" if offset % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise RequestError(
+                f'{where}[{first_index + offset}].{key} must be "{expected}": turns alternate '
+                f'"user" and "assistant", starting with "user"')
+    if conversation[-1]["role"] != "user":
+        raise RequestError(f'{where} must end with a "user" message, the one to answer')
+
+
+def _vertex_chat_conversation(instance: dict, where: str) -> Conversation:
+    """The chat-template messages of a Vertex chat instance: context, examples, messages."""
+    context = instance.get("context", "")
+    if not isinstance(context, str):
+        raise RequestError(f"{where}.context must be a string")
+    conversation = [{"role": "system", "content": context}] if context else []
+    examples = instance.get("examples", [])
+    if not isinstance(examples, list):
+        raise RequestError(f"{where}.examples must be a list of {EXAMPLE_SHAPE}")
+    for number, example in enumerate(examples):
+        sides = [example.get(side) if isinstance(example, dict) else None
+                 for side in ("input", "output")]
+        if not all(isinstance(side, dict) and _is_text(side.get("content")) for side in sides):
+            raise RequestError(f"{where}.examples[{number}] must be {EXAMPLE_SHAPE} "
+                               "with non-empty contents")
+        conversation += [{"role": "user", "content": sides[0]["content"]},
+                         {"role": "assistant", "content": sides[1]["content"]}]
+    messages = instance.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(f"{where}.messages must be a non-empty list of {MESSAGE_SHAPE}")
+    turns = []
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict) or not _is_text(message.get("content")):
+            raise RequestError(f"{where}.messages[{number}] must be {MESSAGE_SHAPE} "
+                               "with a non-empty content")
+        author = message.get("author")
+        if author not in AUTHOR_ROLES:
+            raise RequestError(f'{where}.messages[{number}].author must be "user" or '
+                               f'"assistant" ("bot" also accepted), got {author!r}')
+        turns.append({"role": AUTHOR_ROLES[author], "content": message["content"]})
+    _check_turns(turns, f"{where}.messages", "author")
+    return conversation + turns
+
+
+def parse_predict_request(body: bytes) -> PredictRequest:
+    """The conversations and generation parameters of a Vertex-style predict request body."""
+    request = _load_json_object(body, f"{TEXT_SHAPE} or {CHAT_SHAPE}")
+    instances = request.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise RequestError(f"request must be {TEXT_SHAPE} or {CHAT_SHAPE}")
+    for number, instance in enumerate(instances):
+        if not isinstance(instance, dict):
+            raise RequestError(f'instances[{number}] must be an object: {{"prompt": ...}} or '
+                               f'{{"messages": ...}}')
+    chat = [bool(CHAT_FIELDS & set(instance)) for instance in instances]
+    if any(chat) and not all(chat):
+        raise RequestError("instances mix the chat shape (with \"messages\") and the text shape "
+                           "(with \"prompt\"); send one shape per request")
+    conversations = []
+    for number, instance in enumerate(instances):
+        where = f"instances[{number}]"
+        if chat[0]:
+            conversations.append(_vertex_chat_conversation(instance, where))
+            continue
+        prompt = instance.get("prompt", instance.get("content"))
+        if not _is_text(prompt):
+            raise RequestError(f"{where}.prompt must be a non-empty string "
+                               f"(or send the chat shape {CHAT_SHAPE})")
+        conversations.append(chat_messages(prompt))
     given = request.get("parameters") or {}
     if not isinstance(given, dict):
         raise RequestError("parameters must be an object")
     unknown = sorted(set(given) - set(DEFAULT_PARAMETERS))
     if unknown:
         raise RequestError(f"unknown parameters {unknown}; supported: {sorted(DEFAULT_PARAMETERS)}")
-    parameters.update(given)
-    checks = {
-        "temperature": lambda v: isinstance(v, (int, float)) and 0 <= v <= 2,
-        "maxOutputTokens": lambda v: isinstance(v, int) and 1 <= v <= MAX_OUTPUT_TOKENS_LIMIT,
-        "topP": lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
-        "topK": lambda v: isinstance(v, int) and 0 <= v <= 1000,
-    }
-    for name, check in checks.items():
-        if isinstance(parameters[name], bool) or not check(parameters[name]):
-            raise RequestError(f"parameters.{name}={parameters[name]!r} is out of range")
-    return prompts, parameters
+    parameters = _checked_parameters({**DEFAULT_PARAMETERS, **given},
+                                     {name: f"parameters.{name}" for name in DEFAULT_PARAMETERS})
+    return PredictRequest(conversations, chat[0], parameters)
+
+
+def parse_chat_completion_request(body: bytes, model_name: str) -> ChatCompletionRequest:
+    """The conversation, parameters and seed of an OpenAI chat completions request body."""
+    shape = f'{{"model": "{model_name}", "messages": [{OPENAI_MESSAGE_SHAPE}, ...], ...}}'
+    request = _load_json_object(body, shape)
+    unknown = sorted(set(request) - OPENAI_FIELDS)
+    if unknown:
+        raise RequestError(f"unsupported fields {unknown}; supported: {sorted(OPENAI_FIELDS)}")
+    if request.get("model") != model_name:
+        raise RequestError(f"model must be {model_name!r}, the model this endpoint serves; "
+                           f"got {request.get('model')!r}")
+    if request.get("n", 1) != 1:
+        raise RequestError(f"n={request['n']!r} is not supported; this endpoint answers n=1")
+    seed = request.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise RequestError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(f"messages must be a non-empty list of {OPENAI_MESSAGE_SHAPE}")
+    conversation = []
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict) or not _is_text(message.get("content")):
+            raise RequestError(f"messages[{number}] must be {OPENAI_MESSAGE_SHAPE} "
+                               "with a non-empty string content")
+        role = message.get("role")
+        allowed = ("system", "user", "assistant") if number == 0 else ("user", "assistant")
+        if role not in allowed:
+            raise RequestError(f"messages[{number}].role must be one of {list(allowed)} "
+                               f"(system only first), got {role!r}")
+        conversation.append({"role": role, "content": message["content"]})
+    system = conversation[:1] if conversation[0]["role"] == "system" else []
+    if len(conversation) == len(system):
+        raise RequestError('messages must end with a "user" message, the one to answer')
+    _check_turns(conversation[len(system):], "messages", "role", first_index=len(system))
+    parameters = {**OPENAI_DEFAULT_PARAMETERS,
+                  **{OPENAI_PARAMETER_NAMES[name]: request[name]
+                     for name in OPENAI_PARAMETER_NAMES if name in request}}
+    names = {vertex: openai for openai, vertex in OPENAI_PARAMETER_NAMES.items()}
+    return ChatCompletionRequest(conversation, _checked_parameters(parameters, names), seed)
 
 
 class Predictor:
-    """The loaded model; generates for a list of prompts, one request at a time."""
+    """The loaded model; generates for a batch of conversations, one request at a time."""
 
     def __init__(self, name: str, model_dir: str):
         from components.common.model_loading import load_tuned_model, select_device
@@ -75,24 +263,87 @@ class Predictor:
                                                                      self.precision.dtype)
         self._lock = threading.Lock()
 
-    def predict(self, prompts: list[str], parameters: dict) -> dict:
-        from components.common.generation import generate
-        from components.common.prompts import format_prompt
+    def generate(self, conversations: list[Conversation], parameters: dict,
+                 seed: int = 0) -> list[Generation]:
+        """One ``Generation`` per conversation, prompted with the model's chat template."""
+        from components.common.generation import SamplingParams, generate_detailed
+        from components.common.prompts import format_conversation_prompt
 
-        formatted = [format_prompt(self.tokenizer, prompt) for prompt in prompts]
-        with self._lock:
-            outputs = generate(self.model, self.tokenizer, formatted,
-                               max_output_tokens=parameters["maxOutputTokens"],
-                               temperature=float(parameters["temperature"]),
-                               top_p=float(parameters["topP"]), top_k=parameters["topK"])
-        input_tokens = sum(len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in formatted)
-        output_tokens = sum(len(self.tokenizer(o, add_special_tokens=False).input_ids) for o in outputs)
+        prompts = [format_conversation_prompt(self.tokenizer, c) for c in conversations]
+        sampling = SamplingParams(parameters["maxOutputTokens"], float(parameters["temperature"]),
+                                  float(parameters["topP"]), parameters["topK"])
+        try:
+            with self._lock:
+                return generate_detailed(self.model, self.tokenizer, prompts, sampling, seed=seed)
+        except ValueError as error:  # e.g. maxOutputTokens beyond the model's context
+            raise RequestError(str(error)) from None
+
+    def predict(self, request: PredictRequest) -> dict:
+        """The Vertex predict response to ``request``."""
+        generations = self.generate(request.conversations, request.parameters)
+        if request.chat:
+            predictions = [{"candidates": [{"author": CANDIDATE_AUTHOR, "content": g.text}]}
+                           for g in generations]
+        else:
+            predictions = [{"content": g.text} for g in generations]
+        input_tokens = sum(g.prompt_tokens for g in generations)
+        output_tokens = sum(len(g.token_ids) for g in generations)
         return {
-            "predictions": [{"content": output} for output in outputs],
+            "predictions": predictions,
             "deployedModelId": self.name,
             "metadata": {"tokenMetadata": {"inputTokenCount": {"totalTokens": input_tokens},
                                            "outputTokenCount": {"totalTokens": output_tokens}}},
         }
+
+    def complete_chat(self, request: ChatCompletionRequest) -> dict:
+        """The OpenAI chat completion response to ``request``."""
+        generation, = self.generate([request.conversation], request.parameters, request.seed)
+        completion_tokens = len(generation.token_ids)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": [{"index": 0,
+                         "message": {"role": "assistant", "content": generation.text},
+                         "finish_reason": generation.finish_reason}],
+            "usage": {"prompt_tokens": generation.prompt_tokens,
+                      "completion_tokens": completion_tokens,
+                      "total_tokens": generation.prompt_tokens + completion_tokens},
+        }
+
+    def models(self) -> dict:
+        """The OpenAI model list: this endpoint's one model."""
+        return {"object": "list", "data": [{"id": self.name, "object": "model",
+                                            "created": int(os.path.getmtime(self.model_dir)),
+                                            "owned_by": "tunepipe"}]}
+
+
+def _serve_predict(predictor: Predictor, body: bytes) -> dict:
+    return predictor.predict(parse_predict_request(body))
+
+
+def _serve_chat_completion(predictor: Predictor, body: bytes) -> dict:
+    return predictor.complete_chat(parse_chat_completion_request(body, predictor.name))
+
+
+def _vertex_error(message: str) -> dict:
+    return {"error": message}
+
+
+def _openai_error(message: str) -> dict:
+    return {"error": {"message": message, "type": "invalid_request_error"}}
+
+
+def _post_route(path: str) -> tuple[Callable[[Predictor, bytes], dict],
+                                   Callable[[str], dict]] | None:
+    """How to serve a POST to ``path`` and how to word its errors; None for no route."""
+    path = path.rstrip("/")
+    if path == "/v1/chat/completions":
+        return _serve_chat_completion, _openai_error
+    if path.endswith("/predict") or path.endswith(":predict"):
+        return _serve_predict, _vertex_error
+    return None
 
 
 def make_handler(predictor: Predictor):
@@ -108,22 +359,28 @@ def make_handler(predictor: Predictor):
             self.wfile.write(body)
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path.rstrip("/") == "/v1/models":
+                self._reply(HTTPStatus.OK, predictor.models())
+                return
             self._reply(HTTPStatus.OK, {"name": predictor.name, "model_dir": predictor.model_dir,
                                         "base_model": predictor.metadata.get("base_model", {}),
                                         "precision": predictor.precision.describe(),
                                         "status": "ready"})
 
         def do_POST(self) -> None:  # noqa: N802
-            if not (self.path.rstrip("/").endswith("/predict") or self.path.endswith(":predict")):
-                self._reply(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}; POST /predict"})
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            route = _post_route(self.path)
+            if route is None:
+                self._reply(HTTPStatus.NOT_FOUND, {
+                    "error": f"no route {self.path}; POST /predict or /v1/chat/completions"})
                 return
-            length = int(self.headers.get("Content-Length") or 0)
+            serve, error_payload = route
             try:
-                prompts, parameters = parse_predict_request(self.rfile.read(length))
+                reply = serve(predictor, body)
             except RequestError as error:
-                self._reply(HTTPStatus.BAD_REQUEST, {"error": str(error)})
+                self._reply(HTTPStatus.BAD_REQUEST, error_payload(str(error)))
                 return
-            self._reply(HTTPStatus.OK, predictor.predict(prompts, parameters))
+            self._reply(HTTPStatus.OK, reply)
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002
             print(f"{self.address_string()} {format % args}", flush=True)

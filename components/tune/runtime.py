@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from components.common.precision import PRECISIONS, Precision, choose_precision
+from components.common.precision import Precision, choose_precision
 
 SHARDINGS = ("ddp", "fsdp")
 XLA_ROW_MULTIPLE = 256  # XLA compiles one graph per shape: rows padded to a multiple of this

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
                              "chat-bison@002 for chat)")
     parser.add_argument("--max-context-length", choices=["", "8k", "32k"], default="",
                         help="model context class (default: implied by the model name)")
+    parser.add_argument("--default-context", default="", metavar="TEXT",
+                        help="chat: the context of examples without their own (the pipeline's "
+                             "default_context); it counts toward their token limit")
     parser.add_argument("--eval", action="store_true",
                         help="DATASET is evaluation data (10 to 250 examples)")
     parser.add_argument("--json", action="store_true", help="print the JSON report")
@@ -91,6 +94,7 @@ def main(argv: list[str]) -> int:
     model = args.model or DEFAULT_MODELS[fmt]
     try:
         report = run_validation(args.dataset, "", fmt, model, args.max_context_length,
+                                default_context=args.default_context,
                                 count_tokens=not args.no_tokens, evaluation_only=args.eval)
     except UnknownModelError as error:
         print(f"tunepipe validate: error: {error}", file=sys.stderr)

@@ -13,6 +13,7 @@ def validate_dataset(
     max_context_length: str,
     validated_dataset: dsl.Output[dsl.Dataset],
     report: dsl.Output[dsl.Markdown],
+    default_context: str = "",
 ):
     """Validates the tuning (and evaluation) data; invalid data stops the pipeline here.
 
@@ -29,6 +30,8 @@ def validate_dataset(
         large_model_reference: The base model (e.g. 'text-bison@002'): its tokenizer counts
             tokens and its context class picks the token limits.
         max_context_length: '' (implied by the model name: '-32k' models are 32k), '8k' or '32k'.
+        default_context: Chat: the context of every example without its own ``context``;
+            it counts toward the token limit of the conversation. Ignored by the text formats.
         validated_dataset: Output directory: train.jsonl, eval.jsonl (only with evaluation
             data), report.json, report.md, histogram.png and tokens/ (tokens transform reuses).
         report: Output Markdown report for people, with the token-length histogram embedded.
@@ -40,5 +43,5 @@ def validate_dataset(
 
     metadata = validate_for_pipeline(dataset_uri, evaluation_data_uri, dataset_format,
                                      large_model_reference, max_context_length,
-                                     validated_dataset.path, report.path)
+                                     validated_dataset.path, report.path, default_context)
     validated_dataset.metadata.update(metadata)

@@ -39,8 +39,9 @@ Output directory (``validated_dataset``), written atomically and only for a vali
 ``train.jsonl`` and ``eval.jsonl`` (the valid examples, one JSON object per line exactly as given:
 UTF-8, LF, no BOM, no blank lines), ``report.json``, ``report.md``, ``histogram.png`` and
 ``tokens/train`` / ``tokens/eval``: the token datasets transform reuses when its tokenizer, format,
-limits and default context are the same (validation has no default context: chat examples are
-tokenized with their own context only, and transform re-tokenizes when a default context is set).
+limits and default context are the same. Chat examples are tokenized as transform tokenizes them:
+with their own context, else the pipeline's ``default_context``, so the token counts and
+truncations in the report are those of the tuning data.
 """
 from __future__ import annotations
 
@@ -497,12 +498,13 @@ class ValidationReport:
 
 def run_validation(dataset_uri: str, evaluation_data_uri: str = "", dataset_format: str = "text",
                    large_model_reference: str = "text-bison@002", max_context_length: str = "",
-                   output_dir: str | os.PathLike | None = None, *, tokenizer=None,
-                   count_tokens: bool = True, evaluation_only: bool = False,
+                   output_dir: str | os.PathLike | None = None, *, default_context: str = "",
+                   tokenizer=None, count_tokens: bool = True, evaluation_only: bool = False,
                    batch_size: int | None = None) -> ValidationReport:
     """Validates a training set (and an evaluation set); writes ``output_dir`` when valid.
 
-    ``tokenizer`` skips loading the model's (tests); ``count_tokens=False`` checks structure
+    ``default_context`` is the context of chat examples without their own (it counts toward
+    their token limit). ``tokenizer`` skips loading the model's (tests); ``count_tokens=False`` checks structure
     only. ``evaluation_only`` validates ``dataset_uri`` as an evaluation set (``tunepipe
     validate --eval``). The output directory appears atomically, and only for a valid dataset.
     Bad data never raises here: call :meth:`ValidationReport.raise_if_invalid`.
@@ -547,7 +549,7 @@ def run_validation(dataset_uri: str, evaluation_data_uri: str = "", dataset_form
 
                 tokenizer, resolved = load_model_tokenizer(large_model_reference)
                 model["checkpoint"] = resolved.checkpoint
-            encoder = ExampleEncoder(tokenizer, fmt, limits)
+            encoder = ExampleEncoder(tokenizer, fmt, limits, default_context)
             for check, (_, uri, _), examples in zip(files, jobs, kept):
                 _count_tokens_into(staging, check, uri, examples.examples, encoder, batch_size)
                 _truncation_warning(check, limits, fmt)
@@ -624,7 +626,8 @@ def _count_tokens_into(staging: Path | None, check: FileCheck, uri: str,
 
 def validate_for_pipeline(dataset_uri: str, evaluation_data_uri: str, dataset_format: str,
                           large_model_reference: str, max_context_length: str,
-                          validated_dataset_path: str, report_path: str) -> dict:
+                          validated_dataset_path: str, report_path: str,
+                          default_context: str = "") -> dict:
     """The validate_dataset component's work: returns the artifact metadata.
 
     Writes the Markdown report (with the histogram embedded) to ``report_path`` whatever the
@@ -632,7 +635,8 @@ def validate_for_pipeline(dataset_uri: str, evaluation_data_uri: str, dataset_fo
     :class:`DatasetValidationError` (with the first errors) when not.
     """
     report = run_validation(dataset_uri, evaluation_data_uri, dataset_format,
-                            large_model_reference, max_context_length, validated_dataset_path)
+                            large_model_reference, max_context_length, validated_dataset_path,
+                            default_context=default_context)
     markdown = report.to_markdown(report.histogram_png())
     Path(report_path).parent.mkdir(parents=True, exist_ok=True)
     storage.write_text(str(report_path), markdown)
