@@ -1,0 +1,123 @@
+"""JSON over HTTP for the teacher backends: per-call timeout, retries with backoff, clear errors.
+
+A call is retried when it may succeed later: HTTP 408, 429 and 5xx, a timeout, a refused or
+dropped connection, or a 200 reply whose body is not JSON. The wait before retry ``n`` (1, 2, ...)
+is ``initial_backoff_seconds * 2**(n-1)``, at most ``max_backoff_seconds``, times a random factor
+in [0.5, 1] (so that concurrent callers spread out); a ``Retry-After`` header (seconds or an HTTP
+date) replaces it, also at most ``max_backoff_seconds``. Other 4xx replies (a bad request, a
+wrong model name, a missing key) fail at once. A call that fails for good raises
+:class:`TeacherCallError` naming what was asked, the URL, the attempts and the last status with
+the start of the body. Request headers (the API key) never appear in messages.
+"""
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import random
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+SNIPPET_CHARS = 200
+
+
+class TeacherCallError(RuntimeError):
+    """A teacher call that failed for good (after its retries, or one not worth retrying)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long one call may take and how often it is retried."""
+
+    max_retries: int = 5
+    timeout_seconds: float = 120.0
+    initial_backoff_seconds: float = 1.0
+    max_backoff_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0 or self.timeout_seconds <= 0 or self.initial_backoff_seconds < 0:
+            raise ValueError(f"invalid retry policy {self}: max_retries >= 0, timeout_seconds > 0 "
+                             "and initial_backoff_seconds >= 0 are needed")
+
+    def backoff(self, retry: int, retry_after: float | None) -> float:
+        """Seconds to wait before retry number ``retry`` (1, 2, ...)."""
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff_seconds)
+        delay = min(self.initial_backoff_seconds * 2 ** (retry - 1), self.max_backoff_seconds)
+        return delay * random.uniform(0.5, 1.0)
+
+
+def snippet(body: bytes | str) -> str:
+    """The start of a reply body, on one line, for an error message."""
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    text = " ".join(text.split())
+    return repr(text[:SNIPPET_CHARS] + ("…" if len(text) > SNIPPET_CHARS else ""))
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds (delta-seconds or HTTP date); None when absent/bad."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())
+
+
+def _retryable(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+def request_json(url: str, payload: dict | None, headers: dict[str, str], policy: RetryPolicy,
+                 what: str) -> tuple[dict, int]:
+    """``(reply, attempts)``: POSTs ``payload`` as JSON (GET when None) and reads a JSON object.
+
+    ``what`` says which call this is in error messages (e.g. ``example 12 (answer)``).
+    """
+    data = None if payload is None else json.dumps(payload).encode("utf-8")
+    request_headers = {"Accept": "application/json", **headers}
+    if data is not None:
+        request_headers["Content-Type"] = "application/json"
+    attempt = 0
+    while True:
+        attempt += 1
+        retry_after = None
+        request = urllib.request.Request(url, data=data, headers=request_headers,
+                                         method="GET" if data is None else "POST")
+        try:
+            with urllib.request.urlopen(request, timeout=policy.timeout_seconds) as response:
+                body = response.read()
+            try:
+                reply = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                problem = f"HTTP {response.status} with a body that is not JSON: {snippet(body)}"
+            else:
+                if not isinstance(reply, dict):
+                    raise TeacherCallError(f"{what}: {url} answered a JSON {type(reply).__name__}"
+                                           f", not an object: {snippet(body)}")
+                return reply, attempt
+        except urllib.error.HTTPError as error:
+            problem = f"HTTP {error.code}: {snippet(error.read())}"
+            if not _retryable(error.code):
+                raise TeacherCallError(f"{what}: {url} answered {problem} (not retried)") from None
+            retry_after = retry_after_seconds(error.headers.get("Retry-After"))
+        except (TimeoutError, socket.timeout):
+            problem = f"no answer within {policy.timeout_seconds:g} s"
+        except urllib.error.URLError as error:
+            problem = (f"no answer within {policy.timeout_seconds:g} s"
+                       if isinstance(error.reason, (TimeoutError, socket.timeout))
+                       else f"connection failed: {error.reason}")
+        except (ConnectionError, http.client.HTTPException) as error:
+            problem = f"connection failed: {type(error).__name__}: {error}"
+        if attempt > policy.max_retries:
+            raise TeacherCallError(f"{what}: {url} failed {attempt} times, giving up; last: "
+                                   f"{problem}")
+        time.sleep(policy.backoff(attempt, retry_after))

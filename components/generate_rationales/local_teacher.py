@@ -1,0 +1,76 @@
+"""A teacher on this machine: a catalog model, a checkpoint folder or a GGUF file.
+
+The model is loaded once (the device and precision every component uses) and answers with the
+batched generator of :mod:`components.common.generation`, the evaluate component's fast path:
+prompts (the model's chat template over the request's messages) go in chunks of
+``CHUNK_BATCHES x batch_size``; each chunk is generated in length-sorted batches with a KV cache
+and its answers are reported before the next chunk starts, so an interrupted run loses at most
+one chunk.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from components.generate_rationales.call_log import Completion
+from components.generate_rationales.prompting import TeacherRequest
+from components.generate_rationales.teachers import OnAnswer, Teacher, TeacherSettings
+
+DEFAULT_BATCH_SIZE = 32
+CHUNK_BATCHES = 4
+
+
+class LocalTeacher(Teacher):
+    """``reference``: anything :func:`components.common.model_catalog.resolve_model` takes."""
+
+    kind = "local"
+
+    def __init__(self, reference: str, batch_size: int = DEFAULT_BATCH_SIZE,
+                 device: str | None = None):
+        from components.common.model_catalog import resolve_model
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.resolved = resolve_model(reference)
+        self.batch_size = batch_size
+        self.device = device
+        self.identity = self.resolved.source
+        self.description = f"local {self.resolved.source}"
+        self._loaded = None
+
+    def _load(self):
+        if self._loaded is None:
+            import torch
+
+            from components.common.model_loading import (load_base_model, load_tokenizer,
+                                                          select_device)
+            from components.common.precision import choose_precision
+
+            device = torch.device(self.device) if self.device else select_device()
+            precision = choose_precision(device)
+            model = load_base_model(self.resolved.checkpoint, device, precision.dtype)
+            self._loaded = model, load_tokenizer(self.resolved.checkpoint)
+            self.description += f"; {precision.describe()}"
+        return self._loaded
+
+    def answer(self, requests: Sequence[TeacherRequest], settings: TeacherSettings,
+               on_answer: OnAnswer) -> None:
+        from components.common.generation import SamplingParams, generate_detailed
+        from components.common.prompts import format_conversation_prompt
+
+        if not requests:
+            return
+        model, tokenizer = self._load()
+        sampling = SamplingParams(settings.max_output_tokens, settings.temperature,
+                                  settings.top_p, settings.top_k)
+        chunk = self.batch_size * CHUNK_BATCHES
+        for start in range(0, len(requests), chunk):
+            part = requests[start:start + chunk]
+            prompts = [format_conversation_prompt(tokenizer, r.messages) for r in part]
+            started = time.perf_counter()
+            generations = generate_detailed(model, tokenizer, prompts, sampling,
+                                            batch_size=self.batch_size, seed=settings.seed)
+            share = round((time.perf_counter() - started) / len(part), 3)
+            for request, generation in zip(part, generations):
+                on_answer(request, Completion(generation.text, generation.prompt_tokens,
+                                              len(generation.token_ids), share))

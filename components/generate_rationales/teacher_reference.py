@@ -1,0 +1,110 @@
+"""``teacher_model_reference``: which teacher answers, as one string.
+
+===========================================================  ===================================
+reference                                                    teacher
+===========================================================  ===================================
+``text-unicorn@001``, ``text-bison@002``, ... (catalog)      local: the catalog's model (on one
+                                                             machine the embedded SmolLM2)
+``/path/to/checkpoint`` (folder with config.json)            local: that checkpoint
+``/path/to/model.gguf``                                      local: that GGUF file (converted once)
+``local:<any of the three above>``                           local, explicitly
+``openai:<base URL>#<model>``                                OpenAI-compatible chat completions,
+  e.g. ``openai:http://127.0.0.1:8000/v1#Qwen2.5-7B``        e.g. vLLM, llama.cpp, Ollama,
+                                                             tunepipe endpoints (model = its name)
+``openai:<base URL>``                                        the same, with the server's only model
+``projects/P/locations/L/endpoints/E``                       Vertex AI endpoint (predict)
+``projects/P/locations/L/publishers/google/models/M``        Vertex AI publisher model (predict)
+``publishers/google/models/M``                               the same in the run's project and
+                                                             location (us-central1 when unset)
+``vertex:<either Vertex form>``                              Vertex, explicitly
+===========================================================  ===================================
+
+The base URL is the API root (``.../v1``) or the full ``.../chat/completions`` URL. API keys
+come from the environment (see :mod:`.openai_teacher`), Vertex credentials from Application
+Default Credentials (see :mod:`.vertex_teacher`); neither is ever part of the reference.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from components.generate_rationales.http_calls import RetryPolicy
+from components.generate_rationales.teachers import Teacher
+
+LOCAL, OPENAI, VERTEX = "local", "openai", "vertex"
+DEFAULT_VERTEX_LOCATION = "us-central1"
+_VERTEX_RESOURCE = re.compile(
+    r"^projects/[^/]+/locations/[^/]+/(endpoints/[^/]+|publishers/[^/]+/models/[^/]+)$")
+_PUBLISHER_MODEL = re.compile(r"^publishers/[^/]+/models/[^/]+$")
+
+
+class TeacherReferenceError(ValueError):
+    """A teacher_model_reference that names no teacher; the message shows the syntax."""
+
+
+@dataclass(frozen=True)
+class TeacherReference:
+    """A parsed reference: the backend kind, its target (model reference, base URL or Vertex
+    resource) and, for OpenAI, the model name (None: the server's only model)."""
+
+    kind: str
+    target: str
+    model: str | None = None
+
+
+SYNTAX = ("a catalog name (text-unicorn@001), a checkpoint folder or .gguf file (optionally "
+          "prefixed local:), openai:<base URL>[#<model>], or a Vertex resource "
+          "projects/P/locations/L/endpoints/E, projects/P/locations/L/publishers/google/models/M "
+          "or publishers/google/models/M (optionally prefixed vertex:)")
+
+
+def parse_teacher_reference(reference: str, project: str = "", location: str = "") -> TeacherReference:
+    """The backend a reference names; ``project`` and ``location`` complete a short
+    ``publishers/...`` reference. Checks the syntax only (nothing is loaded or called)."""
+    value = reference.strip()
+    if not value:
+        raise TeacherReferenceError(f"teacher_model_reference is empty; use {SYNTAX}")
+    if value.startswith("openai:"):
+        url, _, model = value.removeprefix("openai:").partition("#")
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise TeacherReferenceError(f"{reference!r}: openai: needs an http(s) base URL, "
+                                        "e.g. openai:http://127.0.0.1:8000/v1#my-model")
+        return TeacherReference(OPENAI, url, model.strip() or None)
+    if value.startswith(("vertex:", "projects/", "publishers/")):
+        resource = value.removeprefix("vertex:")
+        if _PUBLISHER_MODEL.match(resource):
+            if not project:
+                raise TeacherReferenceError(f"{reference!r} needs a project: pass the run's "
+                                            "project, or write projects/P/locations/L/" + resource)
+            resource = (f"projects/{project}/locations/{location or DEFAULT_VERTEX_LOCATION}/"
+                        + resource)
+        if not _VERTEX_RESOURCE.match(resource):
+            raise TeacherReferenceError(f"{reference!r} is not a Vertex resource; use {SYNTAX}")
+        return TeacherReference(VERTEX, resource)
+    if value.startswith(("http://", "https://")):
+        raise TeacherReferenceError(f"{reference!r}: say which API the URL speaks, e.g. "
+                                    f"openai:{value}#MODEL; or use {SYNTAX}")
+    return TeacherReference(LOCAL, value.removeprefix("local:"))
+
+
+def make_teacher(reference: str, *, project: str = "", location: str = "", concurrency: int = 8,
+                 policy: RetryPolicy = RetryPolicy(), batch_size: int | None = None,
+                 device: str | None = None) -> Teacher:
+    """The teacher a reference names. ``concurrency`` and ``policy`` apply to HTTP teachers,
+    ``batch_size`` and ``device`` to local ones."""
+    parsed = parse_teacher_reference(reference, project, location)
+    if parsed.kind == OPENAI:
+        from components.generate_rationales.openai_teacher import OpenAITeacher
+
+        return OpenAITeacher(parsed.target, parsed.model, concurrency, policy)
+    if parsed.kind == VERTEX:
+        from components.generate_rationales.vertex_teacher import VertexTeacher
+
+        return VertexTeacher(parsed.target, concurrency, policy)
+    from components.common.model_catalog import UnknownModelError
+    from components.generate_rationales.local_teacher import DEFAULT_BATCH_SIZE, LocalTeacher
+
+    try:
+        return LocalTeacher(parsed.target, batch_size or DEFAULT_BATCH_SIZE, device)
+    except UnknownModelError as error:
+        raise TeacherReferenceError(f"{error} Teachers may also be {SYNTAX}.") from None
