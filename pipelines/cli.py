@@ -19,42 +19,96 @@ def _parse_param(text: str) -> tuple[str, str]:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines.templates import compile_all
+    from pipelines.templates import compile_all, default_image
 
-    for path in compile_all(Path(args.output_dir)):
+    image = args.image or default_image()
+    for path in compile_all(Path(args.output_dir), image):
         print(f"wrote {path}")
+    print(f"components run in {image}")
     return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    import requests
+
+    from pipelines.vertex_publish import publish
+
+    try:
+        published = publish(args.host, args.tag, Path(args.compiled_dir))
+    except FileNotFoundError as error:
+        print(f"tunepipe publish: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except requests.RequestException as error:
+        print(f"tunepipe publish: the registry at {args.host} refused the upload: {error}",
+              file=sys.stderr)
+        return 1
+    for entry in published:
+        print(f"published {entry.path} as {args.host.rstrip('/')}/{entry.package}/{entry.version}"
+              + (f" (tags: {', '.join(args.tag)})" if args.tag else ""))
+    return 0
+
+
+def _request(args: argparse.Namespace):
+    """The RunRequest of ``run`` and ``submit``: a pipeline name or request file, --param and
+    --pipeline-root; raises ParameterError or ValueError."""
+    from pipelines.local_run import RunRequest, request_from_file
+    from pipelines.templates import ParameterError, template_path
+
+    if args.request_file:
+        request = request_from_file(args.request_file, args.pipeline)
+        request.parameters.update(dict(args.param))
+    elif args.pipeline:
+        request = RunRequest(template_path(args.pipeline), dict(args.param))
+    else:
+        raise ParameterError("name a pipeline or give --request-file")
+    if args.pipeline_root:
+        request.pipeline_root = request.output_directory = args.pipeline_root
+    return request
+
+
+def _invalid_request(command: str, error: Exception) -> int:
+    """Reports a refused request (one problem: on one line); the usage-error status."""
+    lines = str(error).strip().splitlines()
+    if len(lines) == 1:
+        print(f"tunepipe {command}: invalid request: {lines[0].strip().removeprefix('- ')}",
+              file=sys.stderr)
+    else:
+        print(f"tunepipe {command}: invalid request:\n{error}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _print_request_body(request, pipeline_name: str, values: dict) -> None:
+    from pipelines.local_run import request_body
+
+    print(json.dumps(request_body(request, pipeline_name, values), indent=2))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.held_out import compare_on_held_out, read_held_out
-    from pipelines.local_run import RunRequest, request_from_file, run_locally
-    from pipelines.templates import ParameterError, template_path
+    from pipelines.local_run import TaskFailedError, prepare, run_locally
+    from pipelines.templates import ParameterError
 
     if args.expect_ending and not args.held_out:
         print("tunepipe run: --expect-ending checks the replies to --held-out conversations; "
               "give --held-out FILE too", file=sys.stderr)
         return USAGE_ERROR
     try:
-        if args.request_file:
-            request = request_from_file(args.request_file, args.pipeline)
-            request.parameters.update(dict(args.param))
-        elif args.pipeline:
-            request = RunRequest(template_path(args.pipeline), dict(args.param))
-        else:
-            print("tunepipe run: name a pipeline or give --request-file", file=sys.stderr)
-            return USAGE_ERROR
-        if args.pipeline_root:
-            request.pipeline_root = args.pipeline_root
-        for note in request.notes:
-            print(f"note: {note}")
+        request = _request(args)
+        for note in request.notes:  # a dry run's stdout is the request body alone
+            print(f"note: {note}", file=sys.stderr if args.dry_run else sys.stdout)
         default_context = str(request.parameters.get("default_context", ""))
         if args.held_out:
             read_held_out(args.held_out, default_context)  # a bad file is refused before the run
+        pipeline_name, values = prepare(request)  # refuses a bad request before anything starts
+        if args.dry_run:
+            _print_request_body(request, pipeline_name, values)
+            return 0
         run = run_locally(request, verbose=args.verbose)
+    except TaskFailedError as failure:
+        print(f"tunepipe run: {failure.task} failed:\n{failure.message}", file=sys.stderr)
+        return 1
     except (ParameterError, ValueError, FileNotFoundError) as error:
-        print(f"tunepipe run: invalid request:\n{error}", file=sys.stderr)
-        return USAGE_ERROR
+        return _invalid_request("run", error)
     from components.common.model_registry import get_model
 
     parameters = request.parameters
@@ -64,6 +118,48 @@ def cmd_run(args: argparse.Namespace) -> int:
         held_out = compare_on_held_out(get_model(parameters["model_display_name"]).path,
                                        args.held_out, default_context, args.expect_ending)
     print_run_summary(run, parameters, held_out)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.local_run import prepare
+    from pipelines.submit import (KFP_DONE, VERTEX_DONE, SubmissionError, check_pipeline_root,
+                                  follow, submit_to_kfp, submit_to_vertex, vertex_template)
+    from components.common.parameters import REGIONS
+    from pipelines.templates import ParameterError
+
+    try:
+        if args.vertex and not (args.project and args.region):
+            raise ParameterError("--vertex needs --project and --region")
+        if args.vertex and args.region not in REGIONS:
+            raise ParameterError(f"--region {args.region} is not a Vertex AI Pipelines region "
+                                 f"for tuning; use one of: {', '.join(REGIONS)}")
+        request = _request(args)
+        pipeline_name, values = prepare(request, remote=True)
+        if args.service_account:
+            request.service_account = args.service_account
+        request.pipeline_root = request.output_directory  # not the local runner's runs/
+        if args.vertex:
+            check_pipeline_root(request.pipeline_root)
+            request.template = vertex_template(request.template)
+    except (ParameterError, ValueError, FileNotFoundError) as error:
+        return _invalid_request("submit", error)
+    if args.dry_run:
+        _print_request_body(request, pipeline_name, values)
+        return 0
+    try:
+        if args.vertex:
+            submitted = submit_to_vertex(request, values, args.project, args.region,
+                                         args.api_endpoint)
+        else:
+            submitted = submit_to_kfp(request, values, args.kfp_host)
+        print(f"submitted {pipeline_name}: {submitted.name}")
+        print(f"watch it: {submitted.link}", flush=True)
+        if args.wait:
+            follow(submitted, VERTEX_DONE if args.vertex else KFP_DONE)
+    except SubmissionError as error:
+        print(f"tunepipe submit: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -267,9 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Vertex AI's LLM tuning pipelines as open Kubeflow Pipelines.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    compile_parser = commands.add_parser("compile", help="write the pipeline templates (YAML)")
-    compile_parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent.parent / "compiled"))
+    compiled_dir = str(Path(__file__).resolve().parent.parent / "compiled")
+    compile_parser = commands.add_parser(
+        "compile", help="write the pipeline templates: compiled/<pipeline>.yaml (portable) and "
+                        "compiled/vertex/<pipeline>.yaml (Vertex AI)")
+    compile_parser.add_argument("--output-dir", default=compiled_dir)
+    compile_parser.add_argument("--image", help="the image components run in (default: "
+                                                "$TUNEPIPE_IMAGE or ghcr.io/tunepipe/tunepipe:0.1.0)")
     compile_parser.set_defaults(handler=cmd_compile)
+
+    publish_parser = commands.add_parser(
+        "publish", help="upload the Vertex templates to a KFP template registry")
+    publish_parser.add_argument("--host", required=True,
+                                help="the registry, e.g. https://us-central1-kfp.pkg.dev/PROJECT/REPO")
+    publish_parser.add_argument("--tag", action="append", default=[],
+                                help="a tag for the uploaded version (repeatable)")
+    publish_parser.add_argument("--compiled-dir", default=compiled_dir)
+    publish_parser.set_defaults(handler=cmd_publish)
 
     run = commands.add_parser("run", help="run a compiled template with the KFP local runner")
     run.add_argument("pipeline", nargs="?", help="template name (tune-large-model) or YAML path")
@@ -285,7 +395,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--expect-ending", default="", metavar="TEXT",
                      help="with --held-out: the rule the summary counts, a reply that ends "
                           "with TEXT (trailing whitespace aside)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check everything (template, parameters, datasets, model) and print "
+                          "the request body; run nothing")
     run.set_defaults(handler=cmd_run)
+
+    submit = commands.add_parser(
+        "submit", help="submit a template to Vertex AI Pipelines or Kubeflow Pipelines")
+    submit.add_argument("pipeline", nargs="?", help="template name (tune-large-model) or YAML path")
+    submit.add_argument("--param", action="append", type=_parse_param, default=[],
+                        metavar="NAME=VALUE", help="a pipeline parameter (repeatable)")
+    submit.add_argument("--request-file", help="a Vertex pipelineJobs request body (JSON)")
+    target = submit.add_mutually_exclusive_group(required=True)
+    target.add_argument("--vertex", action="store_true", help="submit to Vertex AI Pipelines")
+    target.add_argument("--kfp-host", metavar="URL", help="submit to this KFP API server")
+    submit.add_argument("--project", help="Google Cloud project (with --vertex)")
+    submit.add_argument("--region", help="pipeline job region (with --vertex)")
+    submit.add_argument("--pipeline-root", metavar="URI",
+                        help="where outputs go (Vertex: gs://BUCKET/DIR; default: the request's "
+                             "gcsOutputDirectory)")
+    submit.add_argument("--service-account", metavar="SA", help="the account the run runs as")
+    submit.add_argument("--api-endpoint", metavar="URL",
+                        help="a Vertex AI API endpoint other than REGION-aiplatform.googleapis.com "
+                             "(an http:// one, a local fake, is called without credentials)")
+    submit.add_argument("--wait", action="store_true", help="follow the run's state to its end")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="check everything and print the request body; send nothing")
+    submit.set_defaults(handler=cmd_submit)
 
     models = commands.add_parser("models", help="list registered models")
     models.add_argument("action", choices=["list"])

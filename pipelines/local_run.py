@@ -12,14 +12,15 @@ import json
 import os
 import re
 import sys
-import warnings
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.templates import ParameterError, bind_parameters, read_template, template_path
+from pipelines.templates import (ParameterError, bind_parameters, read_template,
+                                 registry_template_note, template_path)
 
 DEFAULT_PIPELINE_ROOT = "runs"
 
@@ -33,6 +34,9 @@ class RunRequest:
     pipeline_root: str = DEFAULT_PIPELINE_ROOT
     display_name: str = ""
     notes: tuple[str, ...] = ()
+    output_directory: str = ""  # the body's gcsOutputDirectory, as given (remote runs use it)
+    service_account: str = ""
+    kms_key_name: str = ""
 
 
 REQUEST_FIELDS = {"displayName", "runtimeConfig", "templateUri", "encryptionSpec",
@@ -59,8 +63,11 @@ def request_from_file(path: str | Path, template_override: str | None = None) ->
     if unknown:
         raise ParameterError(f"{path}: unknown runtimeConfig fields {unknown}")
     template = template_override or body.get("templateUri")
+    if not template and "pipelineSpec" in body:  # the Vertex SDK sends the template inline
+        template = _inline_template(body["pipelineSpec"])
     if not template:
-        raise ParameterError(f"{path}: no templateUri; name the pipeline on the command line")
+        raise ParameterError(f"{path}: no templateUri or pipelineSpec; name the pipeline on the "
+                             "command line")
     notes = []
     output_dir = runtime.get("gcsOutputDirectory", "")
     pipeline_root = DEFAULT_PIPELINE_ROOT
@@ -72,64 +79,145 @@ def request_from_file(path: str | Path, template_override: str | None = None) ->
     kms = body.get("encryptionSpec", {}).get("kmsKeyName")
     if kms:
         notes.append(f"encryptionSpec.kmsKeyName {kms} is recorded; local files are not encrypted")
+    registry_note = registry_template_note(template)
+    if registry_note:
+        notes.append(registry_note)
     return RunRequest(template_path(template), dict(runtime.get("parameterValues", {})),
-                      pipeline_root, body.get("displayName", ""), tuple(notes))
+                      pipeline_root, body.get("displayName", ""), tuple(notes), output_dir,
+                      body.get("serviceAccount", ""), kms or "")
 
 
-def prepare(request: RunRequest) -> tuple[str, dict[str, Any]]:
-    """The pipeline name and the checked, typed parameter values of a request."""
-    from components.common.parameters import check_parameters, refused_parameters
+def _inline_template(pipeline_spec: dict) -> str:
+    """A request's inline ``pipelineSpec``, written to a temporary YAML file; its path."""
+    name = pipeline_spec.get("pipelineInfo", {}).get("name", "pipeline")
+    path = Path(tempfile.mkdtemp(prefix="tunepipe-spec-")) / f"{name}.yaml"
+    path.write_text(json.dumps(pipeline_spec))  # JSON is YAML
+    return str(path)
+
+
+def request_body(request: RunRequest, pipeline_name: str, values: dict[str, Any]) -> dict:
+    """The Vertex ``pipelineJobs.create`` body of a checked request (``values`` from
+    :func:`prepare`); ``tunepipe run --request-file`` takes it back unchanged."""
+    body = {"displayName": request.display_name or pipeline_name,
+            "runtimeConfig": {"gcsOutputDirectory": request.output_directory
+                              or request.pipeline_root, "parameterValues": values},
+            "templateUri": str(request.template)}
+    if request.service_account:
+        body["serviceAccount"] = request.service_account
+    if request.kms_key_name:
+        body["encryptionSpec"] = {"kmsKeyName": request.kms_key_name}
+    return body
+
+
+def prepare(request: RunRequest, remote: bool = False) -> tuple[str, dict[str, Any]]:
+    """The pipeline name and the checked, typed parameter values of a request: the names and
+    values fit the template, the datasets exist and the base model resolves (``remote``: for a
+    run on Vertex AI or a KFP cluster, see :func:`input_problems`)."""
+    from components.common.parameters import (check_parameters, input_problems,
+                                              refused_parameters)
     from components.common.precision import requested_precision
 
     requested_precision()  # a bad TUNEPIPE_PRECISION is refused before any task starts
     pipeline_name, template = read_template(request.template)
     values = bind_parameters(template, request.parameters, refused_parameters(pipeline_name))
-    problems = check_parameters(pipeline_name, values)
+    problems = check_parameters(pipeline_name, values) or input_problems(values, remote)
     if problems:
         raise ParameterError("\n".join(f"  - {p}" for p in problems))
     return pipeline_name, values
 
 
-_TASK_EVENT = re.compile(r"^(Executing task|Task) '(?P<task>[\w-]+)'( finished with status)?")
+_TASK_EVENT = re.compile(r"^(Executing task|Task) '(?P<task>[\w-]+)'"
+                         r"( finished with status (?P<status>\w+))?")
+_RUNNER_LINE = re.compile(r" - (?:INFO|WARNING|ERROR) - (?P<message>.*)$")
 _ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")
+_TRACEBACK = "Traceback (most recent call last):"
+_EXCEPTION = re.compile(r"^(?:[\w.]+\.)?(?P<type>[A-Za-z_]\w*)(?:: (?P<message>.*))?$")
+
+
+class TaskFailedError(RuntimeError):
+    """A pipeline task failed; ``message`` is the component's own error message."""
+
+    def __init__(self, task: str, message: str):
+        super().__init__(f"task '{task}' failed: {message}")
+        self.task, self.message = task, message
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
 
 
 class _RunnerLog(io.TextIOBase):
-    """Passes the runner's log through (less, unless ``verbose``, the executor-input JSON each
-    task dumps) and times every task from its "Executing task" line to its "finished" line."""
+    """Passes the runner's log through, times every task from its "Executing task" line to its
+    "finished" line, and keeps the error message of the task that failed.
+
+    Unless ``verbose``, the executor-input JSON each task dumps is left out, and so are the
+    traceback and the exception of a failing task (its message is reported at the end).
+    A task's own output is streamed indented: a traceback ends at the first line as indented
+    as its "Traceback" line, the exception; the more indented lines after it continue its
+    message.
+    """
 
     def __init__(self, target, verbose: bool):
         self._target, self._verbose = target, verbose
         self._pending, self._skipping = "", False
+        self._traceback_indent: int | None = None  # inside a traceback: its indentation
+        self._message_indent: int | None = None  # inside an exception's message: its indentation
+        self._error_lines: list[str] = []  # the message of the last exception a task printed
         self._started: dict[str, float] = {}
         self.task_seconds: dict[str, float] = {}
+        self.failure: TaskFailedError | None = None
 
     def write(self, text: str) -> int:
         self._pending += text
         *lines, self._pending = self._pending.split("\n")
         for line in lines:
-            self._time_task(line)
+            in_error = self._follow(_ANSI_COLOR.sub("", line))
             if self._verbose:
                 self._target.write(line + "\n")
             elif "Got executor_input:" in line:
                 self._skipping = True
             elif self._skipping:
                 self._skipping = line.rstrip() != "    }"
-            else:
+            elif not in_error:
                 self._target.write(line + "\n")
         self._target.flush()
         return len(text)
 
-    def _time_task(self, line: str) -> None:
-        if " - INFO - " not in line:
-            return
-        event = _TASK_EVENT.search(_ANSI_COLOR.sub("", line).split(" - INFO - ", 1)[1])
+    def _follow(self, line: str) -> bool:
+        """Times tasks and collects the message of the exception a task prints; whether the
+        line belongs to a traceback or an exception."""
+        if line.strip() == _TRACEBACK:
+            self._traceback_indent, self._message_indent = _indent(line), None
+            return True
+        if self._traceback_indent is not None:
+            if line.strip() and _indent(line) <= self._traceback_indent:
+                exception = _EXCEPTION.match(line.strip())  # the traceback's last line
+                message = exception["message"] or exception["type"] if exception else line.strip()
+                self._error_lines = [message]
+                self._message_indent, self._traceback_indent = _indent(line), None
+            return True
+        if self._message_indent is not None:
+            if line.strip() and _indent(line) > self._message_indent:
+                self._error_lines.append(line[self._message_indent:].rstrip())
+                return True
+            self._message_indent = None
+        runner_line = _RUNNER_LINE.search(line)
+        if runner_line:
+            self._task_event(runner_line["message"])
+        return False
+
+    def _task_event(self, message: str) -> None:
+        event = _TASK_EVENT.search(message)
         if not event:
             return
+        task = event["task"]
         if event.group(1) == "Executing task":
-            self._started[event["task"]] = time.perf_counter()
-        elif event.group(3) and event["task"] in self._started:
-            self.task_seconds[event["task"]] = time.perf_counter() - self._started[event["task"]]
+            self._started[task], self._error_lines = time.perf_counter(), []
+        elif event["status"] and task in self._started:
+            self.task_seconds[task] = time.perf_counter() - self._started[task]
+            if event["status"] == "FAILURE" and self.failure is None:
+                message = "\n".join(self._error_lines) or "no error message (see the log above)"
+                self.failure = TaskFailedError(task, message)
 
     def flush(self) -> None:
         self._target.flush()
@@ -149,7 +237,8 @@ def run_locally(request: RunRequest, verbose: bool = False) -> LocalRun:
     """Runs the request's template with the KFP local runner; returns the run's output folder
     and task times.
 
-    Unless ``verbose``, the JSON executor input that KFP logs for every task is left out.
+    Unless ``verbose``, the JSON executor input that KFP logs for every task is left out, and a
+    failing task raises :class:`TaskFailedError` with its own error message.
     """
     import kfp.local
     from kfp import components
@@ -173,7 +262,13 @@ def run_locally(request: RunRequest, verbose: bool = False) -> LocalRun:
         # local runner says at every task that it ignores them.
         warnings.filterwarnings("ignore", message=".*no effect in the current local runner")
         warnings.filterwarnings("ignore", message=".*non-Python base image")
-        pipeline(**values)
+        try:
+            pipeline(**values)
+        except RuntimeError as error:
+            if verbose:
+                raise
+            raise log.failure or TaskFailedError(pipeline_name,
+                                                 _ANSI_COLOR.sub("", str(error))) from None
     seconds = time.perf_counter() - started
     print(f"{pipeline_name} finished in {seconds:.0f} s")
     new = sorted(set(pipeline_root.iterdir()) - before, key=lambda p: p.stat().st_mtime)

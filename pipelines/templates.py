@@ -1,11 +1,16 @@
 """The pipeline templates: compiling them, and reading their parameters back from the YAML.
 
-``compiled/<name>.yaml`` is what users publish and what the local runner executes; its root
-``inputDefinitions`` are the source of truth for parameter names, types and defaults.
+Two templates per pipeline, from the same pipeline definitions: ``compiled/<name>.yaml`` (the
+portable template: the local runner executes it, open-source KFP runs it, the accelerators are
+task resources) and ``compiled/vertex/<name>.yaml`` (Vertex AI Pipelines: the tuner runs as a
+Vertex CustomJob, the model goes to the Vertex Model Registry and a Vertex endpoint; what
+`tunepipe publish` uploads). Their root ``inputDefinitions`` are the source of truth for
+parameter names, types and defaults.
 """
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,26 +19,57 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPILED_DIR = REPO_ROOT / "compiled"
+VERTEX_SUBDIR = "vertex"  # compiled/vertex/<name>.yaml: the Vertex templates
+IMAGE_ENV = "TUNEPIPE_IMAGE"  # the image compile writes into the templates, unless --image
+
+
+def pipeline_factories() -> dict[str, Callable]:
+    """Every pipeline by template name: a function of the target (``portable`` or ``vertex``)
+    that builds the pipeline for it."""
+    from pipelines.tune_large_chat_model import build_tune_large_chat_model
+    from pipelines.tune_large_model import build_tune_large_model
+
+    return {"tune-large-model": build_tune_large_model,
+            "tune-large-chat-model": build_tune_large_chat_model}
 
 
 def pipeline_functions() -> dict[str, Callable]:
-    """Every pipeline by template name."""
-    from pipelines.tune_large_chat_model import tune_large_chat_model
-    from pipelines.tune_large_model import tune_large_model
+    """Every portable pipeline by template name."""
+    from pipelines.vertex import PORTABLE
 
-    return {"tune-large-model": tune_large_model, "tune-large-chat-model": tune_large_chat_model}
+    return {name: build(PORTABLE) for name, build in pipeline_factories().items()}
 
 
-def compile_all(output_dir: Path = COMPILED_DIR) -> list[Path]:
-    """Compiles every pipeline to ``output_dir/<name>.yaml``."""
+def default_image() -> str:
+    """The image templates name when compile is given none: ``$TUNEPIPE_IMAGE`` or the
+    project's release image."""
+    from components.common.images import BASE_IMAGE
+
+    return os.environ.get(IMAGE_ENV) or BASE_IMAGE
+
+
+def compile_all(output_dir: Path = COMPILED_DIR, image: str | None = None) -> list[Path]:
+    """Compiles every pipeline to ``output_dir/<name>.yaml`` (portable) and
+    ``output_dir/vertex/<name>.yaml`` (Vertex), its components running in ``image`` (default:
+    :func:`default_image`)."""
     from kfp import compiler
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+    from components.common.images import BASE_IMAGE
+    from pipelines.vertex import TARGETS, VERTEX
+
+    image = image or default_image()
     written = []
-    for name, function in pipeline_functions().items():
-        path = output_dir / f"{name}.yaml"
-        compiler.Compiler().compile(function, str(path))
-        written.append(path)
+    for target in TARGETS:
+        directory = output_dir / VERTEX_SUBDIR if target == VERTEX else output_dir
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, build in pipeline_factories().items():
+            path = directory / f"{name}.yaml"
+            compiler.Compiler().compile(build(target), str(path))
+            # Components are declared with BASE_IMAGE, a reference found nowhere else in a
+            # template: every occurrence (task containers, the CustomJob's worker pool spec,
+            # the serving container) is the project's image.
+            path.write_text(path.read_text().replace(BASE_IMAGE, image))
+            written.append(path)
     return written
 
 
@@ -60,13 +96,23 @@ def template_path(name_or_path: str) -> Path:
     # Vertex template URIs end in .../<template name>/<version>, e.g.
     # https://us-kfp.pkg.dev/ml-pipeline/large-language-model-pipelines/tune-large-model/v2.0.0
     for part in reversed(name_or_path.rstrip("/").split("/")):
-        if part in pipeline_functions():
+        if part in pipeline_factories():
             compiled = COMPILED_DIR / f"{part}.yaml"
             if not compiled.exists():
                 raise FileNotFoundError(f"{compiled} is missing: run `tunepipe compile` first")
             return compiled
     raise ValueError(f"Unknown pipeline template {name_or_path!r}: use one of "
-                     f"{', '.join(pipeline_functions())} or a compiled YAML file")
+                     f"{', '.join(pipeline_factories())} or a compiled YAML file")
+
+
+def registry_template_note(template_uri: str) -> str | None:
+    """What the local runner runs for a ``templateUri`` that names a template in a registry
+    (Vertex's own included); None for a local name or file."""
+    if "://" not in template_uri:
+        return None
+    name = template_path(template_uri).stem
+    return (f"templateUri {template_uri} names a registry template; the local runner runs "
+            f"tunepipe's template of the same name, compiled/{name}.yaml")
 
 
 def read_template(path: Path) -> tuple[str, dict[str, TemplateParameter]]:

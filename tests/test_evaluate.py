@@ -17,7 +17,8 @@ from components.evaluate import metrics as m
 from components.evaluate.evaluation import (GenerationSettings, default_max_output_tokens,
                                             generation_plan, read_eval_examples, scalar_metrics,
                                             write_directory)
-from components.evaluate.report import (cell, loss_curve_png, render_report, worst_examples)
+from components.common.markdown import table_cell as cell
+from components.evaluate.report import loss_curve_png, render_report, worst_examples
 from tests.test_generation import tiny_llama_dir  # noqa: F401  (session fixture: varied answers)
 
 # ------------------------------------------------------------------------------ metric values

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from pipelines.local_run import request_from_file
-from pipelines.templates import (COMPILED_DIR, ParameterError, bind_parameters, compile_all,
-                                 read_template, template_path)
+from pipelines.templates import (COMPILED_DIR, IMAGE_ENV, VERTEX_SUBDIR, ParameterError,
+                                 bind_parameters, compile_all, read_template, template_path)
 
 SPEC_PARAMETERS = {  # SPEC.md's table for tune-large-model: name -> (type, default)
     "project": ("STRING", None), "location": ("STRING", ""), "model_display_name": ("STRING", None),
@@ -21,9 +21,14 @@ SPEC_PARAMETERS = {  # SPEC.md's table for tune-large-model: name -> (type, defa
 }
 
 
-def test_compiled_templates_match_a_fresh_compile(tmp_path):
-    for fresh in compile_all(tmp_path):
-        checked_in = COMPILED_DIR / fresh.name
+def test_compiled_templates_match_a_fresh_compile(tmp_path, monkeypatch):
+    monkeypatch.delenv(IMAGE_ENV, raising=False)  # the checked-in templates name the default image
+    fresh_templates = compile_all(tmp_path)
+    assert {path.relative_to(tmp_path).as_posix() for path in fresh_templates} == {
+        f"{directory}{name}.yaml" for directory in ("", f"{VERTEX_SUBDIR}/")
+        for name in ("tune-large-model", "tune-large-chat-model")}
+    for fresh in fresh_templates:
+        checked_in = COMPILED_DIR / fresh.relative_to(tmp_path)
         assert checked_in.exists(), f"{checked_in} is missing: run `make compile`"
         assert yaml.safe_load(checked_in.read_text()) == yaml.safe_load(fresh.read_text()), \
             f"{checked_in} is stale: run `make compile` and commit it"
@@ -71,6 +76,8 @@ def test_a_seed_request_body_is_read_as_is(tmp_path):
     assert request.template == template_path("tune-large-model")
     assert request.parameters["dataset_uri"] == "gs://b/d.jsonl"
     assert any("gcsOutputDirectory" in note for note in request.notes)
+    assert (f"templateUri {body['templateUri']} names a registry template; the local runner runs "
+            "tunepipe's template of the same name, compiled/tune-large-model.yaml") in request.notes
 
     body["runtimeConfig"]["parameterValue"] = {}
     path.write_text(json.dumps(body))

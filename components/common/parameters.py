@@ -215,3 +215,46 @@ def unknown_parameters(values: dict, known: set[str]) -> list[str]:
             f"; known parameters: {', '.join(sorted(known))}"
         errors.append(f"unknown parameter {name!r}{hint}")
     return errors
+
+
+DATASET_PARAMETERS = ("dataset_uri", "evaluation_data_uri")
+MODEL_PARAMETERS = ("large_model_reference", "teacher_model_reference", "student_model_reference")
+
+
+def input_problems(values: dict, remote: bool = False) -> list[str]:
+    """Errors for datasets that cannot be read and base models that cannot be resolved ([] when
+    fine): a local path must exist, a gs:// object must exist (with these credentials). A
+    ``remote`` run (Vertex AI or a KFP cluster) cannot read this machine's files, so there a
+    dataset must be gs:// and a model a catalog name."""
+    from components.common import storage
+    from components.common.model_catalog import (UnknownModelError, check_reference,
+                                                 known_references)
+
+    problems = []
+    for name in DATASET_PARAMETERS:
+        if not _given(values, name):
+            continue
+        uri = _text(values[name])
+        if remote and not storage.is_gcs(uri):
+            problems.append(f"{name} {uri!r} is a local path; a remote run reads gs:// only "
+                            "(upload it: gcloud storage cp FILE gs://BUCKET/)")
+            continue
+        try:
+            if not storage.exists(uri):
+                problems.append(f"{name} {uri!r} does not exist")
+        except (ValueError, OSError) as error:  # a malformed URI, no credentials
+            problems.append(f"{name} {uri!r}: {error}")
+    for name in MODEL_PARAMETERS:
+        if not _given(values, name):
+            continue
+        reference = _text(values[name])
+        if remote:  # the image holds the catalog's models; this machine's files are not there
+            if reference not in known_references():
+                problems.append(f"{name} {reference!r}: a remote run needs one of "
+                                f"{', '.join(known_references())}")
+            continue
+        try:
+            check_reference(reference)
+        except UnknownModelError as error:
+            problems.append(f"{name}: {error}")
+    return problems

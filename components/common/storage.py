@@ -8,8 +8,9 @@ Locations
     * local paths: ``str`` or ``os.PathLike``, and ``file:///abs/path`` URIs;
     * ``gs://bucket/key`` URIs, handled by the google-cloud-storage client. When the
       ``STORAGE_EMULATOR_HOST`` environment variable is set, the client talks to that
-      emulator with anonymous credentials; otherwise it uses the default credentials.
-      One client is kept per emulator host for the life of the process.
+      emulator with anonymous credentials; otherwise it uses the default credentials,
+      and without any it raises :class:`MissingCredentialsError`, which says how to get
+      some. One client is kept per emulator host for the life of the process.
 
 A gs:// "directory" is every object under the prefix ``uri + "/"``.
 
@@ -51,6 +52,17 @@ EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 
 _clients: dict[str | None, storage.Client] = {}
 _clients_lock = threading.Lock()
+
+
+class MissingCredentialsError(PermissionError):
+    """A gs:// location was used with no Google credentials and no emulator to talk to."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "No Google credentials to read or write gs:// locations: run `gcloud auth "
+            "application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS to a key file), "
+            f"or set {EMULATOR_ENV} to a Cloud Storage emulator (e.g. http://127.0.0.1:9023)."
+        )
 
 
 # --------------------------------------------------------------------------- locations
@@ -138,9 +150,20 @@ def _client() -> storage.Client:
             if host:
                 client = storage.Client(project="local", credentials=AnonymousCredentials())
             else:
-                client = storage.Client()
+                client = _default_client()
             _clients[host] = client
     return client
+
+
+def _default_client() -> storage.Client:
+    """A client with the default credentials; :class:`MissingCredentialsError` without any."""
+    from google.auth.exceptions import DefaultCredentialsError
+    from google.cloud import storage
+
+    try:
+        return storage.Client()
+    except DefaultCredentialsError:
+        raise MissingCredentialsError() from None
 
 
 def _gcs_file_blobs(uri: str) -> list[storage.Blob]:

@@ -36,12 +36,19 @@ Every route generates through the same batched generator (``components.common.ge
 
 Run it with ``python -m components.deploy_endpoint.server --name N --model-dir D --ready-file F``;
 it binds a free port on 127.0.0.1 and writes ``{"port": ...}`` to the ready file once it serves.
+
+As a Vertex AI custom serving container (``AIP_HTTP_PORT`` set, as Vertex sets it) it follows
+Vertex's contract instead: it downloads the model from ``AIP_STORAGE_URI`` (``gs://`` or a local
+path), binds 0.0.0.0:``AIP_HTTP_PORT``, answers health checks on ``AIP_HEALTH_ROUTE`` (any GET
+but ``/v1/models``) and predict requests on ``AIP_PREDICT_ROUTE`` as on ``/predict``; the
+model's name is ``--name`` or else ``AIP_DEPLOYED_MODEL_ID``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -335,19 +342,20 @@ def _openai_error(message: str) -> dict:
     return {"error": {"message": message, "type": "invalid_request_error"}}
 
 
-def _post_route(path: str) -> tuple[Callable[[Predictor, bytes], dict],
-                                   Callable[[str], dict]] | None:
+def _post_route(path: str, predict_route: str = "/predict") -> tuple[
+        Callable[[Predictor, bytes], dict], Callable[[str], dict]] | None:
     """How to serve a POST to ``path`` and how to word its errors; None for no route."""
     path = path.rstrip("/")
     if path == "/v1/chat/completions":
         return _serve_chat_completion, _openai_error
-    if path.endswith("/predict") or path.endswith(":predict"):
+    if path == predict_route.rstrip("/") or path.endswith(("/predict", ":predict")):
         return _serve_predict, _vertex_error
     return None
 
 
-def make_handler(predictor: Predictor):
-    """The request handler class bound to ``predictor``."""
+def make_handler(predictor: Predictor, predict_route: str = "/predict"):
+    """The request handler class bound to ``predictor``; ``predict_route`` answers predict
+    requests besides ``/predict`` (Vertex's ``AIP_PREDICT_ROUTE``)."""
 
     class Handler(BaseHTTPRequestHandler):
         def _reply(self, status: HTTPStatus, payload: dict) -> None:
@@ -369,10 +377,11 @@ def make_handler(predictor: Predictor):
 
         def do_POST(self) -> None:  # noqa: N802
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            route = _post_route(self.path)
+            route = _post_route(self.path, predict_route)
             if route is None:
                 self._reply(HTTPStatus.NOT_FOUND, {
-                    "error": f"no route {self.path}; POST /predict or /v1/chat/completions"})
+                    "error": f"no route {self.path}; POST {predict_route} or "
+                             "/v1/chat/completions"})
                 return
             serve, error_payload = route
             try:
@@ -388,13 +397,43 @@ def make_handler(predictor: Predictor):
     return Handler
 
 
+VERTEX_PORT_ENV = "AIP_HTTP_PORT"  # set by Vertex AI for a custom serving container
+
+
+def serve_on_vertex(name: str | None) -> None:
+    """Serves the model at ``AIP_STORAGE_URI`` under Vertex's custom-container contract."""
+    from components.common import storage
+
+    storage_uri = os.environ.get("AIP_STORAGE_URI")
+    if not storage_uri:
+        raise SystemExit("AIP_STORAGE_URI is not set: Vertex sets it to the uploaded model's "
+                         "artifact URI; set it to the model folder to serve")
+    model_dir = os.path.join(tempfile.mkdtemp(prefix="tunepipe-model-"), "model")
+    storage.download(storage_uri, model_dir)
+    predictor = Predictor(name or os.environ.get("AIP_DEPLOYED_MODEL_ID", "model"), model_dir)
+    predict_route = os.environ.get("AIP_PREDICT_ROUTE", "/predict")
+    server = ThreadingHTTPServer(("0.0.0.0", int(os.environ[VERTEX_PORT_ENV])),
+                                 make_handler(predictor, predict_route))
+    print(f"endpoint {predictor.name} serving {storage_uri} on port {server.server_address[1]}: "
+          f"health {os.environ.get('AIP_HEALTH_ROUTE', '/')}, predict {predict_route}",
+          flush=True)
+    server.serve_forever()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--ready-file", required=True)
+    parser.add_argument("--name", help="the model's name (required but on Vertex)")
+    parser.add_argument("--model-dir", help="the model folder (required but on Vertex)")
+    parser.add_argument("--ready-file", help="where to write the port once serving (required "
+                                             "but on Vertex)")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
+    if os.environ.get(VERTEX_PORT_ENV):
+        serve_on_vertex(args.name)
+        return
+    if not (args.name and args.model_dir and args.ready_file):
+        parser.error(f"--name, --model-dir and --ready-file are required (unless "
+                     f"{VERTEX_PORT_ENV} is set, as on Vertex AI)")
     predictor = Predictor(args.name, args.model_dir)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(predictor))
     staging = args.ready_file + ".partial"

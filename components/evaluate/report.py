@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from components.common.markdown import table_cell
+
 METRICS_JSONL = "metrics.jsonl"
 WORST_EXAMPLES = 10
-CELL_CHARS = 300
 
 _COLUMNS = (
     ("eval_total_loss", "eval loss", "{:.4f}"),
@@ -70,16 +71,6 @@ def loss_curve_png(records: Sequence[dict]) -> bytes | None:
     return buffer.getvalue()
 
 
-def cell(value, limit: int = CELL_CHARS) -> str:
-    """Text made safe for one Markdown table cell (pipes escaped, newlines shown, cut)."""
-    text = str(value)
-    if len(text) > limit:
-        text = text[:limit] + "…"
-    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "⏎ ")
-    text = text.replace("<", "&lt;").replace(">", "&gt;")
-    return text if text.strip() else "(empty)"
-
-
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -97,7 +88,7 @@ def metrics_table(rows: Sequence[tuple[str, dict]], columns) -> list[str]:
     lines = ["| model | " + " | ".join(title for _, title, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for name, metrics in rows:
-        lines.append(f"| {cell(name)} | " + " | ".join(_format(metrics, key, pattern)
+        lines.append(f"| {table_cell(name)} | " + " | ".join(_format(metrics, key, pattern)
                                                         for key, _, pattern in columns) + " |")
     return lines
 
@@ -167,12 +158,12 @@ def render_report(results: dict, predictions: Sequence[dict], training_metrics: 
         categories = classification["categories"]
         lines += [f"## Confusion matrix (tuned, step {tuned['step']})", "",
                   "Rows: expected label; columns: predicted (`(other)`: not a label).", "",
-                  "| expected \\ predicted | " + " | ".join(cell(c, 60) for c in categories) + " |",
+                  "| expected \\ predicted | " + " | ".join(table_cell(c, 60) for c in categories) + " |",
                   "|---|" + "---:|" * len(categories)]
         for name, row in zip(categories, classification["confusion_matrix"]):
             if name == "(other)":
                 continue
-            lines.append(f"| {cell(name, 60)} | " + " | ".join(str(v) for v in row) + " |")
+            lines.append(f"| {table_cell(name, 60)} | " + " | ".join(str(v) for v in row) + " |")
         lines.append("")
 
     worst = worst_examples(predictions)
@@ -180,8 +171,8 @@ def render_report(results: dict, predictions: Sequence[dict], training_metrics: 
     if worst:
         lines += ["| # | input | expected | tuned | base | ROUGE-L |", "|---:|---|---|---|---|---:|"]
         for row in worst:
-            lines.append(f"| {row['index']} | {cell(row['input'])} | {cell(row['expected'])} | "
-                         f"{cell(row.get('tuned_output', ''))} | {cell(row.get('base_output', '–'))} | "
+            lines.append(f"| {row['index']} | {table_cell(row['input'])} | {table_cell(row['expected'])} | "
+                         f"{table_cell(row.get('tuned_output', ''))} | {table_cell(row.get('base_output', '–'))} | "
                          f"{row['tuned_scores']['rouge_l']:.3f} |")
     elif any("tuned_scores" in row for row in predictions):
         lines.append("None: the tuned model answers every example exactly.")

@@ -1,0 +1,118 @@
+"""The targets a pipeline compiles for, and the tasks that differ on Vertex AI.
+
+``portable``: the template the KFP local runner and open-source Kubeflow Pipelines run; every
+task is a container of the project's image, the tuner asks for its accelerators as task
+resources, and upload_model and deploy_endpoint register and serve the model inside their own
+task. ``vertex``: the template for Vertex AI Pipelines; the tuner runs as a Vertex CustomJob on
+the machine ``accelerator_type`` names, in that machine's region, and the selected checkpoint
+goes to the Vertex Model Registry and a Vertex endpoint served by the project's image
+(``components.deploy_endpoint.server`` honours Vertex's custom-container contract).
+"""
+from typing import NamedTuple
+
+from kfp import dsl
+
+from components.common.images import BASE_IMAGE
+
+PORTABLE, VERTEX = "portable", "vertex"
+TARGETS = (PORTABLE, VERTEX)
+
+
+class Machine(NamedTuple):
+    """A Vertex machine: type, accelerator and count, and the region it is found in."""
+
+    machine_type: str
+    accelerator_type: str
+    accelerator_count: int
+    region: str = ""
+
+
+# SPEC "Batch size, steps, regions, machines": where tuning runs, by accelerator_type.
+TUNING_MACHINES = {
+    "GPU": Machine("a2-ultragpu-8g", "NVIDIA_A100_80GB", 8, "us-central1"),
+    "TPU": Machine("cloud-tpu", "TPU_V3", 64, "europe-west4"),
+}
+SERVING_MACHINE = Machine("g2-standard-12", "NVIDIA_L4", 1)  # one replica per endpoint
+SERVING_PORT = 8080
+SERVING_COMMAND = ["python", "-m", "components.deploy_endpoint.server"]
+PIPELINE_LOCATION = "{{$.pipeline_google_cloud_location}}"  # Vertex fills in the job's region
+
+
+def tune_as_custom_job(tune_inputs: dict, *, accelerator_type, project, encryption_spec_key_name,
+                       tensorboard_resource_id):
+    """The tune component as a Vertex CustomJob on the machine of ``accelerator_type`` (GPU or
+    TPU, chosen at run time); returns its tuned model, whichever branch ran.
+
+    The job runs as Vertex's default identity for custom code: Vertex's templates have no
+    service account parameter and a pipeline cannot read its job's ``serviceAccount``.
+    """
+    from google_cloud_pipeline_components.v1.custom_job import (
+        create_custom_training_job_from_component)
+
+    from components.tune.component import tune
+
+    def tune_on(accelerator: str):
+        machine = TUNING_MACHINES[accelerator]
+        custom_job = create_custom_training_job_from_component(
+            tune, display_name="tune", machine_type=machine.machine_type,
+            accelerator_type=machine.accelerator_type,
+            accelerator_count=machine.accelerator_count)
+        return custom_job(
+            **tune_inputs, project=project, location=machine.region,
+            encryption_spec_key_name=encryption_spec_key_name, tensorboard=tensorboard_resource_id,
+        ).set_display_name(f"Tune ({machine.accelerator_count}x {machine.accelerator_type}, "
+                           f"{machine.region})").set_caching_options(False)
+
+    with dsl.If(accelerator_type == "GPU", name="tune-on-gpu"):
+        on_gpu = tune_on("GPU")
+    with dsl.Else(name="tune-on-tpu"):
+        on_tpu = tune_on("TPU")
+    return dsl.OneOf(on_gpu.outputs["tuned_model"], on_tpu.outputs["tuned_model"])
+
+
+@dsl.component(base_image=BASE_IMAGE)
+def vertex_upload_settings(
+    selected_model: dsl.Input[dsl.Model], location: str, pipeline_location: str,
+) -> NamedTuple("UploadSettings", artifact_uri=str, location=str):
+    """Where the selected checkpoint is (the model's artifact URI) and the upload region
+    (``location``, else the pipeline job's region)."""
+    from collections import namedtuple
+
+    settings = namedtuple("UploadSettings", ["artifact_uri", "location"])
+    return settings(selected_model.uri, location or pipeline_location)
+
+
+def upload_and_deploy_on_vertex(selected_model, *, model_display_name, project, location,
+                                encryption_spec_key_name) -> None:
+    """Uploads the selected checkpoint to the Vertex Model Registry with the project's image as
+    its serving container, and deploys it to a new Vertex endpoint of the same name."""
+    from google_cloud_pipeline_components.types.artifact_types import UnmanagedContainerModel
+    from google_cloud_pipeline_components.v1.endpoint import EndpointCreateOp, ModelDeployOp
+    from google_cloud_pipeline_components.v1.model import ModelUploadOp
+
+    settings = vertex_upload_settings(
+        selected_model=selected_model, location=location, pipeline_location=PIPELINE_LOCATION,
+    ).set_display_name("Upload Settings")
+    serving_model = dsl.importer(
+        artifact_uri=settings.outputs["artifact_uri"], artifact_class=UnmanagedContainerModel,
+        metadata={"containerSpec": {"imageUri": BASE_IMAGE, "command": SERVING_COMMAND,
+                                    "ports": [{"containerPort": SERVING_PORT}]}},
+    ).set_display_name("Serving Container")
+    region = settings.outputs["location"]
+    uploaded = ModelUploadOp(
+        project=project, location=region, display_name=model_display_name,
+        unmanaged_container_model=serving_model.output,
+        encryption_spec_key_name=encryption_spec_key_name,
+    ).set_display_name("Upload Model")
+    endpoint = EndpointCreateOp(
+        project=project, location=region, display_name=model_display_name,
+        encryption_spec_key_name=encryption_spec_key_name,
+    ).set_display_name("Create Endpoint")
+    ModelDeployOp(
+        model=uploaded.outputs["model"], endpoint=endpoint.outputs["endpoint"],
+        deployed_model_display_name=model_display_name, traffic_split={"0": 100},
+        dedicated_resources_machine_type=SERVING_MACHINE.machine_type,
+        dedicated_resources_accelerator_type=SERVING_MACHINE.accelerator_type,
+        dedicated_resources_accelerator_count=SERVING_MACHINE.accelerator_count,
+        dedicated_resources_min_replica_count=1, dedicated_resources_max_replica_count=1,
+    ).set_display_name("Deploy Endpoint")
