@@ -18,9 +18,10 @@ When compiling pays (``compile="auto"``, :func:`wants_compile`), measured with
 data, 2 cores, empty Inductor cache):
 
 - AVX2 CPU (AMD EPYC, no AMX), float32: warm-up 55.6-55.7 s; then, in two runs, 4.12 s/step
-  compiled against 4.02 eager, and 4.25 against 4.98: the float32 matrix products are nearly
-  the whole step, and the gain (-2% to +17%, within this machine's run-to-run drift) would
-  repay the warm-up after 76 steps at best, never at worst.
+  compiled against 4.02 eager, and 4.25 against 4.98; with the merged float32 LoRA layers,
+  2.56 against 2.91 after a 32.9 s warm-up. The float32 matrix products are nearly the whole
+  step, and the gain (-2% to +17%, within this machine's run-to-run drift) would repay the
+  warm-up after 76-93 steps at best, never at worst.
 - AMX CPU, bfloat16 (measured by the earlier ``bench_tune`` work on such a machine, not re-run
   since): compiled steps about a third faster (about 1.0 -> 0.67 s/step) for a warm-up of 30 s
   (Inductor cache warm) to about a minute (cold): it pays after 100 to 180 steps.
