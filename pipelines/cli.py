@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.dry_run:
             _print_request_body(request, pipeline_name, values)
             return 0
-        run = run_locally(request, verbose=args.verbose)
+        run = run_locally(request, pipeline_name, values, verbose=args.verbose)
     except TaskFailedError as failure:
         print(f"tunepipe run: {failure.task} failed:\n{failure.message}", file=sys.stderr)
         return 1

@@ -233,9 +233,10 @@ class LocalRun:
     seconds: float
 
 
-def run_locally(request: RunRequest, verbose: bool = False) -> LocalRun:
-    """Runs the request's template with the KFP local runner; returns the run's output folder
-    and task times.
+def run_locally(request: RunRequest, pipeline_name: str, values: dict[str, Any],
+                verbose: bool = False) -> LocalRun:
+    """Runs the request's template with the KFP local runner on ``values`` (what
+    :func:`prepare` returned for it); returns the run's output folder and task times.
 
     Unless ``verbose``, the JSON executor input that KFP logs for every task is left out, and a
     failing task raises :class:`TaskFailedError` with its own error message.
@@ -243,7 +244,6 @@ def run_locally(request: RunRequest, verbose: bool = False) -> LocalRun:
     import kfp.local
     from kfp import components
 
-    pipeline_name, values = prepare(request)
     pipeline_root = Path(request.pipeline_root).expanduser().resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
