@@ -116,11 +116,16 @@ def prepare(request: RunRequest, remote: bool = False) -> tuple[str, dict[str, A
     from components.common.parameters import (check_parameters, input_problems,
                                               refused_parameters)
     from components.common.precision import requested_precision
+    from components.generate_rationales.teacher_reference import teacher_reference_problems
 
     requested_precision()  # a bad TUNEPIPE_PRECISION is refused before any task starts
     pipeline_name, template = read_template(request.template)
     values = bind_parameters(template, request.parameters, refused_parameters(pipeline_name))
     problems = check_parameters(pipeline_name, values) or input_problems(values, remote)
+    if not problems and "teacher_model_reference" in values:
+        problems = teacher_reference_problems(str(values["teacher_model_reference"]),
+                                              str(values.get("project") or ""),
+                                              str(values.get("location") or ""), remote)
     if problems:
         raise ParameterError("\n".join(f"  - {p}" for p in problems))
     return pipeline_name, values

@@ -26,11 +26,13 @@ IMAGE_ENV = "TUNEPIPE_IMAGE"  # the image compile writes into the templates, unl
 def pipeline_factories() -> dict[str, Callable]:
     """Every pipeline by template name: a function of the target (``portable`` or ``vertex``)
     that builds the pipeline for it."""
+    from pipelines.distillation import build_distillation
     from pipelines.tune_large_chat_model import build_tune_large_chat_model
     from pipelines.tune_large_model import build_tune_large_model
 
     return {"tune-large-model": build_tune_large_model,
-            "tune-large-chat-model": build_tune_large_chat_model}
+            "tune-large-chat-model": build_tune_large_chat_model,
+            "distillation": build_distillation}
 
 
 def pipeline_functions() -> dict[str, Callable]:

@@ -4,6 +4,7 @@ from kfp.dsl import graph_component
 
 from components.deploy_endpoint.component import deploy_endpoint
 from components.evaluate.component import evaluate
+from components.generate_rationales.component import generate_rationales
 from components.select_checkpoint.component import select_checkpoint
 from components.transform.component import transform
 from components.tune.component import tune
@@ -17,16 +18,19 @@ def tuning_tasks(*, target: str, dataset_format: str, default_context, project,
                  model_display_name, dataset_uri, location, large_model_reference,
                  accelerator_type, train_steps, learning_rate_multiplier, evaluation_data_uri,
                  evaluation_interval, enable_early_stopping, enable_checkpoint_selection,
-                 tensorboard_resource_id, encryption_spec_key_name, max_context_length) -> None:
+                 tensorboard_resource_id, encryption_spec_key_name, max_context_length,
+                 teacher_model_reference=None) -> None:
     """The tasks the tuning templates share: validate, transform, tune, evaluate, select a
-    checkpoint, upload and deploy.
+    checkpoint, upload and deploy; with a ``teacher_model_reference`` (distillation), the
+    teacher's rationales between validate and transform.
 
     Called inside a pipeline function (KFP builds the pipeline when it is decorated, so this is
     defined first); the arguments are its parameters or constants (``dataset_format`` always a
-    constant: ``text`` or ``chat``). ``target`` (:mod:`pipelines.vertex`) says where tune,
-    upload and deploy run: ``portable`` as tasks of the template (the tuner asks for 8x A100
-    80GB as task resources), ``vertex`` as a Vertex CustomJob on the accelerator_type's machine
-    and in the Vertex Model Registry and endpoints.
+    constant: ``text``, ``chat`` or ``distillation``; ``large_model_reference`` is the student
+    in distillation). ``target`` (:mod:`pipelines.vertex`) says where tune, upload and deploy
+    run: ``portable`` as tasks of the template (the tuner asks for 8x A100 80GB as task
+    resources), ``vertex`` as a Vertex CustomJob on the accelerator_type's machine and in the
+    Vertex Model Registry and endpoints.
     """
     if target not in (PORTABLE, VERTEX):
         raise ValueError(f"target must be {PORTABLE!r} or {VERTEX!r}, got {target!r}")
@@ -38,9 +42,20 @@ def tuning_tasks(*, target: str, dataset_format: str, default_context, project,
         max_context_length=max_context_length,
         default_context=default_context,
     ).set_display_name("Validate Dataset").set_caching_options(False)
+    # What transform and evaluate read: the validated examples or, in distillation, the same
+    # examples with the teacher's rationales and labels (a folder of the same layout).
+    examples = validated.outputs["validated_dataset"]
+    if teacher_model_reference is not None:
+        examples = generate_rationales(
+            validated_dataset=examples,
+            teacher_model_reference=teacher_model_reference,
+            project=project,
+            location=location,
+        ).set_display_name("Generate Rationales").set_caching_options(False).outputs[
+            "rationale_dataset"]
 
     tokenized = transform(
-        validated_dataset=validated.outputs["validated_dataset"],
+        validated_dataset=examples,
         dataset_format=dataset_format,
         large_model_reference=large_model_reference,
         max_context_length=max_context_length,
@@ -73,7 +88,7 @@ def tuning_tasks(*, target: str, dataset_format: str, default_context, project,
 
     evaluated = evaluate(
         tuned_model=tuned_model,
-        validated_dataset=validated.outputs["validated_dataset"],
+        validated_dataset=examples,
         tokenized_dataset=tokenized.outputs["tokenized_dataset"],
         large_model_reference=large_model_reference,
     ).set_display_name("Evaluate").set_caching_options(False)

@@ -51,6 +51,24 @@ def test_a_bad_request_is_refused_before_the_runner_starts(tmp_path, bad_dataset
     assert not runs.exists() and "Executing task" not in done.stdout  # the runner never started
 
 
+@pytest.mark.parametrize("teacher,problem", [
+    ("gpt-9", "teacher_model_reference: Unknown model reference 'gpt-9'."),
+    ("http://127.0.0.1:8000/v1", "teacher_model_reference: 'http://127.0.0.1:8000/v1': say which "
+                                 "API the URL speaks, e.g. openai:http://127.0.0.1:8000/v1#MODEL"),
+])
+def test_a_teacher_that_names_no_teacher_is_refused_before_the_runner_starts(
+        tmp_path, bad_dataset, teacher, problem):
+    runs = tmp_path / "runs"
+    done = _tunepipe("run", "distillation", "--param", "project=p", "--param",
+                     "model_display_name=x", "--param", f"dataset_uri={bad_dataset}",
+                     "--param", f"teacher_model_reference={teacher}",
+                     "--pipeline-root", str(runs), cwd=tmp_path)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"tunepipe run: invalid request: {problem}")
+    assert not runs.exists()
+
+
 def test_a_failing_task_ends_with_its_name_and_message(tmp_path, bad_dataset):
     done = _tunepipe(*_run_args(bad_dataset, "--pipeline-root", str(tmp_path / "runs")),
                      cwd=tmp_path)

@@ -26,7 +26,7 @@ def test_compiled_templates_match_a_fresh_compile(tmp_path, monkeypatch):
     fresh_templates = compile_all(tmp_path)
     assert {path.relative_to(tmp_path).as_posix() for path in fresh_templates} == {
         f"{directory}{name}.yaml" for directory in ("", f"{VERTEX_SUBDIR}/")
-        for name in ("tune-large-model", "tune-large-chat-model")}
+        for name in ("tune-large-model", "tune-large-chat-model", "distillation")}
     for fresh in fresh_templates:
         checked_in = COMPILED_DIR / fresh.relative_to(tmp_path)
         assert checked_in.exists(), f"{checked_in} is missing: run `make compile`"
@@ -40,6 +40,39 @@ def test_tune_large_model_parameters_are_vertex_s():
     assert {n: (p.type, p.default) for n, p in parameters.items()} == SPEC_PARAMETERS
     assert all(p.description for p in parameters.values()), "every parameter is documented"
     assert {n for n, p in parameters.items() if p.required} == {"project", "model_display_name", "dataset_uri"}
+
+
+# Seed 002's request body for the distillation template: exactly these parameters.
+DISTILLATION_PARAMETERS = {
+    **{name: SPEC_PARAMETERS[name] for name in SPEC_PARAMETERS if name != "large_model_reference"},
+    "teacher_model_reference": ("STRING", "text-unicorn@001"),
+    "student_model_reference": ("STRING", "text-bison@002"),
+}
+
+
+def test_distillation_parameters_are_vertex_s():
+    name, parameters = read_template(template_path("distillation"))
+    assert name == "distillation"
+    assert {n: (p.type, p.default) for n, p in parameters.items()} == DISTILLATION_PARAMETERS
+    assert all(p.description for p in parameters.values()), "every parameter is documented"
+    assert {n for n, p in parameters.items() if p.required} == {"project", "model_display_name", "dataset_uri"}
+
+
+def test_distillation_runs_the_teacher_between_validation_and_transform():
+    spec = yaml.safe_load(template_path("distillation").read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    teacher = tasks["generate-rationales"]
+    assert teacher["dependentTasks"] == ["validate-dataset"]
+    assert teacher["inputs"]["parameters"]["teacher_model_reference"] == {
+        "componentInputParameter": "teacher_model_reference"}
+    for task in ("transform", "evaluate"):
+        assert tasks[task]["inputs"]["artifacts"]["validated_dataset"] == {
+            "taskOutputArtifact": {"outputArtifactKey": "rationale_dataset",
+                                   "producerTask": "generate-rationales"}}
+    assert tasks["transform"]["inputs"]["parameters"]["dataset_format"] == {
+        "runtimeValue": {"constant": "distillation"}}
+    assert tasks["tune"]["inputs"]["parameters"]["large_model_reference"] == {
+        "componentInputParameter": "student_model_reference"}
 
 
 def test_unknown_and_mistyped_parameters_are_all_named():

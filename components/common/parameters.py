@@ -218,7 +218,9 @@ def unknown_parameters(values: dict, known: set[str]) -> list[str]:
 
 
 DATASET_PARAMETERS = ("dataset_uri", "evaluation_data_uri")
-MODEL_PARAMETERS = ("large_model_reference", "teacher_model_reference", "student_model_reference")
+MODEL_PARAMETERS = ("large_model_reference", "student_model_reference")  # the teacher's own
+# syntax (catalog names, checkpoints, OpenAI-compatible URLs, Vertex resources) is checked by
+# components.generate_rationales.teacher_reference.teacher_reference_problems.
 
 
 def input_problems(values: dict, remote: bool = False) -> list[str]:

@@ -87,6 +87,36 @@ def parse_teacher_reference(reference: str, project: str = "", location: str = "
     return TeacherReference(LOCAL, value.removeprefix("local:"))
 
 
+def teacher_reference_problems(reference: str, project: str = "", location: str = "",
+                               remote: bool = False) -> list[str]:
+    """Errors for a teacher reference that names no usable teacher ([] when fine): its syntax;
+    a local teacher's model must resolve (``remote``: a run on Vertex AI or a KFP cluster, where
+    only the catalog's models are in the image and this machine's loopback is out of reach)."""
+    from components.common.model_catalog import (UnknownModelError, check_reference,
+                                                 known_references)
+
+    try:
+        parsed = parse_teacher_reference(reference, project, location)
+    except TeacherReferenceError as error:
+        return [f"teacher_model_reference: {error}"]
+    if parsed.kind == OPENAI and remote and re.match(
+            r"^https?://(127\.|localhost\b|\[::1\])", parsed.target):
+        return [f"teacher_model_reference {reference!r} is this machine's loopback; a remote run "
+                "cannot reach it: serve the teacher where the pipeline runs can reach it"]
+    if parsed.kind != LOCAL:
+        return []
+    if remote:
+        if parsed.target not in known_references():
+            return [f"teacher_model_reference {reference!r}: a remote run needs one of "
+                    f"{', '.join(known_references())}, an openai: URL or a Vertex resource"]
+        return []
+    try:
+        check_reference(parsed.target)
+    except UnknownModelError as error:
+        return [f"teacher_model_reference: {error} Teachers may also be {SYNTAX}."]
+    return []
+
+
 def make_teacher(reference: str, *, project: str = "", location: str = "", concurrency: int = 8,
                  policy: RetryPolicy = RetryPolicy(), batch_size: int | None = None,
                  device: str | None = None) -> Teacher:
