@@ -32,54 +32,78 @@ LABELS = ("billing", "shipping", "technical", "account")
 INSTRUCTION = ("Classify the customer message into one of these categories: billing, shipping, "
                "technical, account. Answer with the category name only.")
 
+# Per label: (message template, cue). The cue says what a message of that template is about; the
+# distillation sample's rationales are written from it (:func:`rationale`).
 TEMPLATES = {
     "billing": [
-        "I was charged {n} times for my {product} order this month.",
-        "Why does my invoice show ${amount} when the price was lower?",
-        "Can I get a refund for the {product} subscription I cancelled?",
-        "My credit card was billed but the payment shows as failed.",
-        "Please explain the extra ${amount} fee on my last statement.",
-        "I need a copy of the invoice for my {product} purchase.",
-        "The discount code was not applied and I paid ${amount} too much.",
-        "How do I change the card you charge for my {product} plan?",
-        "You charged me after I cancelled my {product} trial.",
-        "Is there a way to pay my {product} bill in installments?",
+        ("I was charged {n} times for my {product} order this month.",
+         "being charged several times"),
+        ("Why does my invoice show ${amount} when the price was lower?",
+         "an invoice amount that is too high"),
+        ("Can I get a refund for the {product} subscription I cancelled?",
+         "a refund for a cancelled subscription"),
+        ("My credit card was billed but the payment shows as failed.",
+         "a card charged for a failed payment"),
+        ("Please explain the extra ${amount} fee on my last statement.",
+         "an extra fee on a statement"),
+        ("I need a copy of the invoice for my {product} purchase.", "a copy of an invoice"),
+        ("The discount code was not applied and I paid ${amount} too much.",
+         "a discount code that was not applied"),
+        ("How do I change the card you charge for my {product} plan?",
+         "changing the card that is charged"),
+        ("You charged me after I cancelled my {product} trial.",
+         "a charge after a cancelled trial"),
+        ("Is there a way to pay my {product} bill in installments?",
+         "paying a bill in installments"),
     ],
     "shipping": [
-        "My {product} order has not arrived after {n} days.",
-        "The tracking number for my {product} does not work.",
-        "Can you ship my {product} to a different address?",
-        "The box with my {product} arrived damaged.",
-        "When will my {product} be delivered to {city}?",
-        "The courier left my {product} at the wrong house in {city}.",
-        "Do you offer express delivery of the {product} to {city}?",
-        "My package with the {product} is stuck in customs for {n} days.",
-        "I received someone else's parcel instead of my {product}.",
-        "How much does shipping a {product} to {city} cost?",
+        ("My {product} order has not arrived after {n} days.", "an order that has not arrived"),
+        ("The tracking number for my {product} does not work.",
+         "a tracking number that does not work"),
+        ("Can you ship my {product} to a different address?", "shipping to a different address"),
+        ("The box with my {product} arrived damaged.", "a box that arrived damaged"),
+        ("When will my {product} be delivered to {city}?", "when an order will be delivered"),
+        ("The courier left my {product} at the wrong house in {city}.",
+         "a parcel left at the wrong house"),
+        ("Do you offer express delivery of the {product} to {city}?", "express delivery"),
+        ("My package with the {product} is stuck in customs for {n} days.",
+         "a package stuck in customs"),
+        ("I received someone else's parcel instead of my {product}.",
+         "receiving someone else's parcel"),
+        ("How much does shipping a {product} to {city} cost?", "the cost of shipping"),
     ],
     "technical": [
-        "My {product} keeps crashing when I open the settings.",
-        "The {product} app shows error code {code} on startup.",
-        "After the update my {product} will not connect to wifi.",
-        "The {product} battery drains in {n} hours.",
-        "How do I reset my {product} to factory settings?",
-        "The screen of my {product} flickers after {n} minutes.",
-        "My {product} does not pair with my phone over bluetooth.",
-        "The {product} firmware update fails at {n} percent.",
-        "Sync between the {product} and the website stopped working.",
-        "The {product} makes a loud noise and then turns off.",
+        ("My {product} keeps crashing when I open the settings.", "a device that keeps crashing"),
+        ("The {product} app shows error code {code} on startup.", "an error code in an app"),
+        ("After the update my {product} will not connect to wifi.",
+         "a device that will not connect to wifi"),
+        ("The {product} battery drains in {n} hours.", "a battery that drains quickly"),
+        ("How do I reset my {product} to factory settings?",
+         "resetting a device to factory settings"),
+        ("The screen of my {product} flickers after {n} minutes.", "a flickering screen"),
+        ("My {product} does not pair with my phone over bluetooth.",
+         "bluetooth pairing that fails"),
+        ("The {product} firmware update fails at {n} percent.", "a firmware update that fails"),
+        ("Sync between the {product} and the website stopped working.",
+         "sync that stopped working"),
+        ("The {product} makes a loud noise and then turns off.", "a device that turns itself off"),
     ],
     "account": [
-        "I forgot the password for my account and the reset email never came.",
-        "How do I change the email address on my account?",
-        "Someone logged into my account from {city}.",
-        "Please delete my account and all my data.",
-        "I cannot log in because two-factor codes are not arriving.",
-        "How can I merge my two accounts into one?",
-        "My account was locked after {n} failed login attempts.",
-        "I want to change the username on my account to {name}.",
-        "Can I add {name} as a second user on my account?",
-        "How do I download all the data stored in my account?",
+        ("I forgot the password for my account and the reset email never came.",
+         "a forgotten password"),
+        ("How do I change the email address on my account?",
+         "changing the email address of an account"),
+        ("Someone logged into my account from {city}.", "a login from an unknown place"),
+        ("Please delete my account and all my data.", "deleting an account and its data"),
+        ("I cannot log in because two-factor codes are not arriving.",
+         "two-factor codes that do not arrive"),
+        ("How can I merge my two accounts into one?", "merging two accounts"),
+        ("My account was locked after {n} failed login attempts.",
+         "an account locked after failed logins"),
+        ("I want to change the username on my account to {name}.", "changing a username"),
+        ("Can I add {name} as a second user on my account?", "adding a second user to an account"),
+        ("How do I download all the data stored in my account?",
+         "downloading the data of an account"),
     ],
 }
 
@@ -96,13 +120,17 @@ SLOTS = {
 OPENERS = ["", "Hello, ", "Hi team, ", "Good morning. ", "Urgent: ", "Hey, "]
 
 
-def _message(rng: random.Random, label: str) -> str:
-    template = rng.choice(TEMPLATES[label])
+def _message_and_cue(rng: random.Random, label: str) -> tuple[str, str]:
+    template, cue = rng.choice(TEMPLATES[label])
     filled = template.format(**{slot: rng.choice(values) for slot, values in SLOTS.items()})
     opener = rng.choice(OPENERS)
     if opener.endswith(", ") and not filled.startswith("I "):
         filled = filled[0].lower() + filled[1:]
-    return opener + filled
+    return opener + filled, cue
+
+
+def _message(rng: random.Random, label: str) -> str:
+    return _message_and_cue(rng, label)[0]
 
 
 def make_examples(rng: random.Random, per_label: int, exclude: set[str]) -> list[dict]:
@@ -203,6 +231,70 @@ def make_conversations(rng: random.Random, count: int, exclude: set[str],
     return conversations
 
 
+ROUTING_TASK = "Route to a team: "
+LABEL_REASONS = {
+    "billing": "money matters go to billing",
+    "shipping": "deliveries go to shipping",
+    "technical": "faulty devices and apps go to technical",
+    "account": "logins and profiles go to account",
+}
+
+
+def rationale(cue: str, label: str) -> str:
+    """The hand-written reasoning from a message's cue to its label."""
+    return f"It is about {cue}; {LABEL_REASONS[label]}."
+
+
+def make_routing_examples(rng: random.Random, per_label: int, exclude: set[str]) -> list[dict]:
+    """``per_label`` routing examples for every label (input_text, output_text and, for the
+    sample's own use, the rationale), their messages unique and not in ``exclude``."""
+    examples, messages = [], set()
+    for label in LABELS:
+        count = 0
+        while count < per_label:
+            message, cue = _message_and_cue(rng, label)
+            if message in exclude or message in messages:
+                continue
+            messages.add(message)
+            examples.append({"input_text": ROUTING_TASK + message, "output_text": label,
+                             "rationale": rationale(cue, label)})
+            count += 1
+    rng.shuffle(examples)
+    return examples
+
+
+def distillation_dataset(examples: list[dict], labeled: int, explained: int) -> list[dict]:
+    """The distillation training set: the first ``labeled`` examples keep their label (the first
+    ``explained`` of them also their rationale, the teacher's demonstrations); the others are
+    unlabeled (input_text only): the teacher labels them."""
+    return [{"input_text": e["input_text"], "output_text": e["output_text"],
+             **({"rationale": e["rationale"]} if number < explained else {})}
+            if number < labeled else {"input_text": e["input_text"]}
+            for number, e in enumerate(examples)]
+
+
+def teacher_training_set(rng: random.Random, examples: list[dict]) -> list[dict]:
+    """Text examples that teach the embedded model to be the distillation teacher: the
+    generate_rationales component's own few-shot prompts (demonstrations drawn from
+    ``examples``) as input_text, and as output_text the reply its parser reads: ``Rationale:``
+    then ``Answer:`` for an answer request (three in four), ``Rationale:`` alone for an explain
+    request (the answer is in the prompt)."""
+    from components.generate_rationales.examples import DistillationExample
+    from components.generate_rationales.prompting import ANSWER, EXPLAIN, build_request
+
+    pool = [DistillationExample(index, index + 1, e["input_text"], e["output_text"],
+                                e["rationale"]) for index, e in enumerate(examples)]
+    training = []
+    for example in pool:
+        mode = EXPLAIN if rng.random() < 0.25 else ANSWER
+        request = build_request(pool, example, mode, few_shot_count=3, seed=rng.randrange(1000))
+        reply = f"Rationale: {example.rationale}"
+        if mode == ANSWER:
+            reply += f"\nAnswer: {example.output_text}"
+        training.append({"input_text": request.messages[-1]["content"], "output_text": reply})
+    return training
+
+
 def write_jsonl(path: Path, examples: list[dict]) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as out:
         out.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in examples)
@@ -224,6 +316,19 @@ def main() -> None:
     write_jsonl(here / "support_chat_train.jsonl", chat_train)
     write_jsonl(here / "support_chat_heldout.jsonl",
                 make_conversations(chat_rng, 20, exclude=seen, own_context_share=0.0))
+
+    distill_rng = random.Random(20261129)
+    routing = make_routing_examples(distill_rng, 24, exclude=set())
+    seen = {e["input_text"] for e in routing}
+    held_out = make_routing_examples(distill_rng, 10, exclude=seen)
+    seen |= {e["input_text"] for e in held_out}
+    teacher_pool = make_routing_examples(distill_rng, 40, exclude=seen)
+    write_jsonl(here / "distill_train.jsonl", distillation_dataset(routing, 32, 8))
+    write_jsonl(here / "distill_eval.jsonl",
+                [{"input_text": e["input_text"], "output_text": e["output_text"]}
+                 for e in held_out])
+    write_jsonl(here / "distill_teacher_train.jsonl",
+                teacher_training_set(distill_rng, teacher_pool))
 
 
 if __name__ == "__main__":

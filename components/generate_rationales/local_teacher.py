@@ -1,4 +1,8 @@
-"""A teacher on this machine: a catalog model, a checkpoint folder or a GGUF file.
+"""A teacher on this machine: a catalog model, a checkpoint folder, a GGUF file or a tuned model.
+
+A tuned model is a folder that tunepipe's tuner or registry wrote (``tunepipe_model.json``: the
+base model and a LoRA adapter, which is merged for generation), or ``tuned:NAME[@VERSION]``, a
+model of the local registry: a teacher tuned in an earlier run (``make run-distill`` tunes one).
 
 The model is loaded once (the device and precision every component uses) and answers with the
 batched generator of :mod:`components.common.generation`, the evaluate component's fast path:
@@ -10,6 +14,7 @@ one chunk.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Sequence
 
 from components.generate_rationales.call_log import Completion
@@ -18,10 +23,25 @@ from components.generate_rationales.teachers import OnAnswer, Teacher, TeacherSe
 
 DEFAULT_BATCH_SIZE = 32
 CHUNK_BATCHES = 4
+TUNED_PREFIX = "tuned:"
+
+
+def tuned_model_dir(reference: str) -> Path | None:
+    """The tuned model folder a reference names (``tuned:NAME[@VERSION]`` in the registry, or a
+    folder with ``tunepipe_model.json``); None when it names no tuned model. Raises LookupError
+    for a ``tuned:`` name the registry lacks."""
+    from components.common.model_loading import TUNED_MODEL_METADATA
+    from components.common.model_registry import resolve_model_dir
+
+    if reference.startswith(TUNED_PREFIX):
+        return resolve_model_dir(reference.removeprefix(TUNED_PREFIX))
+    path = Path(reference).expanduser()
+    return path if (path / TUNED_MODEL_METADATA).is_file() else None
 
 
 class LocalTeacher(Teacher):
-    """``reference``: anything :func:`components.common.model_catalog.resolve_model` takes."""
+    """``reference``: a tuned model (:func:`tuned_model_dir`) or anything
+    :func:`components.common.model_catalog.resolve_model` takes."""
 
     kind = "local"
 
@@ -31,11 +51,15 @@ class LocalTeacher(Teacher):
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.resolved = resolve_model(reference)
+        self.tuned_dir = tuned_model_dir(reference)
+        if self.tuned_dir is not None:
+            self.identity = f"tuned {self.tuned_dir}"
+        else:
+            resolved = resolve_model(reference)
+            self.checkpoint, self.identity = resolved.checkpoint, resolved.source
         self.batch_size = batch_size
         self.device = device
-        self.identity = self.resolved.source
-        self.description = f"local {self.resolved.source}"
+        self.description = f"local {self.identity}"
         self._loaded = None
 
     def _load(self):
@@ -43,13 +67,17 @@ class LocalTeacher(Teacher):
             import torch
 
             from components.common.model_loading import (load_base_model, load_tokenizer,
-                                                          select_device)
+                                                          load_tuned_model, select_device)
             from components.common.precision import choose_precision
 
             device = torch.device(self.device) if self.device else select_device()
             precision = choose_precision(device)
-            model = load_base_model(self.resolved.checkpoint, device, precision.dtype)
-            self._loaded = model, load_tokenizer(self.resolved.checkpoint)
+            if self.tuned_dir is not None:
+                model, tokenizer, _ = load_tuned_model(self.tuned_dir, device, precision.dtype)
+            else:
+                model = load_base_model(self.checkpoint, device, precision.dtype)
+                tokenizer = load_tokenizer(self.checkpoint)
+            self._loaded = model, tokenizer
             self.description += f"; {precision.describe()}"
         return self._loaded
 

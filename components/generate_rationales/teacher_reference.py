@@ -7,6 +7,8 @@ reference                                                    teacher
                                                              machine the embedded SmolLM2)
 ``/path/to/checkpoint`` (folder with config.json)            local: that checkpoint
 ``/path/to/model.gguf``                                      local: that GGUF file (converted once)
+``tuned:NAME[@VERSION]``, ``/path/to/tuned-model``           local: a model tunepipe tuned (the
+                                                             local registry's, or its folder)
 ``local:<any of the three above>``                           local, explicitly
 ``openai:<base URL>#<model>``                                OpenAI-compatible chat completions,
   e.g. ``openai:http://127.0.0.1:8000/v1#Qwen2.5-7B``        e.g. vLLM, llama.cpp, Ollama,
@@ -52,8 +54,9 @@ class TeacherReference:
     model: str | None = None
 
 
-SYNTAX = ("a catalog name (text-unicorn@001), a checkpoint folder or .gguf file (optionally "
-          "prefixed local:), openai:<base URL>[#<model>], or a Vertex resource "
+SYNTAX = ("a catalog name (text-unicorn@001), a checkpoint folder, .gguf file or tuned model "
+          "(tuned:NAME[@VERSION] or its folder; optionally prefixed local:), "
+          "openai:<base URL>[#<model>], or a Vertex resource "
           "projects/P/locations/L/endpoints/E, projects/P/locations/L/publishers/google/models/M "
           "or publishers/google/models/M (optionally prefixed vertex:)")
 
@@ -105,6 +108,15 @@ def teacher_reference_problems(reference: str, project: str = "", location: str 
                 "cannot reach it: serve the teacher where the pipeline runs can reach it"]
     if parsed.kind != LOCAL:
         return []
+    from components.generate_rationales.local_teacher import tuned_model_dir
+
+    try:
+        if tuned_model_dir(parsed.target) is not None:
+            return [] if not remote else [
+                f"teacher_model_reference {reference!r} is a model of this machine; a remote run "
+                "cannot read it"]
+    except LookupError as error:
+        return [f"teacher_model_reference: {error}"]
     if remote:
         if parsed.target not in known_references():
             return [f"teacher_model_reference {reference!r}: a remote run needs one of "
@@ -136,5 +148,5 @@ def make_teacher(reference: str, *, project: str = "", location: str = "", concu
 
     try:
         return LocalTeacher(parsed.target, batch_size or DEFAULT_BATCH_SIZE, device)
-    except UnknownModelError as error:
+    except (UnknownModelError, LookupError) as error:  # LookupError: a tuned: name not registered
         raise TeacherReferenceError(f"{error} Teachers may also be {SYNTAX}.") from None
