@@ -71,19 +71,23 @@ def compare_on_held_out(model_dir: str | Path, uri: str, default_context: str,
                         expected_ending: str) -> HeldOutComparison:
     """Greedy replies of the tuned model in ``model_dir`` and of its base model to the held-out
     conversations in ``uri``, prompted as the tuner trained (the model's chat template, the
-    default context as the system turn), at most the longest reference + 16 tokens."""
+    default context as the system turn, the model's input prefix on the last user message), at
+    most the longest reference + 16 tokens."""
+    from components.common.distillation_tasks import input_prefix
     from components.common.generation import generate
     from components.common.model_loading import (base_checkpoint_of, load_base_model,
                                                  load_tuned_model, select_device)
     from components.common.precision import choose_precision
-    from components.common.prompts import format_conversation_prompt
+    from components.common.prompts import format_conversation_prompt, with_input_prefix
 
     started = time.perf_counter()
     prompts, references = read_held_out(uri, default_context)
     device = select_device()
     dtype = choose_precision(device).dtype
     tuned, tokenizer, metadata = load_tuned_model(model_dir, device, dtype)
-    texts = [format_conversation_prompt(tokenizer, messages) for messages in prompts]
+    prefix = input_prefix(metadata)
+    texts = [format_conversation_prompt(tokenizer, with_input_prefix(messages, prefix))
+             for messages in prompts]
     longest = max(len(tokenizer(reference, add_special_tokens=False)["input_ids"])
                   for reference in references)
     tuned_replies = generate(tuned, tokenizer, texts, longest + 16)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
+from http.server import ThreadingHTTPServer
 
 import pytest
 
@@ -15,7 +17,7 @@ from components.common.prompts import format_conversation_prompt
 from components.deploy_endpoint.server import RequestError, parse_predict_request
 from components.tune.trainer import TuneConfig, tune
 from pipelines import cli
-from tests.tokenized import write_token_dataset
+from tests.tokenized import write_distillation_tokens, write_token_dataset
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +283,57 @@ def test_cli_predicts_chat_with_messages(chat_endpoint, capsys):
         assert "--prompt" in capsys.readouterr().err
     assert cli.main(["endpoints", "predict", CHAT, "--prompt", "hi", "--context", "c"]) == 2
     assert "--context goes with a chat request (--message)" in capsys.readouterr().err
+
+
+# --- a distilled student ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def distilled_student(tmp_path_factory, tiny_model_dir):
+    """The tiny model tuned a step on the label and rationale tasks, then registered."""
+    root = tmp_path_factory.mktemp("student")
+    tokens = write_distillation_tokens(tiny_model_dir, root, examples=4)
+    result = tune(resolve_model(str(tiny_model_dir)).to_dict(), tokens / "train", None,
+                  root / "out", TuneConfig(train_steps=1, learning_rate=1e-3, batch_size=2))
+    return register_model(root / "out" / result.checkpoints[-1]["dir"], "intents-student", {})
+
+
+def _labelled(tokenizer, conversation: list[dict]) -> str:
+    """The prompt of ``conversation`` with the label task's prefix on its last user message."""
+    last = {"role": "user", "content": "[label] " + conversation[-1]["content"]}
+    return format_conversation_prompt(tokenizer, [*conversation[:-1], last])
+
+
+def test_a_distilled_student_is_asked_for_labels_only(distilled_student, tokenizer, monkeypatch):
+    from components.common import generation
+    from components.deploy_endpoint.server import Predictor, make_handler
+
+    predictor = Predictor("intents-student", str(distilled_student.path))
+    assert predictor.input_prefix == "[label] "  # the tuner's metadata, kept by the registry
+    prompts, generate = [], generation.generate_detailed
+
+    def spy(model, tokenizer, texts, *args, **kwargs):
+        prompts.extend(texts)
+        return generate(model, tokenizer, texts, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_detailed", spy)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(predictor))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Reset my password"}]
+    try:
+        parameters = {"maxOutputTokens": 2}
+        text = post(url + "/predict", {"instances": [{"prompt": "Where is my parcel?"}],
+                                       "parameters": parameters})
+        chat = post(url + "/predict", {"instances": [CHAT_INSTANCE], "parameters": parameters})
+        status, reply = post(url + "/v1/chat/completions", {
+            "model": "intents-student", "messages": messages, "max_tokens": 2})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert text[0] == chat[0] == status == 200
+    assert prompts == [_labelled(tokenizer, [{"role": "user", "content": "Where is my parcel?"}]),
+                       _labelled(tokenizer, CHAT_CONVERSATION), _labelled(tokenizer, messages)]
+    assert reply["usage"]["prompt_tokens"] == len(tokenizer(
+        prompts[-1], add_special_tokens=False).input_ids)

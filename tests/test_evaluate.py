@@ -427,3 +427,50 @@ def test_limited_generation_still_scores_every_checkpoint(tuning_run, monkeypatc
     assert all(set(row["checkpoint_outputs"]) == {"4"} for row in predictions)
     text = render_report(results, predictions)
     assert "| step 2 |" in text and "maxOutputTokens=3" in text and "–" in text
+
+
+def test_a_distillation_run_is_asked_for_labels_only(tuning_run, tmp_path, monkeypatch):
+    import shutil
+
+    from components.common.model_loading import load_tokenizer
+    from components.common.prompts import format_prompt
+    from components.common.token_dataset import TokenDatasetWriter
+    from components.evaluate import evaluation
+
+    # The eval set as transform tokenizes a distillation run's: the label task's prefix on every
+    # input, recorded in the meta.
+    tokenizer = load_tokenizer(tuning_run["base"])
+    examples = [evaluation.EvalExample(i, o, n) for n, (i, o) in enumerate(LABELED, 1)]
+    tokenized = tmp_path / "tokenized"
+    with TokenDatasetWriter(tokenized / "eval", {"input_prefix": "[label] "}) as writer:
+        for ids, mask in evaluation.tokenize_examples(tokenizer, examples, prefix="[label] "):
+            writer.add(ids.tolist(), mask.tolist())
+    prompts, generate = [], evaluation.generate_detailed
+
+    def spy(model, tokenizer, texts, *args, **kwargs):
+        prompts.extend(texts)
+        return generate(model, tokenizer, texts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate_detailed", spy)
+    settings = GenerationSettings(max_output_tokens=1)
+    results, _ = evaluation.evaluate_tuning_run(
+        tuning_run["tuned"], tuning_run["validated"], tokenized, "text-bison@002", settings,
+        progress=lambda _: None)
+    labelled = [format_prompt(tokenizer, "[label] " + i) for i, _ in LABELED]
+    assert results["input_prefix"] == "[label] "
+    assert prompts == labelled * 3  # the base model and both checkpoints alike
+
+    # Without a tokenized eval set the final checkpoint's metadata gives the prefix, and the
+    # examples are tokenized here with it: the same token metrics.
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tuning_run["tuned"], tuned)
+    metadata_path = tuned / "checkpoints/step-000004/tunepipe_model.json"
+    metadata_path.write_text(json.dumps({**json.loads(metadata_path.read_text()),
+                                         "input_prefix": "[label] "}))
+    prompts.clear()
+    again, _ = evaluation.evaluate_tuning_run(tuned, tuning_run["validated"], None,
+                                              "text-bison@002", settings, progress=lambda _: None)
+    assert prompts == labelled * 3
+    for name in ("eval_total_loss", "eval_num_predictions"):
+        assert again["base"]["metrics"][name] == pytest.approx(results["base"]["metrics"][name],
+                                                               rel=1e-6)

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from components.common.validated_dataset import EVAL_FILE, TRAIN_FILE
 from components.generate_rationales.examples import ExampleDataError, parse_examples
 from components.generate_rationales.http_calls import RetryPolicy, retry_after_seconds
 from components.generate_rationales.prompting import (ANSWER, EMPTY, EXPLAIN, MISSING_ANSWER,
                                                       MISSING_RATIONALE, OK, build_request,
                                                       choose_demonstrations, normalize_answer,
                                                       parse_teacher_output)
-from components.generate_rationales.rationales import (CALLS_FILE, RATIONALES_FILE, REPORT_FILE,
+from components.generate_rationales.rationales import (CALLS_FILE, REPORT_FILE,
                                                        RationaleError, RationaleSettings,
                                                        generate_rationales_for_pipeline,
                                                        plan_requests)
@@ -305,8 +306,8 @@ def test_openai_teacher_labels_explains_and_measures_agreement(fake_openai, data
     body = server.requests[-1]["body"]
     assert body["model"] == "big-teacher" and body["max_tokens"] == 8 and body["seed"] == 7
 
-    records = _read_jsonl(out / RATIONALES_FILE)
-    assert records == run.records
+    records = _read_jsonl(out / TRAIN_FILE)
+    assert records == run.records and not (out / EVAL_FILE).exists()  # a JSONL file: no eval
     by_index = {r["index"]: r for r in records}
     assert sorted(by_index) == [0, 1, 2, 3, 4]  # "??? mumble" has no answer: excluded
     assert by_index[1] == {"index": 1, "input_text": "Review: Terrible food",
@@ -428,7 +429,7 @@ def test_a_killed_run_resumes_without_asking_again(fake_openai, data_file, tmp_p
         first.wait(30)
     finally:
         release.set()
-    assert len(_read_jsonl(out / CALLS_FILE)) == 3 and not (out / RATIONALES_FILE).exists()
+    assert len(_read_jsonl(out / CALLS_FILE)) == 3 and not (out / TRAIN_FILE).exists()
 
     second = _cli(data_file, teacher, out)
     stdout, stderr = second.communicate(timeout=60)
@@ -460,7 +461,9 @@ def test_component_writes_dataset_report_and_metrics(fake_openai, data_file, tmp
     compiler.Compiler().compile(generate_rationales, str(tmp_path / "component.yaml"))
     validated = tmp_path / "validated"
     validated.mkdir()
-    shutil.copy(data_file, validated / "train.jsonl")
+    shutil.copy(data_file, validated / TRAIN_FILE)
+    evaluation = '{"input_text": "Review: Awful", "output_text": "negative"}\n'
+    (validated / EVAL_FILE).write_text(evaluation)
     server = fake_openai()
     outputs = {"rationale_dataset": dsl.Dataset(name="rationale_dataset",
                                                 uri=str(tmp_path / "rationales")),
@@ -470,7 +473,17 @@ def test_component_writes_dataset_report_and_metrics(fake_openai, data_file, tmp
         validated_dataset=dsl.Dataset(name="validated_dataset", uri=str(validated)),
         teacher_model_reference=f"openai:{server.url}/v1#big", few_shot_count=2, seed=7,
         agreement_examples=-1, max_output_tokens=8, **outputs)
-    assert len(_read_jsonl(tmp_path / "rationales" / RATIONALES_FILE)) == 5
+    # The output is a validated dataset folder: transform and evaluate read it as they read
+    # validate_dataset's (tests/test_transform.py tokenizes one).
+    assert len(_read_jsonl(tmp_path / "rationales" / TRAIN_FILE)) == 5
+    assert (tmp_path / "rationales" / EVAL_FILE).read_text() == evaluation
+    # Again on the same examples as a JSONL file, without evaluation data: the answers are
+    # reused, and the earlier eval.jsonl does not stay behind.
+    calls = len(server.requests)
+    generate_rationales_for_pipeline(str(data_file), f"openai:{server.url}/v1#big",
+                                     tmp_path / "rationales", SETTINGS, policy=FAST,
+                                     show_progress=False)
+    assert len(server.requests) == calls and not (tmp_path / "rationales" / EVAL_FILE).exists()
     assert "# Teacher rationales" in (tmp_path / "report.md").read_text()
     metrics = outputs["metrics"].metadata
     assert metrics["kept_examples"] == 5.0 and metrics["excluded_examples"] == 1.0

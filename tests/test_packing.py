@@ -164,6 +164,24 @@ def test_packing_keeps_order_and_targets():
     assert sorted(batch.target_positions.numpy() + 1) == list(np.flatnonzero(masked))
 
 
+def test_targets_carry_their_task_and_the_loss_sums_each_task():
+    # Loss-mask values are tasks (distillation: 1 label, 2 rationale).
+    examples = [(np.arange(5, 11, dtype=np.uint32), np.array([0, 0, 1, 1, 2, 2], np.uint8)),
+                (np.arange(20, 24, dtype=np.uint32), np.array([0, 2, 2, 0], np.uint8))]
+    assert [num_targets(e) for e in examples] == [4, 2]
+    assert [num_targets(e, 2) for e in examples] == [2, 2] and num_targets(examples[1], 1) == 0
+    (batch,) = pack_examples(examples, max_tokens=100, pad_to_multiple=8)
+    assert batch.targets.tolist() == [7, 8, 9, 10, 21, 22, -100, -100]
+    assert batch.target_tasks.tolist() == [1, 1, 2, 2, 2, 2, 0, 0]  # padding: no task
+    logits = torch.randn(8, 30)
+    per_task, correct = token_loss(logits, batch.targets, batch.target_tasks, (1, 2))
+    total, same_correct = token_loss(logits, batch.targets)
+    per_token = torch.nn.functional.cross_entropy(logits[:6], batch.targets[:6], reduction="none")
+    torch.testing.assert_close(per_task, torch.stack([per_token[:2].sum(), per_token[2:].sum()]))
+    torch.testing.assert_close(per_task.sum(), total)
+    assert correct == same_correct
+
+
 def _step(model, examples, loss=token_loss):
     """Packed loss and gradients of one step over ``examples``."""
     total_targets = sum(num_targets(e) for e in examples)

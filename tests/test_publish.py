@@ -85,7 +85,8 @@ def test_tunepipe_publish_names_what_it_published(registry, capsys):
     printed = capsys.readouterr().out
     assert f"as {registry.host}/tune-large-model/sha256:" in printed
     assert "(tags: v1.0.0)" in printed
-    assert [upload["tags"] for upload in registry.uploads] == [["v1.0.0"], ["v1.0.0"]]
+    assert f"as {registry.host}/distillation/sha256:" in printed
+    assert [upload["tags"] for upload in registry.uploads] == [["v1.0.0"]] * 3  # 3 templates
 
 
 def test_publish_without_compiled_templates_says_what_to_do(tmp_path, capsys):

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from components.common.dataset_formats import Example, token_limits  # noqa: E402
+from components.common.distillation_tasks import (DEFAULT_LABEL_WEIGHT,  # noqa: E402
+                                                  LABEL_PREFIX, RATIONALE_PREFIX)
 from components.common.prompts import (chat_messages, format_conversation_prompt,  # noqa: E402
                                        format_prompt, format_target)
 from components.common.token_dataset import TokenDataset  # noqa: E402
@@ -22,6 +24,7 @@ from components.common.prompt_templates import (TemplateRenderer,  # noqa: E402
                                                 template_is_content_opaque)
 from components.transform.transform import (TransformError, transform_dataset,  # noqa: E402
                                             transform_for_pipeline)
+from components.common.validated_dataset import TRAIN_FILE  # noqa: E402
 from components.validate_dataset.validator import run_validation  # noqa: E402
 
 MODEL = "text-bison@002"
@@ -287,6 +290,85 @@ def test_unlabeled_distillation_examples_fail_cleanly_and_atomically(tmp_path, t
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
+# --- distillation: the multi-task student ------------------------------------------------
+
+def _rationale(i: int) -> str | None:
+    """Every fourth record has a rationale; the others none (null, blank or absent)."""
+    return [f"{i} + {i} doubles {i}.", None, "  ", "drop"][i % 4]
+
+
+def distillation_records(n: int) -> list[dict]:
+    """Records as generate_rationales writes them (its provenance fields included)."""
+    records = []
+    for i, example in enumerate(text_examples(n)):
+        record = {"index": i, **example, "rationale": _rationale(i), "label_source": "gold",
+                  "parse_status": "ok", "teacher_answer": None}
+        if record["rationale"] == "drop":
+            del record["rationale"]
+        records.append(record)
+    return records
+
+
+def test_distillation_trains_label_and_rationale_tasks_and_evaluates_labels(tmp_path, tokenizer):
+    # A validated distillation folder (its single-task tokens/ included) with rationales added
+    # to train.jsonl, as generate_rationales' output would have them.
+    validated = tmp_path / "validated"
+    run_validation(str(write_jsonl(tmp_path / "train.jsonl", text_examples(10))),
+                   str(write_jsonl(tmp_path / "eval.jsonl", text_examples(10))), "distillation",
+                   MODEL, "", validated, tokenizer=tokenizer).raise_if_invalid()
+    assert (validated / "tokens" / "train" / "meta.json").is_file()
+    write_jsonl(validated / TRAIN_FILE, distillation_records(10))
+    summary = transform_dataset(validated, "distillation", MODEL, "", "", tmp_path / "out",
+                                tokenizer=tokenizer, label_loss_weight=0.3)
+    assert not summary["train"]["reused_tokens"] and not summary["eval"]["reused_tokens"]
+
+    train, evaluation = (TokenDataset(tmp_path / "out" / role) for role in ("train", "eval"))
+    expected = []
+    for record in distillation_records(10):
+        expected.append((LABEL_PREFIX + record["input_text"], record["output_text"], 1))
+        if (record.get("rationale") or "").strip():
+            expected.append((RATIONALE_PREFIX + record["input_text"], record["rationale"], 2))
+    assert len(train) == len(expected) == 13 and len(evaluation) == 10
+    label_only = [(LABEL_PREFIX + e["input_text"], e["output_text"], 1) for e in text_examples(10)]
+    for dataset, examples in ((train, expected), (evaluation, label_only)):
+        for (input_text, output_text, task), (ids, mask) in zip(examples, dataset):
+            prompt = ids_of(tokenizer, format_prompt(tokenizer, input_text))
+            target = ids_of(tokenizer, format_target(tokenizer, chat_messages(input_text),
+                                                     output_text))
+            assert ids.tolist() == prompt + target
+            assert mask.tolist() == [0] * len(prompt) + [task] * len(target)
+        meta = dataset.meta
+        assert meta["input_prefix"] == "[label] " and meta["dataset_format"] == "distillation"
+        assert meta["tasks"] == [{"name": "label", "mask_value": 1, "weight": 0.3},
+                                 {"name": "rationale", "mask_value": 2,
+                                  "weight": pytest.approx(0.7)}]
+        assert meta["num_target_tokens"] == sum(np.count_nonzero(m) for _, m in dataset)
+    assert TokenDataset(validated / "tokens" / "train").meta["encoding_key"] != \
+        train.meta["encoding_key"]
+
+
+def test_distillation_data_and_alpha_are_checked(tmp_path, tokenizer):
+    folder = tmp_path / "rationales"
+    folder.mkdir()
+    records = distillation_records(3)
+    records[2]["rationale"] = 7
+    write_jsonl(folder / TRAIN_FILE, records)
+    with pytest.raises(TransformError, match=r"train\.jsonl:3: rationale: expected a string or "
+                                             r"null, got a number"):
+        transform_dataset(folder, "distillation", MODEL, "", "", tmp_path / "out",
+                          tokenizer=tokenizer)
+    for alpha in (-0.1, 1.5, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match=r"label_loss_weight must be a number in \[0, 1\]"):
+            transform_dataset(folder, "distillation", MODEL, "", "", tmp_path / "out",
+                              tokenizer=tokenizer, label_loss_weight=alpha)
+    assert not (tmp_path / "out").exists()
+    # Text data is one task: no tasks, no prefix, whatever label_loss_weight says.
+    write_jsonl(folder / TRAIN_FILE, text_examples(2))
+    summary = transform_dataset(folder, "text", MODEL, "", "", tmp_path / "text",
+                                tokenizer=tokenizer, label_loss_weight=1.0)
+    assert "tasks" not in summary["train"] and "input_prefix" not in summary["train"]
+
+
 # --- the fast template path is exactly prompts.py ----------------------------------------
 
 contents = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40)
@@ -345,6 +427,7 @@ def test_component_signature():
 
     spec = transform.component_spec
     assert list(spec.inputs) == ["validated_dataset", "dataset_format", "large_model_reference",
-                                 "max_context_length", "default_context"]
+                                 "max_context_length", "default_context", "label_loss_weight"]
+    assert spec.inputs["label_loss_weight"].default == DEFAULT_LABEL_WEIGHT
     assert list(spec.outputs) == ["tokenized_dataset"]
     assert spec.inputs["validated_dataset"].type == "system.Dataset@0.0.1"

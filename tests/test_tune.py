@@ -9,13 +9,19 @@ import numpy as np
 import torch
 
 from components.common.dataset_formats import Example, Limits
+from components.common.model_loading import load_base_model
+from components.common.packing import row_groups
 from components.common.model_catalog import resolve_model
 from components.common.model_loading import load_tokenizer, load_tuned_model
 from components.common.token_dataset import TokenDataset, TokenDatasetWriter
 from components.tune import settings
 from components.tune.settings import batch_size_for, steps_for_epochs
+from components.common.distillation_tasks import WeightedTask
+from components.common.token_metrics import TokenScores
 from components.tune.trainer import (EARLY_STOPPING_MIN_DELTA, EARLY_STOPPING_PATIENCE, BatchSampler,
-                                     TuneConfig, learning_rate_at, stale_evaluations_after, tune)
+                                     TrainingObjective, TuneConfig, learning_rate_at,
+                                     stale_evaluations_after, tune)
+from tests.tokenized import write_distillation_tokens
 
 VERTEX_TRAIN_METRICS = ["/train_total_loss", "/train_fraction_of_correct_next_step_preds",
                         "/train_num_predictions"]
@@ -93,6 +99,7 @@ def test_tune_writes_checkpoints_metrics_and_tensorboard(tmp_path, tiny_model_di
 
     model, tokenizer, metadata = load_tuned_model(tmp_path / index["checkpoints"][-1]["dir"])
     assert metadata["step"] == 6 and metadata["base_model"]["reference"] == str(tiny_model_dir)
+    assert metadata["input_prefix"] == ""  # single-task data: prompts as they are
 
 
 def test_loss_is_only_on_target_tokens(token_data):
@@ -209,6 +216,76 @@ def test_chat_examples_train_only_on_assistant_turns(tmp_path, tiny_model_dir):
     tune(resolve_model(str(tiny_model_dir)).to_dict(), tmp_path / "train", None, tmp_path / "out", config)
     (record,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert record["train_num_predictions"] == expected_targets
+
+
+# --- multi-task (distillation) loss --------------------------------------------------------------
+
+def test_objective_scales_and_metrics():
+    single = TrainingObjective()
+    assert single.mask_values == () and single.loss_scale([13], 2, "cpu") == 2 / 13
+    assert single.metrics([26.0], 5, [13]) == TokenScores(26.0, 5, 13).metrics("train")
+    tasks = TrainingObjective((WeightedTask("label", 1, 0.3), WeightedTask("rationale", 2, 0.7)))
+    assert tasks.mask_values == (1, 2)
+    torch.testing.assert_close(tasks.loss_scale([3, 10], 2, "cpu"),
+                               torch.tensor([2 * 0.3 / 3, 2 * 0.7 / 10]))
+    metrics = tasks.metrics([6.0, 30.0], 5, [3, 10])
+    assert metrics["train_total_loss"] == pytest.approx(0.3 * 2.0 + 0.7 * 3.0)
+    assert (metrics["train_label_loss"], metrics["train_rationale_loss"]) == (2.0, 3.0)
+    assert metrics["train_num_predictions"] == 13 and metrics[
+        "train_fraction_of_correct_next_step_preds"] == pytest.approx(5 / 13)
+    # A batch without rationale targets: the label term alone, no rationale loss to log.
+    metrics = tasks.metrics([6.0, 0.0], 1, [3, 0])
+    assert metrics["train_total_loss"] == pytest.approx(0.6)
+    assert "train_rationale_loss" not in metrics
+
+
+def _objective_by_hand(model, examples, weights: dict[int, float]):
+    """sum_t weight_t x (summed cross-entropy of task t's targets) / (task t's targets), from
+    each example's own forward (no packing) and per-token cross-entropy; and each task's mean."""
+    sums, counts = dict.fromkeys(weights, 0.0), dict.fromkeys(weights, 0)
+    for ids, mask in examples:
+        ids = torch.from_numpy(ids.astype(np.int64))
+        logits = model(input_ids=ids[None]).logits[0, :-1].float()
+        per_token = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
+        tasks = torch.from_numpy(mask[1:].astype(np.int64))
+        for task in weights:
+            sums[task] = sums[task] + per_token[tasks == task].sum()
+            counts[task] += int((tasks == task).sum())
+    means = {task: sums[task] / counts[task] for task in weights}
+    return sum(weights[task] * means[task] for task in weights), means, sum(counts.values())
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_multi_task_step_minimizes_the_weighted_task_means(tmp_path, tiny_model_dir, alpha):
+    tokens = write_distillation_tokens(tiny_model_dir, tmp_path / "data", examples=8,
+                                       label_loss_weight=alpha)
+    train = TokenDataset(tokens / "train")
+    examples = list(train)
+    assert {int(v) for _, m in examples for v in np.unique(m)} == {0, 1, 2}
+    # One step over the whole dataset, in several micro-batches: full fine-tuning, so the
+    # gradient is the base model's and its norm (logged before clipping) checks its scale.
+    max_tokens = 200
+    assert len(row_groups([len(ids) for ids, _ in examples], max_tokens)) > 2
+    config = TuneConfig(train_steps=1, learning_rate=1e-3, batch_size=len(examples),
+                        method="full", precision="fp32", max_tokens_per_micro_batch=max_tokens)
+    result = tune(resolve_model(str(tiny_model_dir)).to_dict(), tokens / "train", None,
+                  tmp_path / "out", config)
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+
+    model = load_base_model(tiny_model_dir)
+    objective, means, targets = _objective_by_hand(model, examples, {1: alpha, 2: 1 - alpha})
+    objective.backward()
+    grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
+    assert record["train_total_loss"] == pytest.approx(objective.item(), rel=1e-5)
+    assert record["train_label_loss"] == pytest.approx(means[1].item(), rel=1e-5)
+    assert record["train_rationale_loss"] == pytest.approx(means[2].item(), rel=1e-5)
+    assert record["train_num_predictions"] == targets
+    assert record["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-4)
+    if alpha == 1.0:  # the label task alone: the rationales do not move the model
+        assert record["train_total_loss"] == pytest.approx(record["train_label_loss"], rel=1e-6)
+    metadata = json.loads((tmp_path / "out" / result.checkpoints[-1]["dir"] /
+                           "tunepipe_model.json").read_text())
+    assert metadata["input_prefix"] == "[label] "
 
 
 # --- full fine-tuning and adapter sizes ------------------------------------------------------------

@@ -105,6 +105,9 @@ class Example:
 
     context: str | None  # the example's own system context; None when it has none
     turns: tuple[tuple[str, str | None], ...]  # (user, assistant); assistant None: unlabeled
+    # The loss-mask value of its targets: its task (components.common.distillation_tasks); 1
+    # for single-task data.
+    target_mask: int = 1
 
     @property
     def labeled(self) -> bool:

@@ -6,7 +6,9 @@ tokenizer's batch call, ``tokenizer(texts, add_special_tokens=False)``.
 
 Text, code and distillation examples: ``prompt = format_prompt(tok, input_text)`` (no context),
 ``target = format_target(tok, chat_messages(input_text), output_text)``; ids = prompt ids then
-target ids; loss mask 0 on the prompt, 1 on the target (the end-of-turn token included).
+target ids; loss mask 0 on the prompt, the example's ``target_mask`` (1; a distillation task
+example's task, :mod:`components.common.distillation_tasks`) on the target (the end-of-turn
+token included).
 
 Chat and Gemini examples: the system context is the example's own context, else
 ``default_context`` (none when both are empty). For assistant turn i the prompt is the conversation
@@ -45,6 +47,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from components.common.dataset_formats import Example, Limits, normalize_format
+from components.common.distillation_tasks import Task
 from components.common.prompts import chat_messages, format_conversation_prompt, format_target
 from components.common.prompt_templates import TemplateRenderer
 
@@ -57,7 +60,7 @@ class Encoded:
     """One tokenized example, truncated to the limits, with its untruncated lengths."""
 
     ids: list[int] | None  # None for an unlabeled (distillation) example: nothing to train on
-    mask: np.ndarray | None  # uint8, 1 on target tokens
+    mask: np.ndarray | None  # uint8: 0 on prompt tokens, the example's target_mask on targets
     input_tokens: int  # untruncated: text, the prompt; chat, the whole conversation
     output_tokens: int  # untruncated: text, the target; chat, the longest assistant turn
     input_truncated: bool
@@ -105,14 +108,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def encoding_key(fingerprint: str, dataset_format: str, limits: Limits,
-                 default_context: str) -> str:
-    """The digest that decides an encoder's output bytes; a token cache is reusable when equal."""
+                 default_context: str, tasks: Sequence[Task] = ()) -> str:
+    """The digest that decides an encoder's output bytes; a token cache is reusable when equal.
+
+    ``tasks``: the tasks each example is split into (their prefixes and mask values change the
+    bytes); none for single-task encodings, whose key does not mention them.
+    """
     fmt = normalize_format(dataset_format)
     if fmt not in ("chat", "gemini"):
         default_context = ""  # the text formats ignore contexts
     key = {"dataset_format": fmt, "limits": limits.to_dict(), "tokenizer_sha256": fingerprint,
            "default_context_sha256": hashlib.sha256(default_context.encode("utf-8")).hexdigest(),
            "encoding_version": 1}
+    if tasks:
+        key["tasks"] = [[task.name, task.prefix, task.mask_value] for task in tasks]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -178,10 +187,15 @@ class BatchTokenizer:
 
 
 class ExampleEncoder:
-    """Encodes :class:`Example` objects of one format for one tokenizer and one set of limits."""
+    """Encodes :class:`Example` objects of one format for one tokenizer and one set of limits.
+
+    ``tasks``: the tasks the caller splits each record into
+    (:func:`components.common.distillation_tasks.task_examples`: prefixed inputs, task mask
+    values); they are part of the cache key. Empty for single-task data.
+    """
 
     def __init__(self, tokenizer, dataset_format: str, limits: Limits, default_context: str = "",
-                 fast_templates: bool = True):
+                 fast_templates: bool = True, tasks: Sequence[Task] = ()):
         self.tokenizer = tokenizer
         # Exactly the prompts.py texts; fast when the template allows it (see prompt_templates.py).
         self.renderer = TemplateRenderer(tokenizer, fast=fast_templates)
@@ -190,6 +204,7 @@ class ExampleEncoder:
         self._checked_shapes: set[tuple] = set()
         self.format = normalize_format(dataset_format)
         self.limits = limits
+        self.tasks = tuple(tasks)
         self.conversational = self.format in ("chat", "gemini")
         # The text formats ignore contexts; chat and Gemini use the default when an example
         # has none.
@@ -205,7 +220,7 @@ class ExampleEncoder:
         """See :func:`encoding_key`."""
         if self._key is None:
             self._key = encoding_key(tokenizer_fingerprint(self.tokenizer), self.format,
-                                     self.limits, self.default_context)
+                                     self.limits, self.default_context, self.tasks)
         return self._key
 
     # --- formatting ---------------------------------------------------------------------------
@@ -262,19 +277,19 @@ class ExampleEncoder:
         ids = self.token_ids(texts)
         results: list[Encoded] = []
         position = 0
-        for segments in all_segments:
+        for example, segments in zip(examples, all_segments):
             pieces = ids[position:position + len(segments)]
             position += len(segments)
             if self.conversational:
-                results.append(self._assemble_conversation(pieces))
+                results.append(self._assemble_conversation(pieces, example.target_mask))
             else:
-                results.append(self._assemble_text(pieces))
+                results.append(self._assemble_text(pieces, example.target_mask))
         return results
 
     def encode(self, example: Example) -> Encoded:
         return self.encode_batch([example])[0]
 
-    def _assemble_text(self, pieces: list[list[int]]) -> Encoded:
+    def _assemble_text(self, pieces: list[list[int]], target_mask: int) -> Encoded:
         limits = self.limits
         prompt = pieces[0]
         kept_prompt = _truncate(prompt, limits.input_tokens, self.prompt_closing)
@@ -284,11 +299,11 @@ class ExampleEncoder:
         kept_target = _truncate(target, limits.output_tokens, self.target_closing)
         ids = kept_prompt + kept_target
         mask = np.zeros(len(ids), dtype=np.uint8)
-        mask[len(kept_prompt):] = 1
+        mask[len(kept_prompt):] = target_mask
         return Encoded(ids, mask, len(prompt), len(target),
                        len(kept_prompt) < len(prompt), len(kept_target) < len(target))
 
-    def _assemble_conversation(self, pieces: list[list[int]]) -> Encoded:
+    def _assemble_conversation(self, pieces: list[list[int]], target_mask: int) -> Encoded:
         limits = self.limits
         total = sum(len(piece) for piece in pieces)
         longest_answer = max(len(pieces[i]) for i in range(1, len(pieces), 2))
@@ -313,7 +328,7 @@ class ExampleEncoder:
         mask = np.zeros(sum(len(p) + len(t) for p, t in turns), dtype=np.uint8)
         for prompt, target in turns:
             ids += prompt
-            mask[len(ids):len(ids) + len(target)] = 1
+            mask[len(ids):len(ids) + len(target)] = target_mask
             ids += target
         return Encoded(ids, mask, total, longest_answer, input_truncated, output_truncated)
 

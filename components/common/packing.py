@@ -5,9 +5,11 @@ The one token scorer: the tuner trains and evaluates with it (:func:`packed_loss
 (:func:`score_examples`).
 
 The loss (``components.common.token_metrics``) is the cross-entropy of every target token
-(loss mask 1) predicted from the tokens before it, summed over the step's global batch and
-divided by the number of target tokens. This module computes exactly that sum with less work
-than a padded batch through ``model(...).logits``:
+(nonzero loss mask) predicted from the tokens before it, summed over the step's global batch and
+divided by the number of target tokens; a multi-task dataset's loss weighs each task's sum
+(:mod:`components.tune.trainer`), for which :func:`token_loss` also sums per task (the target's
+loss-mask value). This module computes exactly those sums with less work than a padded batch
+through ``model(...).logits``:
 
 - **Packing.** A micro-batch is one row: its examples concatenated, with position ids that
   restart at 0 for every example, so no padding token is ever computed. Attention stays within
@@ -49,18 +51,21 @@ class PackedBatch:
     segments: list[tuple[int, int]] | None  # (start, end) of every example; None: one example
     target_positions: torch.Tensor  # [n]: positions whose next token is a target
     targets: torch.Tensor  # [n]: those next tokens (IGNORE_INDEX for alignment padding)
+    target_tasks: torch.Tensor  # [n]: their tasks, the loss-mask values (0 for alignment padding)
     num_tokens: int  # real tokens (alignment padding excluded)
     num_targets: int  # real targets
 
     def to(self, device) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.segments,
                            self.target_positions.to(device), self.targets.to(device),
-                           self.num_tokens, self.num_targets)
+                           self.target_tasks.to(device), self.num_tokens, self.num_targets)
 
 
-def num_targets(example: tuple[np.ndarray, np.ndarray]) -> int:
-    """Target tokens of one ``(token_ids, loss_mask)`` example: mask 1 after the first token."""
-    return int(np.count_nonzero(example[1][1:]))
+def num_targets(example: tuple[np.ndarray, np.ndarray], task: int | None = None) -> int:
+    """Target tokens of one ``(token_ids, loss_mask)`` example: nonzero mask after the first
+    token (only those of ``task``, a loss-mask value, when given)."""
+    mask = example[1][1:]
+    return int(np.count_nonzero(mask if task is None else mask == task))
 
 
 def row_groups(lengths: Sequence[int], max_tokens: int, pack: bool = True) -> list[list[int]]:
@@ -94,7 +99,7 @@ def pack_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], max_tokens:
 
 
 def _packed_row(row, pad_to_multiple: int, pad_token_id: int, single: bool) -> PackedBatch:
-    ids, positions, segments, target_positions, targets = [], [], [], [], []
+    ids, positions, segments, target_positions, targets, tasks = [], [], [], [], [], []
     offset = 0
     for tokens, mask in row:
         length = len(tokens)
@@ -105,6 +110,7 @@ def _packed_row(row, pad_to_multiple: int, pad_token_id: int, single: bool) -> P
         predicting = np.flatnonzero(mask[1:])  # position i predicts token i + 1
         target_positions.append(predicting + offset)
         targets.append(tokens[predicting + 1])
+        tasks.append(mask[predicting + 1].astype(np.int64))
         offset += length
     num_tokens = offset
     real_targets = int(sum(len(t) for t in targets))
@@ -117,38 +123,49 @@ def _packed_row(row, pad_to_multiple: int, pad_token_id: int, single: bool) -> P
         target_padding = -real_targets % pad_to_multiple if real_targets else pad_to_multiple
         target_positions.append(np.zeros(target_padding, dtype=np.int64))
         targets.append(np.full(target_padding, IGNORE_INDEX, dtype=np.int64))
+        tasks.append(np.zeros(target_padding, dtype=np.int64))
     return PackedBatch(
         input_ids=torch.from_numpy(np.concatenate(ids))[None],
         position_ids=torch.from_numpy(np.concatenate(positions))[None],
         segments=None if single else segments,
         target_positions=torch.from_numpy(np.concatenate(target_positions)),
         targets=torch.from_numpy(np.concatenate(targets)),
+        target_tasks=torch.from_numpy(np.concatenate(tasks)),
         num_tokens=num_tokens, num_targets=real_targets)
 
 
-def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss(logits: torch.Tensor, targets: torch.Tensor,
+               target_tasks: torch.Tensor | None = None,
+               tasks: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of ``logits`` ([n, vocabulary]) against ``targets`` and the number of
     targets that are the argmax, ignoring ``IGNORE_INDEX`` targets.
+
+    With ``tasks`` (loss-mask values), the summed cross-entropy is per task: a tensor whose
+    element i sums the targets whose ``target_tasks`` value is ``tasks[i]``.
 
     The definition of ``token_metrics.score_logits``: logits cast to float32 before the
     cross-entropy and the argmax.
     """
     logits = logits.float()
-    loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     correct = ((logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()
-    return loss_sum, correct
+    if not tasks:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"), correct
+    losses = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    task_sums = [torch.where(target_tasks == task, losses, 0.0).sum() for task in tasks]
+    return torch.stack(task_sums), correct
 
 
-def packed_loss(model, batch: PackedBatch, loss=token_loss) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy over the batch's targets (a tensor, for backward) and the number of
-    targets the model predicts correctly (argmax), as a tensor (:func:`token_loss`, or ``loss``:
-    the same function compiled)."""
+def packed_loss(model, batch: PackedBatch, loss=token_loss,
+                tasks: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the batch's targets (a tensor, for backward; per task with
+    ``tasks``) and the number of targets the model predicts correctly (argmax), as a tensor
+    (:func:`token_loss`, or ``loss``: the same function compiled)."""
     extra = {}
     if batch.segments is not None:  # a tensor: compiled layers do not specialise on its values
         extra["packed_lengths"] = torch.tensor([end - start for start, end in batch.segments])
     logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                    logits_to_keep=batch.target_positions, use_cache=False, **extra).logits
-    return loss(logits[0], batch.targets)
+    return loss(logits[0], batch.targets, batch.target_tasks, tasks)
 
 
 @torch.no_grad()

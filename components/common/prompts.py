@@ -18,6 +18,16 @@ def chat_messages(input_text: str, context: str = "") -> list[dict[str, str]]:
     return messages
 
 
+def with_input_prefix(messages: Sequence[dict[str, str]], prefix: str) -> list[dict[str, str]]:
+    """``messages`` with ``prefix`` prepended to the last user message: a model trained with an
+    input prefix (a distillation student's task prefix) is prompted as it was trained."""
+    messages = list(messages)
+    if prefix:
+        last = max(i for i, message in enumerate(messages) if message["role"] == "user")
+        messages[last] = {**messages[last], "content": prefix + messages[last]["content"]}
+    return messages
+
+
 def format_prompt(tokenizer, input_text: str, context: str = "") -> str:
     """The prompt text for ``input_text``, ending where the model starts to answer."""
     return format_conversation_prompt(tokenizer, chat_messages(input_text, context))

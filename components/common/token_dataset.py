@@ -3,8 +3,11 @@
 A token dataset is a directory:
 
 - ``tokens.bin``: every example's token ids, concatenated, uint32 little-endian;
-- ``loss_mask.bin``: one uint8 per token, 1 where the token is a training target (the model is
-  scored on predicting it from the tokens before it), 0 for prompt tokens;
+- ``loss_mask.bin``: one uint8 per token, 0 for prompt tokens; every nonzero value marks a
+  training target (the model is scored on predicting it from the tokens before it), and the
+  value is the target's task: 1 in a single-task dataset; in a distillation dataset 1 for label
+  prediction and 2 for rationale generation, the tasks its meta lists
+  (:mod:`components.common.distillation_tasks`);
 - ``offsets.bin``: int64 little-endian, ``num_examples + 1`` offsets into the two files above;
 - ``meta.json``: counts and whatever the writer was given as metadata.
 
@@ -43,7 +46,7 @@ class TokenDatasetWriter:
         self.metadata = dict(metadata or {})
 
     def add(self, token_ids: Sequence[int], loss_mask: Sequence[int]) -> None:
-        """Appends one example: its token ids and, per token, 1 if it is a training target."""
+        """Appends one example: its token ids and, per token, 0 or the task of a training target."""
         if len(token_ids) != len(loss_mask):
             raise ValueError(f"{len(token_ids)} tokens but {len(loss_mask)} loss-mask entries")
         ids = np.asarray(token_ids, dtype=TOKEN_DTYPE)
@@ -51,7 +54,7 @@ class TokenDatasetWriter:
         self._tokens.write(ids.tobytes())
         self._mask.write(mask.tobytes())
         self._offsets.append(self._offsets[-1] + len(ids))
-        self._num_target_tokens += int(mask.sum())
+        self._num_target_tokens += int(np.count_nonzero(mask))
 
     def close(self) -> None:
         """Finishes the files and moves the dataset into place atomically."""

@@ -1,6 +1,6 @@
 """Vertex's token-level metrics, one definition for the tuner and for evaluate.
 
-For every target token (loss mask 1) the model predicts it from the tokens before it:
+For every target token (nonzero loss mask) the model predicts it from the tokens before it:
 
 - ``total_loss``: mean cross-entropy over target tokens;
 - ``fraction_of_correct_next_step_preds``: share of target tokens that are the argmax prediction;

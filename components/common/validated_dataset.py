@@ -12,6 +12,10 @@ validate_dataset writes the folder atomically, and only for a valid dataset:
   instead of tokenizing again when their encoding key equals its own;
 - the validator's reports (``report.json``, ``report.md``, ``histogram.png``), which no other
   component reads.
+
+generate_rationales writes a folder of the same shape from one: ``train.jsonl`` with the kept
+examples and their rationales (``input_text``, ``output_text``, ``rationale`` string or null, and
+provenance fields), the input folder's ``eval.jsonl`` as it is, and no ``tokens/``.
 """
 from __future__ import annotations
 

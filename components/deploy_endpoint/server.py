@@ -30,6 +30,11 @@
     GET /v1/models  -> the one model served, OpenAI-style
     GET /           -> health and model information
 
+A model trained with an input prefix (a distillation student: ``input_prefix`` in its
+``tunepipe_model.json``, ``[label] ``) gets it prepended to every prompt, the text shape's
+``prompt`` and the last user message of a chat or OpenAI request, as it was trained: the
+student answers with the label, without a rationale.
+
 A bad request is answered 400 with what was expected: ``{"error": "..."}`` on ``/predict``,
 ``{"error": {"message": "...", "type": "invalid_request_error"}}`` on the OpenAI routes.
 Every route generates through the same batched generator (``components.common.generation``).
@@ -260,6 +265,7 @@ class Predictor:
     """The loaded model; generates for a batch of conversations, one request at a time."""
 
     def __init__(self, name: str, model_dir: str):
+        from components.common.distillation_tasks import input_prefix
         from components.common.model_loading import load_tuned_model, select_device
         from components.common.precision import choose_precision
 
@@ -268,15 +274,19 @@ class Predictor:
         self.precision = choose_precision(device)
         self.model, self.tokenizer, self.metadata = load_tuned_model(model_dir, device,
                                                                      self.precision.dtype)
+        self.input_prefix = input_prefix(self.metadata)
         self._lock = threading.Lock()
 
     def generate(self, conversations: list[Conversation], parameters: dict,
                  seed: int = 0) -> list[Generation]:
-        """One ``Generation`` per conversation, prompted with the model's chat template."""
+        """One ``Generation`` per conversation, prompted with the model's chat template (and its
+        input prefix on the last user message)."""
         from components.common.generation import SamplingParams, generate_detailed
-        from components.common.prompts import format_conversation_prompt
+        from components.common.prompts import format_conversation_prompt, with_input_prefix
 
-        prompts = [format_conversation_prompt(self.tokenizer, c) for c in conversations]
+        prompts = [format_conversation_prompt(self.tokenizer,
+                                              with_input_prefix(conversation, self.input_prefix))
+                   for conversation in conversations]
         sampling = SamplingParams(parameters["maxOutputTokens"], float(parameters["temperature"]),
                                   float(parameters["topP"]), parameters["topK"])
         try:
@@ -373,6 +383,7 @@ def make_handler(predictor: Predictor, predict_route: str = "/predict"):
             self._reply(HTTPStatus.OK, {"name": predictor.name, "model_dir": predictor.model_dir,
                                         "base_model": predictor.metadata.get("base_model", {}),
                                         "precision": predictor.precision.describe(),
+                                        "input_prefix": predictor.input_prefix,
                                         "status": "ready"})
 
         def do_POST(self) -> None:  # noqa: N802

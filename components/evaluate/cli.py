@@ -6,8 +6,9 @@
 version or a checkpoint, with ``tunepipe_model.json``), a tune output (``checkpoints.json``: its
 final checkpoint), a registered model ``NAME`` or ``NAME@VERSION``, or a base model reference for
 the catalog (``text-bison@002``, a checkpoint folder, a ``.gguf`` file). The examples are
-tokenized here with transform's encoder for the token metrics. Exit status: 0 done, 2 bad
-arguments, model or data (with a message saying what is wrong).
+tokenized here with transform's encoder for the token metrics. When ``--model`` is a distilled
+student (an ``input_prefix`` in its metadata), every model is asked with that prefix. Exit
+status: 0 done, 2 bad arguments, model or data (with a message saying what is wrong).
 """
 from __future__ import annotations
 
@@ -137,11 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sources.append(source)
         references.append(reference)
 
+    from components.common.distillation_tasks import input_prefix
     from components.common.model_catalog import context_class_of
+    from components.common.model_loading import read_tuned_model_metadata
 
     context_class = context_class_of(references[-1] or "")
+    model = sources[-1]
+    prefix = input_prefix(read_tuned_model_metadata(model.path)) if model.kind == "tuned" else ""
     evaluations, shared = evaluate_sources(sources, examples, settings, context_class=context_class,
-                                           device=args.device, progress=_stderr)
+                                           device=args.device, prefix=prefix, progress=_stderr)
     print(format_table(evaluations, shared, args.data))
     if args.output:
         results = {"evaluated": True, "data": str(args.data), **shared,

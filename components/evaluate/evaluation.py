@@ -12,6 +12,11 @@ For each model:
   the answers are scored: ``exact_match``, ``bleu``, ``rouge_l`` and, when the expected outputs
   are a small label set, ``accuracy`` and ``macro_f1`` with a confusion matrix.
 
+A distillation run's models are asked for labels only: every input starts with the tokenized
+eval set's ``input_prefix`` (``[label] ``; without a tokenized eval set, the final checkpoint's),
+in the generation prompts and the token metrics alike, for the base model and every checkpoint
+(:mod:`components.common.distillation_tasks`).
+
 Generation settings use Vertex's names: ``temperature`` (0 = greedy, the default),
 ``maxOutputTokens``, ``topP``, ``topK`` (0 = off). ``maxOutputTokens = 0`` (the default) means
 "the longest expected output in tokens + 16, at most 1024": room for every expected answer plus
@@ -40,6 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from components.common.distillation_tasks import input_prefix
 from components.common.generation import (DEFAULT_BATCH_SIZE, MAX_OUTPUT_TOKENS_LIMIT,
                                           SamplingParams, generate_detailed)
 from components.common.model_loading import (base_checkpoint_of, load_base_model, load_tokenizer,
@@ -148,21 +154,17 @@ def read_eval_examples(path: str | os.PathLike) -> list[EvalExample]:
     return examples
 
 
-def tokenize_examples(tokenizer, examples: Sequence[EvalExample], context_class: str = "8k"
-                      ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(token ids, loss mask)`` of each example exactly as transform tokenizes eval data."""
+def tokenize_examples(tokenizer, examples: Sequence[EvalExample], context_class: str = "8k",
+                      prefix: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(token ids, loss mask)`` of each example exactly as transform tokenizes eval data
+    (``prefix``: the input prefix of a distillation run's label task)."""
     from components.common.dataset_formats import Example, token_limits
     from components.common.encoding import ExampleEncoder
 
     encoder = ExampleEncoder(tokenizer, "text", token_limits("text", context_class))
-    encoded = encoder.encode_batch([Example(None, ((e.input_text, e.output_text),)) for e in examples])
+    encoded = encoder.encode_batch([Example(None, ((prefix + e.input_text, e.output_text),))
+                                    for e in examples])
     return [(np.asarray(e.ids, dtype=np.int64), np.asarray(e.mask, dtype=np.int64)) for e in encoded]
-
-
-def load_token_dataset(directory: str | os.PathLike) -> list[tuple[np.ndarray, np.ndarray]]:
-    from components.common.token_dataset import TokenDataset
-
-    return list(TokenDataset(directory))
 
 
 def expected_output_tokens(tokenizer, examples: Sequence[EvalExample]) -> list[int]:
@@ -220,15 +222,17 @@ def evaluation_device_and_precision(device: torch.device | str | None = None
 def evaluate_loaded_model(model, tokenizer, source: ModelSource, examples: Sequence[EvalExample],
                           token_examples: Sequence[tuple[np.ndarray, np.ndarray]] | None,
                           sampling: SamplingParams | None, settings: GenerationSettings,
-                          labels: Sequence[str] | None, device: torch.device) -> ModelEvaluation:
-    """Token metrics (when ``token_examples``) and, when ``sampling``, generation metrics."""
+                          labels: Sequence[str] | None, device: torch.device,
+                          prefix: str = "") -> ModelEvaluation:
+    """Token metrics (when ``token_examples``) and, when ``sampling``, generation metrics
+    (``prefix`` starts every input: a distillation run's label task)."""
     started = time.perf_counter()
     metrics: dict[str, float] = {}
     if token_examples:
         metrics.update(score_examples(model, token_examples).metrics("eval"))
     evaluation = ModelEvaluation(source, metrics)
     if sampling is not None:
-        prompts = [format_prompt(tokenizer, e.input_text) for e in examples]
+        prompts = [format_prompt(tokenizer, prefix + e.input_text) for e in examples]
         generations = generate_detailed(model, tokenizer, prompts, sampling,
                                         batch_size=settings.batch_size, seed=settings.seed)
         predictions = [g.text for g in generations]
@@ -250,11 +254,13 @@ def evaluate_sources(sources: Sequence[ModelSource], examples: Sequence[EvalExam
                      settings: GenerationSettings, *, generate_labels: set[str] | None = None,
                      token_examples: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
                      context_class: str = "8k", device: torch.device | str | None = None,
-                     progress: Progress = _print) -> tuple[list[ModelEvaluation], dict]:
+                     prefix: str = "", progress: Progress = _print
+                     ) -> tuple[list[ModelEvaluation], dict]:
     """Evaluates each model in turn (one in memory at a time).
 
     ``generate_labels``: the labels of the sources that generate (None: all). Without
-    ``token_examples`` the examples are tokenized with each model's tokenizer.
+    ``token_examples`` the examples are tokenized with each model's tokenizer. ``prefix``
+    starts every input (a distillation run's label task, see the module doc).
     Returns the evaluations and the shared settings (resolved maxOutputTokens, labels, device).
     """
     device, precision = evaluation_device_and_precision(device)
@@ -272,9 +278,10 @@ def evaluate_sources(sources: Sequence[ModelSource], examples: Sequence[EvalExam
         progress(f"evaluate: {source.label} ({source.kind}: {source.path}): token metrics"
                  + (f" and generation of {len(examples)} answers" if generates else ""))
         tokens = token_examples if token_examples is not None else tokenize_examples(
-            tokenizer, examples, context_class)
+            tokenizer, examples, context_class, prefix)
         evaluation = evaluate_loaded_model(model, tokenizer, source, examples, tokens,
-                                           sampling if generates else None, settings, labels, device)
+                                           sampling if generates else None, settings, labels,
+                                           device, prefix)
         progress(f"evaluate: {source.label}: " + ", ".join(
             f"{k}={v:.4g}" for k, v in evaluation.metrics.items()) + f" ({evaluation.seconds:.1f} s)")
         evaluations.append(evaluation)
@@ -290,6 +297,7 @@ def evaluate_sources(sources: Sequence[ModelSource], examples: Sequence[EvalExam
         "dtype": precision.dtype_name,
         "precision": precision.describe(),
         "num_examples": len(examples),
+        "input_prefix": prefix,
     }
     return evaluations, shared
 
@@ -372,15 +380,25 @@ def evaluate_tuning_run(tuned_model_dir: str | os.PathLike, validated_dataset_di
                 "detail": f"{eval_path} does not exist (no evaluation_data_uri)"}, []
     started = time.perf_counter()
     examples = read_eval_examples(eval_path)
-    tokens_dir = Path(tokenized_dataset_dir) / EVAL_TOKENS if tokenized_dataset_dir else None
-    token_examples = load_token_dataset(tokens_dir) if tokens_dir and tokens_dir.is_dir() else None
-    token_source = str(tokens_dir) if token_examples is not None else "tokenized here (no tokenized eval set)"
-    if token_examples is not None and len(token_examples) != len(examples):
-        raise ValueError(f"{tokens_dir} holds {len(token_examples)} examples but {eval_path} "
-                         f"{len(examples)}: the tokenized and validated eval sets differ")
-
     index = read_checkpoints_index(tuned_model_dir)
     checkpoints = index["checkpoints"]
+    tokens_dir = Path(tokenized_dataset_dir) / EVAL_TOKENS if tokenized_dataset_dir else None
+    if tokens_dir and tokens_dir.is_dir():
+        from components.common.token_dataset import TokenDataset
+
+        token_set = TokenDataset(tokens_dir)
+        token_examples, prefix = list(token_set), input_prefix(token_set.meta)
+        token_source = str(tokens_dir)
+        if len(token_examples) != len(examples):
+            raise ValueError(f"{tokens_dir} holds {len(token_examples)} examples but {eval_path} "
+                             f"{len(examples)}: the tokenized and validated eval sets differ")
+    else:
+        from components.common.model_loading import read_tuned_model_metadata
+
+        final = Path(tuned_model_dir) / checkpoints[-1]["dir"]
+        token_examples, prefix = None, input_prefix(read_tuned_model_metadata(final))
+        token_source = "tokenized here (no tokenized eval set)"
+
     base_reference, base_checkpoint = base_model_of(index, large_model_reference)
     from components.common.model_catalog import context_class_of
 
@@ -392,7 +410,8 @@ def evaluate_tuning_run(tuned_model_dir: str | os.PathLike, validated_dataset_di
         for c in checkpoints]
     evaluations, shared = evaluate_sources(
         sources, examples, settings, generate_labels=generate_labels, token_examples=token_examples,
-        context_class=context_class_of(base_reference), device=device, progress=progress)
+        context_class=context_class_of(base_reference), device=device, prefix=prefix,
+        progress=progress)
 
     base = evaluations[0]
     best = best_checkpoint(checkpoints, [e.metrics for e in evaluations[1:]])

@@ -2,10 +2,12 @@
 
     python -m components.generate_rationales.cli --data DATA.jsonl --teacher REF --output DIR
 
-writes ``DIR/rationales.jsonl``, ``DIR/report.json``, ``DIR/report.md`` and the call log
-``DIR/teacher_calls.jsonl``; run it again on the same ``DIR`` to resume. ``--teacher`` takes the
-references of :mod:`components.generate_rationales.teacher_reference`. Exit status: 0 done,
-2 bad arguments or data, 1 the teacher failed (the message says which call and why).
+writes ``DIR/train.jsonl`` (the examples with their rationales), ``DIR/eval.jsonl`` (copied when
+``DATA`` is a validated dataset folder with evaluation data), ``DIR/report.json``,
+``DIR/report.md`` and the call log ``DIR/teacher_calls.jsonl``; ``DIR`` is a validated dataset
+folder for transform and evaluate. Run it again on the same ``DIR`` to resume. ``--teacher``
+takes the references of :mod:`components.generate_rationales.teacher_reference`. Exit status:
+0 done, 2 bad arguments or data, 1 the teacher failed (the message says which call and why).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from components.common.storage import write_text
+from components.common.validated_dataset import TRAIN_FILE
 from components.generate_rationales.examples import ExampleDataError
 from components.generate_rationales.http_calls import RetryPolicy
 from components.generate_rationales.rationales import (RationaleError, RationaleSettings,
@@ -79,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     examples = run.report["examples"]
     print(f"{examples['kept']} of {examples['total']} examples kept "
           f"({examples['with_rationale']} with a rationale, {examples['excluded']} excluded); "
-          f"wrote {Path(args.output) / 'rationales.jsonl'}")
+          f"wrote {Path(args.output) / TRAIN_FILE}")
     return 0
 
 

@@ -40,9 +40,11 @@ def generate_rationales(
             or a Vertex AI resource ``projects/P/locations/L/endpoints/E``,
             ``projects/P/locations/L/publishers/google/models/M`` or
             ``publishers/google/models/M``.
-        rationale_dataset: Output folder: ``rationales.jsonl`` (input_text, output_text,
-            rationale, label_source, parse_status, teacher_answer per kept example),
-            ``report.json`` and ``teacher_calls.jsonl`` (every raw teacher reply).
+        rationale_dataset: Output folder, a validated dataset folder for transform and
+            evaluate: ``train.jsonl`` (input_text, output_text, rationale, label_source,
+            parse_status, teacher_answer per kept example), ``eval.jsonl`` (the input folder's,
+            copied, when it has one), ``report.json`` and ``teacher_calls.jsonl`` (every raw
+            teacher reply).
         report: Markdown: counts, calls, tokens, time, parse failures, teacher-vs-gold agreement
             and examples with their rationales.
         metrics: Scalars: examples, kept, excluded, parse failures, agreement rate, calls,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.common.storage import read_text
-from components.common.validated_dataset import TRAIN_FILE
+from components.common.validated_dataset import EVAL_FILE, TRAIN_FILE
 
 
 class ExampleDataError(ValueError):
@@ -42,6 +42,13 @@ def dataset_file(dataset: str | os.PathLike) -> str:
     ``train.jsonl`` is read), or a JSONL file (local path, ``file://`` or ``gs://`` URI)."""
     path = Path(str(dataset))
     return str(path / TRAIN_FILE) if path.is_dir() else str(dataset)
+
+
+def evaluation_file(dataset: str | os.PathLike) -> Path | None:
+    """The ``eval.jsonl`` of a validated dataset folder; None for a JSONL file or a folder
+    without evaluation data."""
+    path = Path(str(dataset)) / EVAL_FILE
+    return path if path.is_file() else None
 
 
 def parse_examples(text: str, source: str) -> list[DistillationExample]:

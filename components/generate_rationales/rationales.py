@@ -16,12 +16,16 @@ Prompts and parsing are :mod:`.prompting`'s; every answer is appended to the cal
 (:mod:`.call_log`) as it arrives, so a second run on the same output folder asks the teacher
 only what is missing.
 
-The output (``rationales.jsonl``), one line per kept example, in dataset order::
+The output folder is a validated dataset folder (:mod:`components.common.validated_dataset`)
+that transform and evaluate read as they read validate_dataset's: ``train.jsonl``, one line per
+kept example, in dataset order::
 
     {"index": 3, "input_text": ..., "output_text": ..., "rationale": ... | null,
      "label_source": "gold" | "teacher", "parse_status": "ok" | "missing_rationale" | ...,
      "teacher_answer": ... | null}
 
+and, when the input folder has evaluation data, its ``eval.jsonl`` copied as it is (no
+``tokens/``: the validator's tokens encode single-task examples).
 ``parse_status`` is that of the request that gave the rationale (explain for labeled examples,
 answer for unlabeled ones); ``teacher_answer`` is the teacher's own answer to a labeled example
 that was asked for agreement (else null).
@@ -37,9 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from components.common.storage import write_text
+from components.common.storage import write_bytes, write_text
+from components.common.validated_dataset import EVAL_FILE, TRAIN_FILE
 from components.generate_rationales.call_log import CallLog, Completion
-from components.generate_rationales.examples import DistillationExample, read_examples
+from components.generate_rationales.examples import (DistillationExample, evaluation_file,
+                                                     read_examples)
 from components.generate_rationales.http_calls import RetryPolicy
 from components.generate_rationales.prompting import (ANSWER, EXPLAIN, OK, TeacherRequest,
                                                       build_request, normalize_answer,
@@ -47,7 +53,6 @@ from components.generate_rationales.prompting import (ANSWER, EXPLAIN, OK, Teach
 from components.generate_rationales.teacher_reference import make_teacher
 from components.generate_rationales.teachers import Teacher, TeacherSettings
 
-RATIONALES_FILE = "rationales.jsonl"
 CALLS_FILE = "teacher_calls.jsonl"
 REPORT_FILE = "report.json"
 GOLD, TEACHER = "gold", "teacher"
@@ -269,15 +274,26 @@ def write_jsonl(uri: str, records: Sequence[dict]) -> None:
     write_text(uri, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def copy_evaluation_data(dataset: str | os.PathLike, output_dir: Path) -> None:
+    """Copies the ``eval.jsonl`` of a validated dataset folder into ``output_dir`` as it is
+    (atomically); without one, removes a copy an earlier run on other data left there."""
+    source = evaluation_file(dataset)
+    if source is not None:
+        write_bytes(str(output_dir / EVAL_FILE), source.read_bytes())
+    else:
+        (output_dir / EVAL_FILE).unlink(missing_ok=True)
+
+
 def generate_rationales_for_pipeline(dataset: str, teacher_model_reference: str,
                                      output_dir: str | os.PathLike, settings: RationaleSettings,
                                      *, project: str = "", location: str = "",
                                      concurrency: int = 8, policy: RetryPolicy = RetryPolicy(),
                                      batch_size: int | None = None,
                                      show_progress: bool = True) -> RationaleRun:
-    """Reads ``dataset``, asks the teacher, and writes ``output_dir``: ``rationales.jsonl``,
-    ``report.json`` and the call log ``teacher_calls.jsonl`` (kept: a rerun on the same folder
-    resumes from it). Raises :class:`RationaleError` when no example could be kept."""
+    """Reads ``dataset``, asks the teacher, and writes ``output_dir``: ``train.jsonl``, the
+    dataset folder's ``eval.jsonl`` when it has one, ``report.json`` and the call log
+    ``teacher_calls.jsonl`` (kept: a rerun on the same folder resumes from it). Raises
+    :class:`RationaleError` when no example could be kept."""
     examples = read_examples(dataset)
     output = Path(output_dir)
     teacher = make_teacher(teacher_model_reference, project=project, location=location,
@@ -285,7 +301,8 @@ def generate_rationales_for_pipeline(dataset: str, teacher_model_reference: str,
     run = generate_rationales(examples, teacher, settings, output / CALLS_FILE, show_progress)
     run.report["teacher"]["reference"] = teacher_model_reference
     run.report["dataset"] = str(dataset)
-    write_jsonl(str(output / RATIONALES_FILE), run.records)
+    write_jsonl(str(output / TRAIN_FILE), run.records)
+    copy_evaluation_data(dataset, output)
     write_text(str(output / REPORT_FILE), json.dumps(run.report, indent=2, ensure_ascii=False) + "\n")
     if not run.records:
         raise RationaleError(f"no example kept: the teacher answered none of the "

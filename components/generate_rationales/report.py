@@ -61,6 +61,6 @@ def render_markdown(report: dict) -> str:
                   f"{table_cell(s['rationale'])} |" for s in report["samples"]]
     else:
         lines.append("None: no teacher reply had a parseable rationale.")
-    lines += ["", "Full output: `rationales.jsonl`, `report.json` and the raw replies "
+    lines += ["", "Full output: `train.jsonl`, `report.json` and the raw replies "
               "`teacher_calls.jsonl` in the rationale_dataset artifact."]
     return "\n".join(lines) + "\n"

@@ -13,8 +13,17 @@ The validator already tokenized the examples with the same encoder and left the 
 format, limits, default context) equals this run's, they are copied instead of re-tokenized. Either
 way the output bytes are the same, and the same input always gives the same bytes.
 
-Distillation examples must be labeled by the time they reach transform (the teacher step labels
-them); an unlabeled example is an error, never silently dropped.
+Distillation (``dataset_format="distillation"``): the multi-task student of distilling
+step-by-step (:mod:`components.common.distillation_tasks`). Every train record becomes a
+label-prediction example (``[label] `` + input -> ``output_text``, loss-mask value 1) and, when
+its ``rationale`` is a non-empty string, a rationale-generation example (``[rationale] `` + input
+-> ``rationale``, loss-mask value 2); every eval record only the label example. Both token
+datasets' meta record the tasks with their loss weights (``label_loss_weight`` and its
+complement) and the ``input_prefix`` every prompt to the tuned model starts with. The tasks are
+part of the encoding key, so the validator's single-task tokens are never reused. Distillation
+examples must be labeled by the time they reach transform (the teacher step labels them; its
+output folder is a validated dataset folder); an unlabeled example is an error, never silently
+dropped.
 """
 from __future__ import annotations
 
@@ -23,8 +32,12 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Iterator
 
-from components.common.dataset_formats import normalize_format, parse_example, token_limits
+from components.common.dataset_formats import (Example, normalize_format, parse_example,
+                                               token_limits)
+from components.common.distillation_tasks import (DEFAULT_LABEL_WEIGHT, TASKS, check_label_weight,
+                                                  task_examples, tasks_metadata)
 from components.common.encoding import (DEFAULT_BATCH_SIZE, ExampleEncoder, batched, encoding_key,
                                         folder_fingerprint, tokenizer_fingerprint)
 from components.common.model_catalog import context_class, resolve_model
@@ -39,8 +52,13 @@ class TransformError(ValueError):
     """Data transform cannot tokenize (it names the file and line)."""
 
 
-def read_examples(jsonl_path: str | os.PathLike, dataset_format: str):
-    """Yields the examples of a validated JSONL file, one line at a time."""
+def read_examples(jsonl_path: str | os.PathLike, dataset_format: str,
+                  split_tasks: bool = False, role: str = "train") -> Iterator[Example]:
+    """Yields the examples of a validated JSONL file, one line at a time.
+
+    With ``split_tasks`` (distillation) every line gives its task examples
+    (:func:`components.common.distillation_tasks.task_examples`; eval lines: label only).
+    """
     name = str(jsonl_path)
     with open(jsonl_path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
@@ -61,16 +79,26 @@ def read_examples(jsonl_path: str | os.PathLike, dataset_format: str):
                 raise TransformError(f"{name}:{number}: output_text: missing; unlabeled "
                                      "distillation examples must be labeled by the teacher "
                                      "before transform")
-            yield example
+            if not split_tasks:
+                yield example
+                continue
+            try:
+                split = task_examples(obj, with_rationale=role == "train")
+            except ValueError as error:
+                raise TransformError(f"{name}:{number}: {error}") from None
+            yield from split
 
 
 def tokenize_file(jsonl_path: str | os.PathLike, encoder: ExampleEncoder,
-                  output_dir: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
-    """Streams one JSONL file into a token dataset at ``output_dir``; returns its meta."""
-    writer = TokenDatasetWriter(output_dir, token_metadata(encoder))
+                  output_dir: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE,
+                  role: str = "train", metadata: dict | None = None) -> dict:
+    """Streams one JSONL file (of ``role``: train or eval) into a token dataset at
+    ``output_dir``, with ``metadata`` added to its meta; returns its meta."""
+    writer = TokenDatasetWriter(output_dir, {**token_metadata(encoder), **(metadata or {})})
     truncated = [0, 0, 0]
+    examples = read_examples(jsonl_path, encoder.format, bool(encoder.tasks), role)
     with writer:
-        for batch in batched(read_examples(jsonl_path, encoder.format), batch_size):
+        for batch in batched(examples, batch_size):
             for encoded in encoder.encode_batch(batch):
                 writer.add(encoded.ids, encoded.mask)
                 truncated[0] += encoded.input_truncated
@@ -94,12 +122,15 @@ def _usable_cache(cache_dir: Path, key: str) -> bool:
 def transform_dataset(validated_dir: str | os.PathLike, dataset_format: str,
                       large_model_reference: str, max_context_length: str,
                       default_context: str, output_dir: str | os.PathLike, *, tokenizer=None,
-                      batch_size: int = DEFAULT_BATCH_SIZE, use_cache: bool = True) -> dict:
+                      batch_size: int = DEFAULT_BATCH_SIZE, use_cache: bool = True,
+                      label_loss_weight: float = DEFAULT_LABEL_WEIGHT) -> dict:
     """Tokenizes a validated dataset directory into ``output_dir``/train (and /eval).
 
+    ``label_loss_weight``: distillation only, alpha of the training loss (see the module doc).
     Returns ``{role: meta}`` of the token datasets written, each with ``"reused_tokens"``:
     whether the validator's tokens were reused.
     """
+    label_loss_weight = check_label_weight(label_loss_weight)
     validated_dir = Path(validated_dir)
     train_path = validated_dir / TRAIN_FILE
     if not train_path.is_file():
@@ -107,13 +138,16 @@ def transform_dataset(validated_dir: str | os.PathLike, dataset_format: str,
                                 "validate_dataset?")
     fmt = normalize_format(dataset_format)
     limits = token_limits(fmt, context_class(large_model_reference, max_context_length))
+    tasks = TASKS if fmt == "distillation" else ()
+    task_metadata = tasks_metadata(label_loss_weight) if tasks else {}
     # The key of this run's encoding, from the tokenizer files alone: when the validator's
     # tokens have the same key, the tokenizer is not even loaded.
     if tokenizer is not None:
         fingerprint = tokenizer_fingerprint(tokenizer)
     else:
         fingerprint = folder_fingerprint(resolve_model(large_model_reference).checkpoint)
-    key = encoding_key(fingerprint, fmt, limits, default_context or "") if fingerprint else None
+    key = (encoding_key(fingerprint, fmt, limits, default_context or "", tasks) if fingerprint
+           else None)
     encoder: ExampleEncoder | None = None
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -136,8 +170,10 @@ def transform_dataset(validated_dir: str | os.PathLike, dataset_format: str,
                         from components.common.model_loading import load_model_tokenizer
 
                         tokenizer, _ = load_model_tokenizer(large_model_reference)
-                    encoder = ExampleEncoder(tokenizer, fmt, limits, default_context or "")
-                meta = tokenize_file(source, encoder, staging / role, batch_size)
+                    encoder = ExampleEncoder(tokenizer, fmt, limits, default_context or "",
+                                             tasks=tasks)
+                meta = tokenize_file(source, encoder, staging / role, batch_size, role,
+                                     task_metadata)
                 reused = False
             summary[role] = {**meta, "reused_tokens": reused}
         if output_dir.exists():
@@ -151,11 +187,16 @@ def transform_dataset(validated_dir: str | os.PathLike, dataset_format: str,
 
 def transform_for_pipeline(validated_dataset_path: str, dataset_format: str,
                            large_model_reference: str, max_context_length: str,
-                           default_context: str, tokenized_dataset_path: str) -> dict:
+                           default_context: str, tokenized_dataset_path: str,
+                           label_loss_weight: float = DEFAULT_LABEL_WEIGHT) -> dict:
     """The transform component's work: returns the artifact metadata."""
     summary = transform_dataset(validated_dataset_path, dataset_format, large_model_reference,
-                                max_context_length, default_context, tokenized_dataset_path)
-    metadata: dict = {"dataset_format": normalize_format(dataset_format)}
+                                max_context_length, default_context, tokenized_dataset_path,
+                                label_loss_weight=label_loss_weight)
+    fmt = normalize_format(dataset_format)
+    metadata: dict = {"dataset_format": fmt}
+    if fmt == "distillation":
+        metadata["label_loss_weight"] = float(label_loss_weight)
     for role, meta in summary.items():
         prefix = "" if role == "train" else "eval_"
         metadata[f"{prefix}num_examples"] = meta["num_examples"]

@@ -5,11 +5,21 @@ Semantics (SPEC.md):
 - The run takes ``train_steps`` optimizer steps of ``batch_size`` examples, so it sees
   ``train_steps x batch_size`` examples, cycling through the data in a fresh seeded order each
   epoch (:class:`BatchSampler`: a step's batch depends only on the seed and the step number).
-- The loss is the cross-entropy of the target tokens (loss mask 1: the output of text examples,
-  the assistant turns of chat examples including their end-of-turn token; transform writes the
-  masks), summed over the step's whole batch and divided by the batch's number of target tokens
-  (``components.common.token_metrics``). :mod:`components.common.packing` computes exactly that
-  without padding and with logits only at target positions.
+- The loss is the cross-entropy of the target tokens (nonzero loss mask: the output of text
+  examples, the assistant turns of chat examples including their end-of-turn token; transform
+  writes the masks), summed over the step's whole batch and divided by the batch's number of
+  target tokens (``components.common.token_metrics``). :mod:`components.common.packing` computes
+  exactly that without padding and with logits only at target positions.
+- A multi-task dataset (its meta lists weighted ``tasks``: distilling step-by-step's label and
+  rationale tasks, :mod:`components.common.distillation_tasks`; a target's loss-mask value is
+  its task) is trained on ``sum over tasks t of weight_t x (summed cross-entropy of t's targets)
+  / (t's targets in the step's global batch)`` (:class:`TrainingObjective`; a task without
+  targets in the batch adds nothing). metrics.jsonl then also logs every task's mean,
+  ``train_<task>_loss`` (``train_label_loss``, ``train_rationale_loss``; absent from a step
+  whose batch has none of the task's targets), and ``train_total_loss`` is the weighted sum,
+  the objective; ``train_num_predictions`` and the token accuracy count every target. The eval
+  metrics stay single-task: a distillation eval set holds the label task only. A single-task
+  run computes exactly what it computed before tasks existed.
 - Learning rate: linear warmup over ``warmup_fraction`` of the steps, then cosine decay to 10%,
   a function of the step number alone (:func:`learning_rate_at`). AdamW, gradient clipping at
   ``max_grad_norm``.
@@ -43,8 +53,9 @@ Devices (:mod:`components.tune.runtime`): CPU (bf16 where it is fast, see
 processes under ``torchrun`` (DDP, or FSDP with ``sharding="fsdp"``), TPU through torch_xla
 (untested). In a distributed run every process takes its slice of each step's global batch
 (examples ``rank, rank + world_size, ...``) and scales its summed loss by
-``world_size / target tokens of the global batch``; averaging the gradients over the processes
-then gives exactly the single-process gradient. Only rank 0 writes checkpoints and logs.
+``world_size / target tokens of the global batch`` (each task's by ``world_size x weight / the
+task's target tokens of the global batch``); averaging the gradients over the processes then
+gives exactly the single-process gradient. Only rank 0 writes checkpoints and logs.
 """
 from __future__ import annotations
 
@@ -58,6 +69,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from components.common.distillation_tasks import (INPUT_PREFIX, WeightedTask, input_prefix,
+                                                  weighted_tasks)
 from components.common.model_loading import TUNED_MODEL_METADATA, load_base_model, load_tokenizer
 from components.common.token_dataset import TokenDataset
 from components.common.token_metrics import TokenScores
@@ -78,8 +91,9 @@ EARLY_STOPPING_MIN_DELTA = 0.001  # absolute gain in eval token accuracy that co
 EARLY_STOPPING_PATIENCE = 2  # stale evaluations in a row that stop training
 LORA_TARGET_MODULES = "all-linear"  # every linear layer of attention and MLP blocks
 DEFAULT_MAX_TOKENS_PER_MICRO_BATCH = 4096
-__all__ = ["TuneConfig", "TuneResult", "BatchSampler", "learning_rate_at", "stale_evaluations_after",
-           "tune", "ADAPTER_SIZES", "CHECKPOINTS_INDEX", "TUNED_MODEL_METADATA"]
+__all__ = ["TuneConfig", "TuneResult", "BatchSampler", "TrainingObjective", "learning_rate_at",
+           "stale_evaluations_after", "tune", "ADAPTER_SIZES", "CHECKPOINTS_INDEX",
+           "TUNED_MODEL_METADATA"]
 
 # Fields that decide what a run computes: a resumed run must have the same ones.
 _RESUME_FIELDS = ("train_steps", "learning_rate", "batch_size", "adapter_size", "method",
@@ -154,6 +168,49 @@ class BatchSampler:
         return [int(self._order(p // self.num_examples)[p % self.num_examples]) for p in positions]
 
 
+@dataclass(frozen=True)
+class TrainingObjective:
+    """What a step minimizes (module doc): the mean cross-entropy over the target tokens of the
+    global batch, or with ``tasks`` (a multi-task dataset) the weighted sum of each task's mean.
+    """
+
+    tasks: tuple[WeightedTask, ...] = ()
+
+    @property
+    def mask_values(self) -> tuple[int, ...]:
+        """The loss-mask values whose cross-entropy sums are kept apart (none: one sum)."""
+        return tuple(task.mask_value for task in self.tasks)
+
+    def targets(self, batch) -> list[int]:
+        """Target tokens of the step's global batch: per task, or ``[all of them]``."""
+        if not self.tasks:
+            return [sum(num_targets(example) for example in batch)]
+        return [sum(num_targets(example, task.mask_value) for example in batch)
+                for task in self.tasks]
+
+    def loss_scale(self, targets: list[int], world_size: int, device) -> float | torch.Tensor:
+        """What multiplies a process's summed cross-entropy (per task) before backward: the
+        gradients summed over its micro-batches and averaged over the processes are then
+        exactly those of the objective over the global batch."""
+        if not self.tasks:
+            return world_size / max(targets[0], 1)
+        return torch.tensor([world_size * task.weight / max(count, 1)
+                             for task, count in zip(self.tasks, targets)], device=device)
+
+    def metrics(self, loss_sums: list[float], correct: int, targets: list[int]) -> dict[str, float]:
+        """The step's train metrics from the global batch's summed cross-entropy (per task),
+        correct predictions and targets (per task): Vertex's three and ``train_<task>_loss``
+        for every task with targets in the batch."""
+        metrics = TokenScores(sum(loss_sums), correct, sum(targets)).metrics("train")
+        if self.tasks:
+            means = [loss_sum / max(count, 1) for loss_sum, count in zip(loss_sums, targets)]
+            metrics["train_total_loss"] = sum(task.weight * mean
+                                              for task, mean in zip(self.tasks, means))
+            metrics.update({f"train_{task.name}_loss": mean
+                            for task, mean, count in zip(self.tasks, means, targets) if count})
+        return metrics
+
+
 def learning_rate_at(step: int, config: TuneConfig) -> float:
     """Linear warmup over ``warmup_fraction`` of the steps, then cosine decay to 10%."""
     warmup = max(1, int(config.train_steps * config.warmup_fraction))
@@ -213,6 +270,7 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
         raise ValueError(f"batch size {config.batch_size} is smaller than the number of processes "
                          f"({runtime.world_size}): every process needs at least one example per step")
     train_set = TokenDataset(train_data)  # a missing dataset fails before anything is written
+    objective = TrainingObjective(weighted_tasks(train_set.meta))
     eval_examples = list(TokenDataset(eval_data)) if eval_data else []
     index = read_index(output_dir) if resume else None
     if runtime.is_main:
@@ -242,7 +300,8 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
     compile_seconds = 0.0
     if compiled_layers:
         compile_seconds = _compile_warm_up(model, [train_set[i] for i in sampler.indices(step)[:2]],
-                                           runtime, config, packs, row_multiple, loss, compiled_layers)
+                                           runtime, config, packs, row_multiple, loss,
+                                           objective.mask_values, compiled_layers)
     # The bar starts after the warm-up: its elapsed time and ETA are training steps only.
     log = (TrainingLog(output_dir, total_steps=config.train_steps, start_step=step, resumed=resume)
            if runtime.is_main else QuietLog())
@@ -253,6 +312,7 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
     log.note(f"device={runtime.device.type} dtype={runtime.dtype_name} processes={runtime.world_size} "
              f"method={config.method} trainable_parameters={trainable:,} examples={len(train_set)} "
              f"batch_size={config.batch_size} steps={config.train_steps} packed={packs}"
+             + "".join(f" {task.name}_loss_weight={task.weight:g}" for task in objective.tasks)
              + (f" resumed_at_step={step}" if step else ""))
 
     def write_checkpoint(step: int, eval_metrics, train_metrics: dict, is_last: bool) -> dict:
@@ -268,7 +328,7 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
             "device": runtime.device.type, "dtype": runtime.dtype_name,
             "precision": runtime.precision.describe(), "compile_seconds": compile_seconds,
             "world_size": runtime.world_size, "peak_memory_bytes": log.peak_memory_bytes,
-            **run_metadata}
+            INPUT_PREFIX: input_prefix(train_set.meta), **run_metadata}
         training_state = {
             "step": step, "examples_seen": step * config.batch_size,  # data position: the sampler
             "scheduler": {"schedule": "linear warmup, cosine decay to 10%", "next_step": step,
@@ -295,9 +355,9 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
         batch = [train_set[i] for i in sampler.indices(step)]
-        global_targets = sum(num_targets(example) for example in batch)
-        loss_scale = runtime.world_size / max(global_targets, 1)  # DDP/FSDP average over processes
-        loss_sum = torch.zeros((), device=runtime.device)
+        targets = objective.targets(batch)
+        loss_scale = objective.loss_scale(targets, runtime.world_size, runtime.device)
+        loss_sum = torch.zeros((), device=runtime.device)  # per task: broadcast to [tasks]
         num_correct = torch.zeros((), dtype=torch.long, device=runtime.device)
         micro_batches = _my_micro_batches(batch, runtime, config, packs, row_multiple,
                                           tokenizer.pad_token_id or 0)
@@ -305,8 +365,9 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
             micro_batch = micro_batch.to(runtime.device)
             with gradient_sync(model, enabled=number == len(micro_batches) - 1):
                 with runtime.autocast():
-                    micro_loss, micro_correct = packed_loss(model, micro_batch, loss)
-                (micro_loss * loss_scale).backward()
+                    micro_loss, micro_correct = packed_loss(model, micro_batch, loss,
+                                                            objective.mask_values)
+                (micro_loss * loss_scale).sum().backward()  # one task: a sum of one element
             loss_sum = loss_sum + micro_loss.detach()
             num_correct = num_correct + micro_correct
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
@@ -316,8 +377,9 @@ def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir
         runtime.step_done()
         step += 1
 
-        total_loss, total_correct = runtime.sum_across([float(loss_sum), float(num_correct)])
-        train_metrics = TokenScores(total_loss, int(total_correct), global_targets).metrics("train")
+        *loss_sums, total_correct = runtime.sum_across([*loss_sum.reshape(-1).tolist(),
+                                                        float(num_correct)])
+        train_metrics = objective.metrics(loss_sums, int(total_correct), targets)
         log.train_step(step, train_metrics, learning_rate, tokens=sum(len(e[0]) for e in batch),
                        grad_norm=float(grad_norm))
 
@@ -375,7 +437,8 @@ def _trainable_model(checkpoint: str, config: TuneConfig, runtime: Runtime):
 
 
 def _compile_warm_up(model, examples, runtime: Runtime, config: TuneConfig, packs: bool,
-                     row_multiple: int, loss, compiled_layers: int) -> float:
+                     row_multiple: int, loss, mask_values: tuple[int, ...],
+                     compiled_layers: int) -> float:
     """Compiles the graphs before the first step: a forward and backward of a row of two
     examples (the first of the next step: one would specialise the graphs on rows of a single
     example), gradients then dropped, so no result changes. Returns seconds."""
@@ -386,8 +449,8 @@ def _compile_warm_up(model, examples, runtime: Runtime, config: TuneConfig, pack
     batch = pack_examples(examples, config.max_tokens_per_micro_batch, packs, row_multiple)[0]
     with gradient_sync(model, enabled=False):
         with runtime.autocast():
-            micro_loss, _ = packed_loss(model, batch.to(runtime.device), loss)
-        micro_loss.backward()
+            micro_loss, _ = packed_loss(model, batch.to(runtime.device), loss, mask_values)
+        micro_loss.sum().backward()
     for parameter in model.parameters():
         parameter.grad = None
     seconds = time.perf_counter() - started

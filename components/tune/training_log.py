@@ -5,8 +5,10 @@ TensorBoard scalars carry Vertex's metric names (``/train_total_loss``,
 three), plus ``/learning_rate``, ``/tokens_per_second`` (input tokens of the global batch per
 second of training step; there is no padding to count), ``/memory_bytes`` (peak resident
 memory so far, see :func:`peak_resident_memory_bytes`), ``/grad_norm`` (before clipping),
-``/num_tokens`` and ``/step_seconds``. metrics.jsonl holds the same records,
-one JSON object per line with its ``step``.
+``/num_tokens`` and ``/step_seconds``, and for a multi-task dataset every task's train loss
+(``/train_label_loss``, ``/train_rationale_loss``; ``/train_total_loss`` is then their weighted
+sum, see :mod:`components.tune.trainer`). metrics.jsonl holds the same records, one JSON object
+per line with its ``step``.
 
 Resuming: a resumed run starts its log at the checkpoint's step ``s``. Records after ``s`` (left
 by the killed run) are dropped from metrics.jsonl, and the new TensorBoard event file starts with
