@@ -1,4 +1,4 @@
-"""The ``tunepipe`` command: compile, run, validate, evaluate, models, endpoints."""
+"""The ``tunepipe`` command: compile, run, validate, evaluate, models, endpoints, serve."""
 from __future__ import annotations
 
 import argparse
@@ -357,6 +357,15 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import ServeConfig, run
+
+    given = {"host": args.host, "port": args.port, "token": args.token,
+             "max_body_bytes": args.max_body_bytes}
+    return run(ServeConfig(allow_roots=args.allow_root,
+                           **{name: value for name, value in given.items() if value is not None}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunepipe",
@@ -446,6 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     stop = actions.add_parser("stop", help="stop an endpoint")
     stop.add_argument("name")
     endpoints.set_defaults(handler=cmd_endpoints)
+
+    serve = commands.add_parser(
+        "serve", help="serve a local REST API in Vertex AI's shape (pipelineJobs, models, "
+                      "endpoints)")
+    serve.add_argument("--host",
+                       help="the address to bind (default 127.0.0.1; any other needs --token)")
+    serve.add_argument("--port", type=int, help="default 8080; 0 picks a free one")
+    serve.add_argument("--token", help="the bearer token every request must carry (default: "
+                                       "$TUNEPIPE_SERVE_TOKEN; none on 127.0.0.1)")
+    serve.add_argument("--allow-root", action="append", default=[], metavar="FOLDER",
+                       help="a folder whose files requests may name (repeatable; the tunepipe "
+                            "home and the current directory always are)")
+    serve.add_argument("--max-body-bytes", type=int,
+                       help="larger request bodies are refused (413); default 16 MiB")
+    serve.set_defaults(handler=cmd_serve)
 
     for name, help_text in (("validate", "check a dataset against the rules"),
                             ("evaluate", "evaluate a model on an evaluation set")):

@@ -52,28 +52,44 @@ def request_from_file(path: str | Path, template_override: str | None = None) ->
         body = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ParameterError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from None
+    return request_from_body(body, str(path), template_override)
+
+
+def request_from_body(body: Any, source: str, template_override: str | None = None,
+                      local_root: str = DEFAULT_PIPELINE_ROOT) -> RunRequest:
+    """A RunRequest from a decoded ``pipelineJobs.create`` request body; ``source`` names it in
+    errors (a file, or the service's "request body"). ``template_override`` wins over the body's
+    ``templateUri`` and ``pipelineSpec``; outputs go to ``local_root`` unless the body names a
+    local ``gcsOutputDirectory``."""
     if not isinstance(body, dict):
-        raise ParameterError(f"{path}: the request body must be a JSON object")
+        raise ParameterError(f"{source}: the request body must be a JSON object")
     unknown = sorted(set(body) - REQUEST_FIELDS)
     if unknown:
-        raise ParameterError(f"{path}: unknown request fields {unknown}; a pipelineJobs request "
+        raise ParameterError(f"{source}: unknown request fields {unknown}; a pipelineJobs request "
                              f"has {sorted(REQUEST_FIELDS)}")
+    for field in ("runtimeConfig", "encryptionSpec", "pipelineSpec"):
+        if not isinstance(body.get(field, {}), dict):
+            raise ParameterError(f"{source}: {field} must be a JSON object")
     runtime = body.get("runtimeConfig", {})
+    if not isinstance(runtime.get("parameterValues", {}), dict):
+        raise ParameterError(f"{source}: runtimeConfig.parameterValues must be a JSON object")
     unknown = sorted(set(runtime) - RUNTIME_CONFIG_FIELDS)
     if unknown:
-        raise ParameterError(f"{path}: unknown runtimeConfig fields {unknown}")
+        raise ParameterError(f"{source}: unknown runtimeConfig fields {unknown}")
     template = template_override or body.get("templateUri")
     if not template and "pipelineSpec" in body:  # the Vertex SDK sends the template inline
         template = _inline_template(body["pipelineSpec"])
     if not template:
-        raise ParameterError(f"{path}: no templateUri or pipelineSpec; name the pipeline on the "
+        raise ParameterError(f"{source}: no templateUri or pipelineSpec; name the pipeline on the "
                              "command line")
     notes = []
     output_dir = runtime.get("gcsOutputDirectory", "")
-    pipeline_root = DEFAULT_PIPELINE_ROOT
+    if not isinstance(output_dir, str):
+        raise ParameterError(f"{source}: runtimeConfig.gcsOutputDirectory must be a string")
+    pipeline_root = local_root
     if output_dir.startswith("gs://"):
         notes.append(f"gcsOutputDirectory {output_dir} is for cloud runs; the local runner "
-                     f"writes its outputs under {DEFAULT_PIPELINE_ROOT}/")
+                     f"writes its outputs under {local_root}/")
     elif output_dir:
         pipeline_root = output_dir
     kms = body.get("encryptionSpec", {}).get("kmsKeyName")

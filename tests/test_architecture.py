@@ -1,10 +1,12 @@
-"""Imports flow one way: pipelines -> components/<name> -> components/common.
+"""Imports flow one way: service -> pipelines -> components/<name> -> components/common.
 
 A module of ``components/<name>/`` may import its own component and ``components.common``, never
 another component; ``components/common/`` imports no component; nothing under ``components/``
 imports the layers above it (``pipelines``, ``service``). What two components need belongs in
-``components/common/`` (shared/ARCHITECTURE.md). Every import counts, the ones inside functions
-and under ``TYPE_CHECKING`` included: a lazy import is still a dependency.
+``components/common/`` (shared/ARCHITECTURE.md). ``pipelines/`` does not import ``service/``,
+except the ``tunepipe`` command (``pipelines/cli.py``), which sits above every layer and hands
+``tunepipe serve`` to it. Every import counts, the ones inside functions and under
+``TYPE_CHECKING`` included: a lazy import is still a dependency.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPONENTS = ROOT / "components"
 SHARED = "common"
 LAYERS_ABOVE = ("pipelines", "service")
+PIPELINES = ROOT / "pipelines"
+SERVICE = "service"
+COMMAND = "pipelines/cli.py"  # the `tunepipe` command: above every layer
 
 
 def module_name(path: str) -> str:
@@ -77,6 +82,24 @@ def test_components_import_only_themselves_and_common():
         found += violations(path, file.read_text(encoding="utf-8"))
     assert not found, ("cross-component imports (move what they share into components/common/):"
                        "\n  " + "\n  ".join(found))
+
+
+def service_imports(path: str, source: str) -> list[str]:
+    """The imports of ``service`` in one file under ``pipelines/`` (the command's excepted)."""
+    if path == COMMAND:
+        return []
+    return [f"{path}:{line}: imports {module}, the layer above pipelines/"
+            for line, module in imported_modules(path, source)
+            if module.split(".")[0] == SERVICE]
+
+
+def test_pipelines_import_the_service_only_in_the_command():
+    found = []
+    for file in sorted(PIPELINES.rglob("*.py")):
+        found += service_imports(file.relative_to(ROOT).as_posix(), file.read_text(encoding="utf-8"))
+    assert not found, "pipelines/ calls down, never up into service/:\n  " + "\n  ".join(found)
+    assert service_imports("pipelines/local_run.py", "def f():\n    import service.jobs\n")
+    assert not service_imports(COMMAND, "from service.server import run\n")
 
 
 @pytest.mark.parametrize("path, source, expected", [

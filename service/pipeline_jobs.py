@@ -1,0 +1,189 @@
+"""pipelineJobs: create, get, list and cancel, as Vertex AI Pipelines answers them.
+
+A create request is what the seeds send (``templateUri``, ``runtimeConfig.parameterValues``,
+``displayName``, ``encryptionSpec``, ...) or what the SDK's ``PipelineJob.submit()`` sends (the
+template inline as ``pipelineSpec``); the ``pipelineJobId`` query parameter names the job (else
+the server numbers it). It is checked as ``tunepipe run`` checks a request (unknown fields and
+parameters named, datasets that exist, a base model that resolves) plus the allowed roots rule
+(:mod:`service.local_paths`), and refused with 400 before anything is stored. Accepted, it is
+queued (PIPELINE_STATE_PENDING) and runs through the KFP local runner (:mod:`service.jobs`).
+
+Only tunepipe's own compiled templates run, because a template holds the code its tasks run:
+``templateUri`` names one (``tune-large-model``, a registry URI ending in one, or a file in
+``compiled/``), and an inline ``pipelineSpec`` must equal ``compiled/<its name>.yaml``.
+
+The outputs go to ``runtimeConfig.gcsOutputDirectory`` when it is a local folder, else (a
+``gs://`` one, or none) to ``outputs/`` in the job's folder beside its ``log.txt``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from pathlib import Path
+
+from service.http_api import ApiError, Call, Route, paginate, route
+from service.jobs import LOG_FILE, REQUEST_FILE, JobKind, JobRunner
+from service.local_paths import AllowedRoots
+from service.records import RecordStore, check_parent, job_name, timestamp
+
+COLLECTION = "pipelineJobs"
+STATE_PREFIX = "PIPELINE_STATE_"
+OUTPUTS_DIR = "outputs"
+SOURCE = "request body"
+ECHOED_FIELDS = ("labels", "serviceAccount", "encryptionSpec", "network", "reservedIpRanges",
+                 "templateUri")
+
+
+def _spec(template: Path) -> dict:
+    """A template's pipeline spec as it travels in JSON (integers may come back as floats,
+    which compare equal)."""
+    import yaml
+
+    return json.loads(json.dumps(yaml.safe_load(template.read_text())))
+
+
+def trusted_template(body: dict) -> tuple[Path, dict]:
+    """The compiled template a request names (``templateUri`` or an inline ``pipelineSpec``
+    equal to a compiled template) and its spec as JSON; ApiError 400 for anything else."""
+    from pipelines.templates import COMPILED_DIR, template_path
+
+    if "pipelineSpec" in body:
+        spec = body["pipelineSpec"]
+        info = spec.get("pipelineInfo") if isinstance(spec, dict) else None
+        name = info.get("name") if isinstance(info, dict) else None
+        compiled = COMPILED_DIR / f"{name}.yaml"
+        if not (isinstance(name, str) and re.fullmatch(r"[\w-]+", name) and compiled.is_file()):
+            known = ", ".join(path.stem for path in sorted(COMPILED_DIR.glob("*.yaml")))
+            raise ApiError(400, f"pipelineSpec names the pipeline {name!r}, not one of "
+                                f"tunepipe's compiled templates ({known})")
+        compiled_spec = _spec(compiled)
+        if compiled_spec != spec:
+            raise ApiError(400, f"pipelineSpec differs from compiled/{name}.yaml: this server runs "
+                                "only its own compiled templates (a template holds the code its "
+                                f"tasks run); submit compiled/{name}.yaml unchanged, or send "
+                                f'"templateUri": "{name}"')
+        return compiled, compiled_spec
+    uri = body.get("templateUri")
+    if not isinstance(uri, str) or not uri:
+        raise ApiError(400, "the request needs templateUri (a template name such as "
+                            "tune-large-model, or a template registry URI ending in one) or "
+                            "pipelineSpec")
+    try:
+        path = template_path(uri)
+    except (ValueError, FileNotFoundError) as error:
+        raise ApiError(400, f"templateUri: {error}") from None
+    if path.resolve().parent != COMPILED_DIR.resolve():
+        raise ApiError(400, f"templateUri {uri!r} is a file outside {COMPILED_DIR}: this server "
+                            "runs only its own compiled templates (a template holds the code its "
+                            "tasks run)")
+    return path, _spec(path)
+
+
+def location_problems(roots: AllowedRoots, values: dict, output_directory: str) -> list[str]:
+    """The allowed roots rule over a request's datasets, model paths and output folder."""
+    from components.common.model_catalog import known_references
+    from components.common.parameters import DATASET_PARAMETERS, MODEL_PARAMETERS
+
+    named = [(name, values.get(name)) for name in DATASET_PARAMETERS]
+    named += [(name, values.get(name)) for name in MODEL_PARAMETERS
+              if values.get(name) not in known_references()]
+    named.append(("runtimeConfig.gcsOutputDirectory", output_directory))
+    problems = [roots.problem(name, value) for name, value in named
+                if isinstance(value, str) and value.strip()]
+    return [problem for problem in problems if problem]
+
+
+class PipelineJobs:
+    """The pipelineJobs collection: routes, records, and its jobs on the runner."""
+
+    def __init__(self, store: RecordStore, runner: JobRunner, roots: AllowedRoots):
+        self.kind = JobKind(store, STATE_PREFIX)
+        self.store, self.runner, self.roots = store, runner, roots
+
+    def routes(self) -> list[Route]:
+        return [route("POST", "{parent}/pipelineJobs", self.create, ("pipelineJobId",)),
+                route("GET", "{parent}/pipelineJobs", self.list, ("pageSize", "pageToken")),
+                route("GET", "{parent}/pipelineJobs/{id}", self.get),
+                route("POST", "{parent}/pipelineJobs/{id}:cancel", self.cancel)]
+
+    def _name(self, call: Call, job_id: str) -> str:
+        try:
+            return job_name(call.parent, COLLECTION, job_id)
+        except ValueError as error:
+            raise ApiError(400, str(error)) from None
+
+    def _record(self, call: Call) -> dict:
+        name = self._name(call, call.params["id"])
+        record = self.store.get(name)
+        if record is None:
+            raise ApiError(404, f"pipelineJob {name} not found")
+        return record
+
+    def create(self, call: Call) -> dict:
+        """Checks the request, stores the job PENDING and queues it; the job."""
+        from pipelines.local_run import request_body, request_from_body
+        from pipelines.templates import ParameterError
+
+        name = self._name(call, call.query.get("pipelineJobId") or _new_id())
+        template, spec = trusted_template(call.body)
+        try:
+            request = request_from_body(call.body, SOURCE, str(template),
+                                        str(self.store.folder(name) / OUTPUTS_DIR))
+        except ParameterError as error:
+            raise ApiError(400, str(error)) from None
+        problems = location_problems(self.roots, request.parameters, request.output_directory)
+        if problems:
+            raise ApiError(400, "\n".join(problems))
+        request.output_directory = request.pipeline_root  # the job's own request: a local folder
+        pipeline_name, values = _prepared(request)
+        now = timestamp()
+        record = {"name": name, "displayName": request.display_name or pipeline_name,
+                  "createTime": now, "updateTime": now, "state": STATE_PREFIX + "PENDING",
+                  "pipelineSpec": spec,
+                  "runtimeConfig": call.body.get("runtimeConfig", {}),
+                  **{field: call.body[field] for field in ECHOED_FIELDS if field in call.body}}
+        files = {REQUEST_FILE: json.dumps(request_body(request, pipeline_name, values), indent=2),
+                 LOG_FILE: "".join(f"note: {note}\n" for note in request.notes)}
+        if not self.store.create(record, files):
+            raise ApiError(409, f"pipelineJob {name} already exists; choose another "
+                                "pipelineJobId")
+        self.runner.enqueue(self.kind, name)
+        return record
+
+    def get(self, call: Call) -> dict:
+        """The job."""
+        return self._record(call)
+
+    def list(self, call: Call) -> dict:
+        """The jobs of the project and location, newest first."""
+        try:
+            check_parent(call.parent)
+        except ValueError as error:
+            raise ApiError(400, str(error)) from None
+        return paginate(self.store.list(call.parent)[::-1], call.query, "pipelineJobs")
+
+    def cancel(self, call: Call) -> dict:
+        """Cancels a pending or running job; ``{}`` as Vertex answers."""
+        record = self._record(call)
+        if self.runner.cancel(self.kind, record["name"]) is None:
+            raise ApiError(400, f"pipelineJob {record['name']} has already ended "
+                                f"({record['state']}); only a pending or running job can be "
+                                "cancelled", "FAILED_PRECONDITION")
+        return {}
+
+
+def _new_id() -> str:
+    """A job ID when the request names none: 18 digits, as Vertex numbers jobs."""
+    return str(10**17 + secrets.randbelow(9 * 10**17))
+
+
+def _prepared(request) -> tuple[str, dict]:
+    """:func:`pipelines.local_run.prepare`'s checks; their problems as ApiError 400."""
+    from pipelines.local_run import prepare
+    from pipelines.templates import ParameterError
+
+    try:
+        return prepare(request)
+    except (ParameterError, ValueError, FileNotFoundError) as error:
+        raise ApiError(400, f"invalid request:\n{error}".rstrip()) from None

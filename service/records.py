@@ -1,0 +1,115 @@
+"""Resource records on disk: one folder per resource, its state in ``record.json``.
+
+A resource named ``projects/P/locations/L/pipelineJobs/ID`` lives in
+``$TUNEPIPE_HOME/service/projects/P/locations/L/pipelineJobs/ID/``: ``record.json`` is the
+resource as the API answers it, written atomically (a temporary sibling, then a rename), so a
+crash never leaves half a record; the folder also holds what the job needs and writes (its
+request, log and outputs). A restarted server reads the records back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from components.common.paths import tunepipe_home
+
+RECORD_FILE = "record.json"
+# Project and location IDs as Vertex accepts them (letters, digits, - . _), and job IDs as
+# Vertex accepts them: all safe folder names.
+SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,127}$")
+
+
+def service_dir() -> Path:
+    """Where the service keeps its records: ``$TUNEPIPE_HOME/service``."""
+    return tunepipe_home() / "service"
+
+
+def timestamp(seconds: float | None = None) -> str:
+    """A time (default: now) as the REST API writes it: RFC 3339 in UTC with microseconds."""
+    moment = datetime.now(timezone.utc) if seconds is None else \
+        datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def check_parent(parent: str) -> None:
+    """ValueError unless the project and location of ``projects/P/locations/L`` are valid."""
+    _, project, _, location = parent.split("/")
+    for what, value in (("project", project), ("location", location)):
+        if not SEGMENT.match(value):
+            raise ValueError(f"{what} {value!r} is not valid: use letters, digits, '-', '.' or "
+                             "'_' (at most 63, starting with a letter or digit)")
+
+
+def job_name(parent: str, collection: str, job_id: str) -> str:
+    """``parent/collection/job_id`` once every part is valid; ValueError naming the part that
+    is not."""
+    check_parent(parent)
+    if not JOB_ID.match(job_id):
+        raise ValueError(f"job ID {job_id!r} is not valid: use lowercase letters, digits and "
+                         "'-' (at most 128, starting with a letter or digit)")
+    return f"{parent}/{collection}/{job_id}"
+
+
+class RecordStore:
+    """Records of one collection (``pipelineJobs``, ``tuningJobs``) in every project and
+    location; reads and updates are serialized by one lock."""
+
+    def __init__(self, collection: str, root: Path | None = None):
+        self.collection = collection
+        self.root = root or service_dir()
+        self._lock = threading.RLock()
+
+    def folder(self, name: str) -> Path:
+        """The folder of the resource ``name``."""
+        return self.root / name
+
+    def create(self, record: dict, files: dict[str, str]) -> bool:
+        """Stores a new record, after the ``files`` (name -> text) its folder starts with;
+        False when the name is taken."""
+        folder = self.folder(record["name"])
+        with self._lock:
+            if (folder / RECORD_FILE).exists():
+                return False
+            folder.mkdir(parents=True, exist_ok=True)
+            for file_name, text in files.items():
+                (folder / file_name).write_text(text)
+            self._write(record)
+            return True
+
+    def get(self, name: str) -> dict | None:
+        """The record ``name``, or None."""
+        path = self.folder(name) / RECORD_FILE
+        with self._lock:
+            return json.loads(path.read_text()) if path.exists() else None
+
+    def update(self, name: str, change: Callable[[dict], None]) -> dict:
+        """Applies ``change`` to the record in place, stamps ``updateTime`` and saves it."""
+        with self._lock:
+            record = self.get(name)
+            change(record)
+            record["updateTime"] = timestamp()
+            self._write(record)
+            return record
+
+    def list(self, parent: str | None = None) -> list[dict]:
+        """The records under ``parent`` (``projects/P/locations/L``; every one when None),
+        oldest first."""
+        pattern = f"{parent}/{self.collection}/*/{RECORD_FILE}" if parent else \
+            f"projects/*/locations/*/{self.collection}/*/{RECORD_FILE}"
+        with self._lock:
+            records = [json.loads(path.read_text()) for path in self.root.glob(pattern)]
+        return sorted(records, key=lambda record: (record["createTime"], record["name"]))
+
+    def _write(self, record: dict) -> None:
+        folder = self.folder(record["name"])
+        descriptor, staging = tempfile.mkstemp(prefix=".record-", suffix=".json", dir=folder)
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(record, file, indent=2)
+        os.replace(staging, folder / RECORD_FILE)

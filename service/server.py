@@ -1,0 +1,137 @@
+"""The server: its settings, the routes of every collection, and ``tunepipe serve``'s loop.
+
+Safe by default: it binds 127.0.0.1; binding any other address needs a bearer token
+(``--token`` or ``$TUNEPIPE_SERVE_TOKEN``), and once a token is set every request must carry it.
+Request bodies over ``max_body_bytes`` are refused unread.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
+
+from service.endpoints import Endpoints
+from service.http_api import Route, make_handler
+from service.jobs import JobRunner
+from service.local_paths import AllowedRoots
+from service.models import Models
+from service.pipeline_jobs import COLLECTION as PIPELINE_JOBS, PipelineJobs
+from service.records import RecordStore, service_dir
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20  # an inline pipelineSpec is about 60 kB
+TOKEN_ENV = "TUNEPIPE_SERVE_TOKEN"
+
+
+@dataclass
+class ServeConfig:
+    """How ``tunepipe serve`` runs; ``token`` None reads ``$TUNEPIPE_SERVE_TOKEN``."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    token: str | None = None
+    allow_roots: list[str] = field(default_factory=list)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class Service:
+    """The HTTP server with its job runner; ``with Service(config) as service`` serves on a
+    thread until the block ends (tests), :meth:`serve_forever` on the calling thread."""
+
+    def __init__(self, config: ServeConfig):
+        token = config.token if config.token is not None else os.environ.get(TOKEN_ENV) or None
+        if not token and not is_loopback(config.host):
+            raise ValueError(f"binding {config.host} opens the API to other machines: give "
+                             f"--token TOKEN (or set {TOKEN_ENV}); clients then send "
+                             "'Authorization: Bearer TOKEN'")
+        self.runner = JobRunner()
+        self.roots = AllowedRoots.default(config.allow_roots)
+        pipeline_jobs = PipelineJobs(RecordStore(PIPELINE_JOBS), self.runner, self.roots)
+        routes: list[Route] = pipeline_jobs.routes() + Models().routes() + Endpoints().routes()
+        server_class = _Server6 if ":" in config.host else _Server
+        self.httpd = server_class((config.host, config.port),
+                                  make_handler(routes, token, config.max_body_bytes))
+        self.runner.start([pipeline_jobs.kind])
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def serve_forever(self) -> None:
+        """Serves on the calling thread until :meth:`close` (from another thread) or an
+        interrupt."""
+        self.httpd.serve_forever()
+
+    def close(self) -> None:
+        """Stops serving and stops the runner (a running job ends FAILED)."""
+        if self._thread:
+            self.httpd.shutdown()
+            self._thread.join()
+        self.httpd.server_close()
+        self.runner.stop()
+
+    def __enter__(self) -> Service:
+        self._thread = threading.Thread(target=self.serve_forever, name="tunepipe-serve",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def run(config: ServeConfig) -> int:
+    """``tunepipe serve``: serves until Ctrl-C or SIGTERM; the exit status."""
+    try:
+        service = Service(config)
+    except ValueError as error:
+        print(f"tunepipe serve: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"tunepipe serve: cannot listen on {config.host}:{config.port}: {error}",
+              file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"tunepipe serve: listening on {service.url}\n"
+          f"  Vertex AI REST API: {service.url}/v1/projects/PROJECT/locations/LOCATION/...\n"
+          f"  records: {service_dir()}\n"
+          f"  local paths allowed under: {', '.join(map(str, service.roots.roots))}\n"
+          "  Ctrl-C stops it", flush=True)
+    try:
+        service.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.close()
+    print("tunepipe serve: stopped", flush=True)
+    return 0

@@ -1,0 +1,116 @@
+"""`tunepipe serve`: models, endpoints and predictions, driven by the real SDKs
+(``aiplatform.Model``, ``aiplatform.Endpoint.predict``,
+``vertexai.generative_models.GenerativeModel.generate_content``) and OpenAI's chat shape, on an
+endpoint serving a tiny tuned model."""
+from __future__ import annotations
+
+import pytest
+
+from components.common.model_registry import register_model
+from components.deploy_endpoint import endpoints
+from service.models import resource_id
+from service.server import ServeConfig, Service
+from tests.test_endpoint import tuned_checkpoint  # noqa: F401 (a fixture)
+from tests.test_serve import call
+
+NAME = "tiny-served"
+PARENT = "projects/my-project/locations/us-central1"
+
+
+@pytest.fixture(scope="module")
+def served(tuned_checkpoint):  # noqa: F811
+    """The server, with the tuned tiny model registered (twice) and its endpoint running."""
+    register_model(tuned_checkpoint, NAME, {})
+    registered = register_model(tuned_checkpoint, NAME, {})
+    endpoints.start_endpoint(NAME, registered.path)
+    try:
+        with Service(ServeConfig(port=0)) as service:
+            yield service
+    finally:
+        endpoints.stop_endpoint(NAME, missing_ok=True)
+
+
+@pytest.fixture
+def sdk(served):
+    """The Vertex SDK pointed at the server."""
+    import vertexai
+    from google.auth.credentials import AnonymousCredentials
+
+    vertexai.init(project="my-project", location="us-central1", api_endpoint=served.url,
+                  api_transport="rest", credentials=AnonymousCredentials())
+
+
+def test_models_come_from_the_registry(served, sdk):
+    from google.cloud import aiplatform
+
+    model = aiplatform.Model(resource_id(NAME))
+    assert model.display_name == NAME and model.version_id == "2"
+    assert aiplatform.Model(f"{resource_id(NAME)}@1").version_id == "1"
+    status, listed = call(served.url, "GET", f"/v1/{PARENT}/models")
+    assert status == 200 and NAME in [m["displayName"] for m in listed["models"]]
+    assert call(served.url, "GET", f"/v1/{PARENT}/models/{NAME}")[1]["versionId"] == "2"
+    status, reply = call(served.url, "GET", f"/v1/{PARENT}/models/{NAME}@7")
+    assert status == 404 and "has no version 7" in reply["error"]["message"]
+
+
+def test_the_sdk_predicts_text_and_chat_through_the_endpoint(served, sdk):
+    from google.cloud import aiplatform
+
+    endpoint = aiplatform.Endpoint(resource_id(NAME))
+    assert endpoint.display_name == NAME
+    assert endpoint.gca_resource.deployed_models[0].model == f"{PARENT}/models/{resource_id(NAME)}"
+    text = endpoint.predict(instances=[{"prompt": "Where is my parcel?"}],
+                            parameters={"maxOutputTokens": 4, "temperature": 0.0})
+    assert isinstance(text.predictions[0]["content"], str)
+    assert text.deployed_model_id == resource_id(NAME) and text.model_version_id == "2"
+    chat = endpoint.predict(instances=[{"context": "Be brief.", "messages": [
+        {"author": "user", "content": "Hi"}]}], parameters={"maxOutputTokens": 3})
+    assert chat.predictions[0]["candidates"][0]["author"] == "assistant"
+
+
+def test_generate_content_answers_in_gemini_s_shape(served, sdk):
+    from vertexai.generative_models import GenerationConfig, GenerativeModel
+
+    model = GenerativeModel(f"{PARENT}/endpoints/{resource_id(NAME)}",
+                            system_instruction="Answer in one word.")
+    response = model.generate_content(
+        "Where is my parcel?",
+        generation_config=GenerationConfig(temperature=0.0, top_p=0.9, top_k=5,
+                                           max_output_tokens=3))
+    candidate = response.candidates[0]
+    assert isinstance(candidate.content.parts[0].text, str)
+    usage = response.usage_metadata
+    assert 0 < usage.candidates_token_count <= 3 and usage.prompt_token_count > 0
+    assert usage.total_token_count == usage.prompt_token_count + usage.candidates_token_count
+    assert candidate.finish_reason.name == ("MAX_TOKENS" if usage.candidates_token_count == 3
+                                            else "STOP")
+
+
+def test_openai_chat_completions_name_the_endpoint(served):
+    status, models = call(served.url, "GET", "/v1/models")
+    assert status == 200 and NAME in [m["id"] for m in models["data"]]
+    status, reply = call(served.url, "POST", "/v1/chat/completions", {
+        "model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert status == 200 and reply["object"] == "chat.completion"
+    assert reply["usage"]["completion_tokens"] <= 2
+
+
+@pytest.mark.parametrize("path, body, code, message", [
+    (f"endpoints/{NAME}:predict", {"instances": [{"prompt": "x"}], "parameter": {}}, 400,
+     "unknown fields in the request: ['parameter']"),
+    (f"endpoints/{NAME}:predict", {"instances": [{"prompt": "x"}],
+                                   "parameters": {"topP": 2}}, 400, "parameters.topP=2"),
+    ("endpoints/nope:predict", {"instances": []}, 404, "endpoint nope not found"),
+    (f"endpoints/{NAME}:generateContent",
+     {"contents": [{"role": "user", "parts": [{"inlineData": {}}]}]}, 400,
+     'contents[0].parts[0] must be {"text": "..."}'),
+    (f"endpoints/{NAME}:generateContent",
+     {"contents": [{"role": "model", "parts": [{"text": "x"}]}]}, 400,
+     'contents[0].role must be "user"'),
+    (f"endpoints/{NAME}:generateContent",
+     {"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"stopSequences": ["."]}},
+     400, "unknown fields in generationConfig: ['stopSequences']"),
+])
+def test_bad_prediction_requests_are_explained(served, path, body, code, message):
+    status, reply = call(served.url, "POST", f"/v1/{PARENT}/{path}", body)
+    assert status == code and message in reply["error"]["message"], reply
