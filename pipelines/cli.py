@@ -183,9 +183,11 @@ def _shell_quote(text: str) -> str:
 
 
 # The phases a run's time is reported in, and the pipeline tasks each one covers.
-PHASE_TASKS = {"validate": ("validate-dataset",), "transform": ("transform",), "tune": ("tune",),
+PHASE_TASKS = {"validate": ("validate-dataset",), "teacher": ("generate-rationales",),
+               "transform": ("transform",), "tune": ("tune",),
                "evaluate": ("evaluate", "select-checkpoint"),
                "deploy": ("upload-model", "deploy-endpoint")}
+PIPELINE_PHASES = {"teacher"}  # phases of some pipelines only: shown when their task ran
 SETUP_SECONDS_ENV = "TUNEPIPE_SETUP_SECONDS"  # set by `make run`: its install and compile time
 
 
@@ -203,8 +205,10 @@ def phase_times(task_seconds: dict[str, float], compile_seconds: float,
     phases.append(("compile", compile_seconds))
     covered = set()
     for phase, tasks in PHASE_TASKS.items():
-        seconds = sum(task_seconds.get(task, 0.0) for task in tasks)
         covered.update(tasks)
+        if phase in PIPELINE_PHASES and not any(task in task_seconds for task in tasks):
+            continue
+        seconds = sum(task_seconds.get(task, 0.0) for task in tasks)
         phases.append((phase, seconds - compile_seconds if phase == "tune" else seconds))
     phases += [(task, seconds) for task, seconds in task_seconds.items() if task not in covered]
     return phases
@@ -239,6 +243,10 @@ def print_run_summary(run, parameters: dict, held_out=None) -> None:
               f"{metadata['peak_memory_bytes'] / 2**30:.2f} GiB")
     if "precision" in metadata:
         print(f"Precision:            {metadata['precision']}")
+    teacher_report = Path(run.run_dir) / "generate-rationales" / "rationale_dataset" / "report.json"
+    if teacher_report.is_file():
+        for line in teacher_lines(json.loads(teacher_report.read_text())):
+            print(line)
     evaluation = metadata.get("evaluation", {})
     for line in evaluation_lines(evaluation, metadata.get("step")):
         print(line)
@@ -289,6 +297,30 @@ def held_out_lines(held_out, tuned_step: int | None) -> list[str]:
         text_lines = text.strip().splitlines() or [""]
         lines.append(f"    {label + ':':7s}{text_lines[0]}")
         lines += [f"           {line}" for line in text_lines[1:]]
+    return lines
+
+
+def _fraction(count: int, total: int) -> str:
+    return f"{count:3d}/{total} = {count / total:.2f}"
+
+
+def teacher_lines(report: dict) -> list[str]:
+    """The teacher of a distillation run, from generate_rationales' report: what it is, what it
+    labeled and explained, and how often its answers equal the gold labels (training examples
+    asked without their label) and the evaluation labels."""
+    teacher, examples = report["teacher"], report["examples"]
+    lines = [f"Teacher:              {teacher.get('reference', teacher['identity'])}: "
+             f"{teacher['description']}",
+             f"  {examples['labeled']} labeled + {examples['unlabeled']} unlabeled examples -> "
+             f"{examples['kept']} kept ({examples['with_rationale']} with a rationale), "
+             f"{examples['excluded']} excluded (no parseable answer)"]
+    agreement, held_out = report["agreement"], report.get("held_out") or {}
+    if agreement["checked"]:
+        lines.append(f"  {'teacher = gold label (training data)':42s} "
+                     f"{_fraction(agreement['agreed'], agreement['checked'])}")
+    if held_out.get("examples"):
+        lines.append(f"  {'teacher = label (evaluation set)':42s} "
+                     f"{_fraction(held_out['correct'], held_out['examples'])}")
     return lines
 
 

@@ -10,12 +10,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from tests.fake_teacher import EXPLAIN_MARK, FakeTeacher, last_input
 from components.common.validated_dataset import EVAL_FILE, TRAIN_FILE
 from components.generate_rationales.examples import ExampleDataError, parse_examples
 from components.generate_rationales.http_calls import RetryPolicy, retry_after_seconds
@@ -118,6 +117,15 @@ def test_prompts_are_seeded_few_shot_without_the_example_asked_about():
     with pytest.raises(ValueError, match="no output_text to explain"):
         build_request(examples, examples[3], EXPLAIN, 2, seed=7)
 
+    # An evaluation example shares index 0 with a training example, which stays a demonstration:
+    # its requests are keyed apart and every labeled training example may be shown.
+    (held_out,) = parse_examples('{"input_text": "Review: Meh", "output_text": "negative"}\n',
+                                 "eval.jsonl")
+    scored = build_request(examples, held_out, ANSWER, 3, seed=7, held_out=True)
+    assert scored.key == "eval:0:answer" and scored.held_out
+    assert scored.messages[1]["content"].count("Input:") == 4  # all 3 labeled examples, then it
+    assert "Input: Review: I loved it\n" in scored.messages[1]["content"]
+
     zero_shot = parse_examples('{"input_text": "a"}\n{"input_text": "b"}\n', "u.jsonl")
     content = build_request(zero_shot, zero_shot[0], ANSWER, 3, 0).messages[1]["content"]
     assert content.count("Input:") == 1 and content.endswith("Input: a")
@@ -186,14 +194,10 @@ def test_retry_after_header():
 # --------------------------------------------------------------------------- fake teachers
 
 
-def _last_input(prompt: str) -> str:
-    return prompt.rsplit("Input: ", 1)[1].split("\n")[0]
-
-
 def fake_reply(prompt: str) -> str:
     """A rule-based teacher: explains given labels, labels reviews, rambles on '???'."""
-    query = _last_input(prompt)
-    if "The answer to the last input is given" in prompt:
+    query = last_input(prompt)
+    if EXPLAIN_MARK in prompt:
         return f"Rationale: The review says {query.split(': ', 1)[1].lower()}."
     if "???" in query:
         return "Hmm, hard to say."
@@ -201,71 +205,12 @@ def fake_reply(prompt: str) -> str:
     return f"Rationale: The words show the mood.\nAnswer: {'Positive.' if positive else 'negative'}"
 
 
-class FakeTeacher:
-    """A real HTTP server on loopback in the OpenAI or Vertex shape; ``script(n, prompt)`` may
-    answer the n-th request (1-based) itself with ``(status, headers, body)``, else the rule
-    teacher answers."""
-
-    def __init__(self, shape: str, script=None):
-        self.shape, self.script = shape, script
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        teacher = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = (body["messages"][-1]["content"] if teacher.shape == "openai"
-                          else body["instances"][0]["prompt"])
-                with teacher.lock:
-                    teacher.requests.append({"path": self.path, "body": body, "prompt": prompt,
-                                             "authorization": self.headers.get("Authorization")})
-                    number = len(teacher.requests)
-                reply = teacher.script(number, prompt) if teacher.script else None
-                status, headers, payload = reply or (200, {}, teacher.ok(fake_reply(prompt)))
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except OSError:  # the client gave up (a timeout test, or a killed process)
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def ok(self, text: str) -> dict:
-        if self.shape == "openai":
-            return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}
-        return {"predictions": [{"content": text}],
-                "metadata": {"tokenMetadata": {"inputTokenCount": {"totalTokens": 100},
-                                               "outputTokenCount": {"totalTokens": 10}}}}
-
-    def keys(self) -> Counter:
-        """Requests per (kind, input)."""
-        return Counter((EXPLAIN if "The answer to the last input is given" in r["prompt"]
-                        else ANSWER, _last_input(r["prompt"])) for r in self.requests)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def fake_openai():
     servers = []
 
     def start(script=None) -> FakeTeacher:
-        servers.append(FakeTeacher("openai", script))
+        servers.append(FakeTeacher("openai", fake_reply, script))
         return servers[-1]
 
     yield start
@@ -278,7 +223,7 @@ def fake_vertex(monkeypatch):
     servers = []
 
     def start(script=None) -> FakeTeacher:
-        servers.append(FakeTeacher("vertex", script))
+        servers.append(FakeTeacher("vertex", fake_reply, script))
         monkeypatch.setenv("TUNEPIPE_VERTEX_API_ENDPOINT", servers[-1].url)
         return servers[-1]
 
@@ -488,7 +433,11 @@ def test_component_writes_dataset_report_and_metrics(fake_openai, data_file, tmp
     metrics = outputs["metrics"].metadata
     assert metrics["kept_examples"] == 5.0 and metrics["excluded_examples"] == 1.0
     assert metrics["agreement_rate"] == pytest.approx(2 / 3)
-    assert outputs["rationale_dataset"].metadata["teacher_calls"] == 9.0
+    # 9 calls for the training examples, 1 for the evaluation example: the teacher's score there.
+    assert outputs["rationale_dataset"].metadata["teacher_calls"] == 10.0
+    assert metrics["teacher_eval_accuracy"] == 1.0
+    assert "| teacher on the evaluation data | 100.0% (1 of 1 answers equal the label; 0 " \
+           "unparseable) |" in (tmp_path / "report.md").read_text()
 
 
 # --------------------------------------------------------------------------- real models

@@ -41,10 +41,11 @@ def test_runner_log_verbose_keeps_everything(monkeypatch):
 def test_phases_group_tasks_and_take_the_compile_warm_up_out_of_tune():
     tasks = {"validate-dataset": 41.0, "transform": 5.0, "tune": 160.0, "evaluate": 70.0,
              "select-checkpoint": 3.0, "upload-model": 4.0, "deploy-endpoint": 8.0,
-             "generate-rationales": 30.0}
+             "generate-rationales": 30.0, "notify-owner": 2.0}
     assert phase_times(tasks, compile_seconds=50.0, setup_seconds=120.0) == [
-        ("setup", 120.0), ("compile", 50.0), ("validate", 41.0), ("transform", 5.0),
-        ("tune", 110.0), ("evaluate", 73.0), ("deploy", 12.0), ("generate-rationales", 30.0)]
+        ("setup", 120.0), ("compile", 50.0), ("validate", 41.0), ("teacher", 30.0),
+        ("transform", 5.0), ("tune", 110.0), ("evaluate", 73.0), ("deploy", 12.0),
+        ("notify-owner", 2.0)]  # a task of no phase: under its own name
 
 
 def test_phases_without_setup_time_start_at_compile():

@@ -82,3 +82,16 @@ def read_examples(dataset: str | os.PathLike) -> list[DistillationExample]:
     """The examples of a dataset (see :func:`dataset_file` for what ``dataset`` may be)."""
     source = dataset_file(dataset)
     return parse_examples(read_text(source), source)
+
+
+def read_evaluation_examples(dataset: str | os.PathLike) -> list[DistillationExample]:
+    """The labeled examples of a validated dataset folder's ``eval.jsonl`` ([] without one)."""
+    path = evaluation_file(dataset)
+    if path is None:
+        return []
+    examples = parse_examples(path.read_text(encoding="utf-8"), str(path))
+    unlabeled = [e.line for e in examples if not e.labeled]
+    if unlabeled:
+        raise ExampleDataError(f"{path}:{unlabeled[0]}: output_text: evaluation examples must "
+                               "be labeled")
+    return examples

@@ -19,7 +19,8 @@ A prompt is a system message and one user message (:func:`build_request`): an in
     Answer: <gold output_text>        (explain requests only)
 
 Demonstrations are labeled examples of the dataset itself, never the one asked about, drawn with
-``random.Random(f"{seed}:{index}")`` (the same seed gives the same prompts, in any process):
+``random.Random(f"{seed}:{index}")`` (``f"{seed}:eval:{index}"`` for an evaluation example, asked
+only to score the teacher; the same seed gives the same prompts, in any process):
 first from the examples with a hand-written ``rationale``, then from the other labeled ones.
 Without labeled examples the prompt is zero-shot (instruction and input only).
 
@@ -69,11 +70,13 @@ class TeacherRequest:
     index: int
     mode: str  # ANSWER or EXPLAIN
     messages: tuple[dict, ...]
+    held_out: bool = False  # an evaluation example (scored, not part of the output)
 
     @property
     def key(self) -> str:
-        """``<index>:<mode>``: at most one request of each kind per example."""
-        return f"{self.index}:{self.mode}"
+        """``<index>:<mode>`` (``eval:<index>:<mode>`` for an evaluation example): at most one
+        request of each kind per example."""
+        return f"{'eval:' if self.held_out else ''}{self.index}:{self.mode}"
 
     @property
     def prompt_text(self) -> str:
@@ -96,10 +99,11 @@ class ParsedOutput:
 
 
 def choose_demonstrations(examples: Sequence[DistillationExample], index: int, count: int,
-                          seed: int) -> list[DistillationExample]:
-    """``count`` labeled examples other than ``index``, by the seeded rule (module doc)."""
-    rng = random.Random(f"{seed}:{index}")
-    pool = [e for e in examples if e.labeled and e.index != index]
+                          seed: int, held_out: bool = False) -> list[DistillationExample]:
+    """``count`` labeled examples other than ``index`` (any, for a ``held_out`` evaluation
+    example, which is not one of ``examples``), by the seeded rule (module doc)."""
+    rng = random.Random(f"{seed}:eval:{index}" if held_out else f"{seed}:{index}")
+    pool = [e for e in examples if e.labeled and (held_out or e.index != index)]
     explained = [e for e in pool if e.rationale]
     plain = [e for e in pool if not e.rationale]
     chosen = rng.sample(explained, min(count, len(explained)))
@@ -115,20 +119,23 @@ def _block(example: DistillationExample, with_rationale: bool) -> str:
 
 
 def build_request(examples: Sequence[DistillationExample], example: DistillationExample,
-                  mode: str, few_shot_count: int, seed: int) -> TeacherRequest:
-    """The request asking the teacher about ``example`` (``mode``: ANSWER or EXPLAIN)."""
+                  mode: str, few_shot_count: int, seed: int,
+                  held_out: bool = False) -> TeacherRequest:
+    """The request asking the teacher about ``example`` (``mode``: ANSWER or EXPLAIN), its
+    demonstrations drawn from ``examples``; ``held_out``: ``example`` is an evaluation example."""
     if mode not in INSTRUCTIONS:
         raise ValueError(f"mode must be {ANSWER!r} or {EXPLAIN!r}, got {mode!r}")
     if mode == EXPLAIN and not example.labeled:
         raise ValueError(f"example {example.index} has no output_text to explain")
-    demonstrations = choose_demonstrations(examples, example.index, few_shot_count, seed)
+    demonstrations = choose_demonstrations(examples, example.index, few_shot_count, seed,
+                                           held_out)
     query = f"Input: {example.input_text}"
     if mode == EXPLAIN:
         query += f"\nAnswer: {example.output_text}"
     parts = [INSTRUCTIONS[mode], *(_block(d, True) for d in demonstrations), query]
     messages = ({"role": "system", "content": SYSTEM_MESSAGE},
                 {"role": "user", "content": "\n\n".join(parts)})
-    return TeacherRequest(example.index, mode, messages)
+    return TeacherRequest(example.index, mode, messages, held_out)
 
 
 _LABEL = re.compile(r"^[ \t>#*_]*(?P<label>rationale|reasoning|explanation|final answer|answer)"

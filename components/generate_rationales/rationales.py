@@ -11,6 +11,10 @@ For each example (:mod:`.examples`):
 - **unlabeled**: the teacher answers (an ``answer`` request): its answer becomes the label and its
   reasoning the rationale. Without a parseable answer the example is excluded: counted, listed
   in the report with the start of the reply, never dropped silently.
+- **evaluation** (the input folder's ``eval.jsonl``, labeled): the teacher answers each one too
+  (an ``answer`` request keyed ``eval:<index>:answer``, its demonstrations from the training
+  examples); the report's ``held_out`` says how often its answer equals the label, on the same
+  data the student is evaluated on. These examples are not part of the output.
 
 Prompts and parsing are :mod:`.prompting`'s; every answer is appended to the call log
 (:mod:`.call_log`) as it arrives, so a second run on the same output folder asks the teacher
@@ -45,7 +49,7 @@ from components.common.storage import write_bytes, write_text
 from components.common.validated_dataset import EVAL_FILE, TRAIN_FILE
 from components.generate_rationales.call_log import CallLog, Completion
 from components.generate_rationales.examples import (DistillationExample, evaluation_file,
-                                                     read_examples)
+                                                     read_evaluation_examples, read_examples)
 from components.generate_rationales.http_calls import RetryPolicy
 from components.generate_rationales.prompting import (ANSWER, EXPLAIN, OK, TeacherRequest,
                                                       build_request, normalize_answer,
@@ -107,9 +111,10 @@ def agreement_indices(examples: Sequence[DistillationExample], count: int, seed:
     return set(random.Random(f"{seed}:agreement").sample(labeled, count))
 
 
-def plan_requests(examples: Sequence[DistillationExample], settings: RationaleSettings
-                  ) -> list[TeacherRequest]:
-    """Every request the examples need, in dataset order (see the module doc)."""
+def plan_requests(examples: Sequence[DistillationExample], settings: RationaleSettings,
+                  evaluation: Sequence[DistillationExample] = ()) -> list[TeacherRequest]:
+    """Every request the examples need, in dataset order (see the module doc), then an answer
+    request for every ``evaluation`` example (demonstrations from ``examples``)."""
     checked = agreement_indices(examples, settings.agreement_examples, settings.seed)
     requests = []
     for example in examples:
@@ -119,16 +124,21 @@ def plan_requests(examples: Sequence[DistillationExample], settings: RationaleSe
             modes = [EXPLAIN, ANSWER] if example.index in checked else [EXPLAIN]
         requests += [build_request(examples, example, mode, settings.few_shot_count, settings.seed)
                      for mode in modes]
+    requests += [build_request(examples, example, ANSWER, settings.few_shot_count, settings.seed,
+                               held_out=True) for example in evaluation]
     return requests
 
 
 def generate_rationales(examples: Sequence[DistillationExample], teacher: Teacher,
                         settings: RationaleSettings, calls_path: str | os.PathLike,
-                        show_progress: bool = True) -> RationaleRun:
+                        show_progress: bool = True,
+                        evaluation: Sequence[DistillationExample] = ()) -> RationaleRun:
     """Asks ``teacher`` what the examples need (reusing the answers logged in ``calls_path``),
-    and returns the output records and the report."""
+    and returns the output records and the report. The teacher also answers the labeled
+    ``evaluation`` examples, which scores it on the data the student is evaluated on (the
+    report's ``held_out``); they are not part of the output."""
     started = time.perf_counter()
-    requests = plan_requests(examples, settings)
+    requests = plan_requests(examples, settings, evaluation)
     teacher_settings = settings.teacher.to_dict()
     fingerprints = {r.key: r.fingerprint(teacher.identity, teacher_settings) for r in requests}
     log = CallLog(calls_path)
@@ -161,6 +171,7 @@ def generate_rationales(examples: Sequence[DistillationExample], teacher: Teache
         bar.close()
     timing = {"teacher": time.perf_counter() - teacher_started}
     records, report = _assemble(examples, requests, answers, settings)
+    report["held_out"] = _held_out_score(evaluation, requests, answers)
     new = [answers[r.key] for r in pending]
     timing["total"] = time.perf_counter() - started
     report.update(_call_statistics(requests, answers, new, stale, timing))
@@ -232,6 +243,19 @@ def _assemble(examples: Sequence[DistillationExample], requests: Sequence[Teache
     return records, report
 
 
+def _held_out_score(evaluation: Sequence[DistillationExample], requests: Sequence[TeacherRequest],
+                    answers: dict[str, Completion]) -> dict:
+    """How often the teacher's answer to an evaluation example equals its label
+    (:func:`.prompting.normalize_answer`); an unparseable answer counts as wrong."""
+    by_index = {r.index: parse_teacher_output(answers[r.key].text, ANSWER).answer
+                for r in requests if r.held_out}
+    correct = sum(by_index[e.index] is not None and normalize_answer(by_index[e.index])
+                  == normalize_answer(e.output_text) for e in evaluation)
+    unparsed = sum(by_index[e.index] is None for e in evaluation)
+    return {"examples": len(evaluation), "correct": correct, "unparsed": unparsed,
+            "accuracy": correct / len(evaluation) if evaluation else None}
+
+
 def _sum_or_none(values: list[int | None]) -> int | None:
     known = [v for v in values if v is not None]
     return sum(known) if known else None
@@ -265,6 +289,7 @@ def scalar_metrics(report: dict) -> dict[str, float]:
         "prompt_tokens": report["tokens"]["prompt"],
         "completion_tokens": report["tokens"]["completion"],
         "agreement_rate": report["agreement"]["rate"],
+        "teacher_eval_accuracy": report["held_out"]["accuracy"],
     }
     return {name: float(value) for name, value in scalars.items() if value is not None}
 
@@ -295,10 +320,12 @@ def generate_rationales_for_pipeline(dataset: str, teacher_model_reference: str,
     ``teacher_calls.jsonl`` (kept: a rerun on the same folder resumes from it). Raises
     :class:`RationaleError` when no example could be kept."""
     examples = read_examples(dataset)
+    evaluation = read_evaluation_examples(dataset)
     output = Path(output_dir)
     teacher = make_teacher(teacher_model_reference, project=project, location=location,
                            concurrency=concurrency, policy=policy, batch_size=batch_size)
-    run = generate_rationales(examples, teacher, settings, output / CALLS_FILE, show_progress)
+    run = generate_rationales(examples, teacher, settings, output / CALLS_FILE, show_progress,
+                              evaluation)
     run.report["teacher"]["reference"] = teacher_model_reference
     run.report["dataset"] = str(dataset)
     write_jsonl(str(output / TRAIN_FILE), run.records)

@@ -34,6 +34,11 @@ def render_markdown(report: dict) -> str:
         detail = ", ".join(f"{k} {v}" for k, v in sorted(parse["by_status"].items()) if k != "ok")
         lines.append(f"| parse failures, {title} | {parse['failures']:,} of "
                      f"{parse['requests']:,}{f' ({detail})' if detail else ''} |")
+    held_out = report.get("held_out") or {}
+    if held_out.get("examples"):
+        lines.append(f"| teacher on the evaluation data | {held_out['accuracy']:.1%} "
+                     f"({held_out['correct']:,} of {held_out['examples']:,} answers equal the "
+                     f"label; {held_out['unparsed']:,} unparseable) |")
     rate = agreement["rate"]
     lines.append(f"| teacher agrees with gold | "
                  f"{'–' if rate is None else f'{rate:.1%}'} ({agreement['agreed']:,} of "
