@@ -12,6 +12,8 @@ from pipelines.cli import main
 from tests.fake_services import FakeService
 
 SEED_REQUEST = Path(__file__).resolve().parent / "seeds" / "001_70d06e170e6fa02c_request.json"
+# Seed 002's distillation request body (its placeholders given values of the same kind).
+DISTILLATION_SEED_REQUEST = SEED_REQUEST.with_name("002_e4cc4b91ade755bc_request.json")
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "support_intents_train.jsonl"
 SERVICE_ACCOUNT = "tuner@my-project.iam.gserviceaccount.com"
 
@@ -141,6 +143,25 @@ def test_the_seed_request_body_submits_as_it_is(cloud, own_buckets, tmp_path, ca
     assert body["encryptionSpec"]["kmsKeyName"] == values["encryption_spec_key_name"]
     assert body["runtimeConfig"]["gcsOutputDirectory"] == "gs://my-gcs-bucket-uri/output"
     assert body["runtimeConfig"]["parameterValues"]["accelerator_type"] == "GPU"
+
+
+def test_the_distillation_seed_request_body_submits_as_it_is(cloud, own_buckets, capsys):
+    from google.cloud import storage
+
+    bucket = storage.Client(project="local", credentials=_anonymous()).create_bucket(
+        "my-gcs-bucket-uri")
+    for name in ("dataset", "eval-dataset"):
+        bucket.blob(name).upload_from_filename(SAMPLE)
+    with FakeService("vertex", ["PIPELINE_STATE_RUNNING"]) as fake:
+        assert main(["submit", "--request-file", str(DISTILLATION_SEED_REQUEST), "--vertex",
+                     "--project", "myproject", "--region", "us-central1",
+                     "--api-endpoint", fake.url]) == 0
+    (create,) = fake.creates()
+    sent = json.loads(DISTILLATION_SEED_REQUEST.read_text())
+    assert create.body["runtimeConfig"]["parameterValues"] == sent["runtimeConfig"][
+        "parameterValues"]
+    assert create.body["serviceAccount"] == sent["serviceAccount"]
+    assert create.body["pipelineSpec"]["pipelineInfo"]["name"] == "distillation"
 
 
 def test_dry_run_checks_and_prints_the_body_sending_nothing(cloud, capsys):
