@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run run-chat test compile image publish bench gpu-check clean
+.PHONY: install run run-chat run-distill test compile image publish bench bench-deps gpu-check clean
 
 install: $(STAMP)
 
@@ -67,6 +67,21 @@ run-chat:
 	$(VENV)/bin/tunepipe run --request-file samples/chat_request.json \
 	  --held-out samples/support_chat_heldout.jsonl --expect-ending '$(CHAT_SIGN_OFF)'
 
+# The distillation job (distilling step-by-step), in two runs: first the teacher, the embedded
+# model tuned (tune-large-model) to answer generate_rationales' few-shot prompts with a rationale
+# and a team, on samples/distill_teacher_train.jsonl; then the distillation template with that
+# teacher (tuned:support-router-teacher) and the embedded model as the student, on 32 labeled and
+# 64 unlabeled messages. The summary scores the teacher, the base student and the distilled
+# student on the 40 held-out messages of samples/distill_eval.jsonl.
+run-distill:
+	@started=$$(date +%s); \
+	$(MAKE) --no-print-directory install && \
+	$(VENV)/bin/tunepipe compile && \
+	TUNEPIPE_SETUP_SECONDS=$$(( $$(date +%s) - started )) \
+	$(VENV)/bin/tunepipe run --request-file samples/distill_teacher_request.json && \
+	$(VENV)/bin/tunepipe endpoints stop support-router-teacher && \
+	$(VENV)/bin/tunepipe run --request-file samples/distill_request.json
+
 # Two workers, whole files each: much of the suite waits on subprocesses (the KFP local runner's
 # tasks, torchrun, endpoint servers), so two run in about half the time of one on two cores.
 test: install
@@ -76,6 +91,14 @@ test: install
 # of each names the CPU capability and dtype (sized for 20 minutes on a 2-core AVX2 CPU).
 bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The benchmarks' optional peers, never needed to run tunepipe: llama.cpp (llama-cpp-python, a CPU
+# build for this machine's instruction set) for bench_serve's single-stream tokens/s. It compiles
+# llama.cpp from source: about 8 minutes on 2 cores.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+bench-deps: install
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) $(LLAMA_CPP_PYTHON)
 
 # One CUDA GPU, under 5 minutes: tune a few bf16 steps, evaluate, serve one prediction; prints
 # tokens/s and the fraction of the GPU's bf16 matmul peak. Stops at once without a CUDA device.
