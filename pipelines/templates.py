@@ -69,7 +69,7 @@ def compile_all(output_dir: Path = COMPILED_DIR, image: str | None = None) -> li
             compiler.Compiler().compile(build(target), str(path))
             # Components are declared with BASE_IMAGE, a reference found nowhere else in a
             # template: every occurrence (task containers, the CustomJob's worker pool spec,
-            # the serving container) is the project's image.
+            # Vertex's serving container, deploy_endpoint's serving_image) is the project's image.
             path.write_text(path.read_text().replace(BASE_IMAGE, image))
             written.append(path)
     return written

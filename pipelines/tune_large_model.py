@@ -2,6 +2,7 @@
 from kfp import dsl
 from kfp.dsl import graph_component
 
+from components.common.images import BASE_IMAGE
 from components.deploy_endpoint.component import deploy_endpoint
 from components.evaluate.component import evaluate
 from components.generate_rationales.component import generate_rationales
@@ -118,6 +119,7 @@ def tuning_tasks(*, target: str, dataset_format: str, default_context, project,
     deploy_endpoint(
         registered_model=uploaded.outputs["registered_model"],
         model_display_name=model_display_name,
+        serving_image=BASE_IMAGE,  # compile writes the template's image in its place
     ).set_display_name("Deploy Endpoint").set_caching_options(False)
 
 

@@ -2,10 +2,11 @@
 
 ``portable``: the template the KFP local runner and open-source Kubeflow Pipelines run; every
 task is a container of the project's image, the tuner asks for its accelerators as task
-resources, and upload_model and deploy_endpoint register and serve the model inside their own
-task. ``vertex``: the template for Vertex AI Pipelines; the tuner runs as a Vertex CustomJob on
-the machine ``accelerator_type`` names, in that machine's region, and the selected checkpoint
-goes to the Vertex Model Registry and a Vertex endpoint served by the project's image
+resources, and upload_model and deploy_endpoint register and serve the model (inside their own
+task on the local runner; as a model artifact and a KServe InferenceService in a cluster).
+``vertex``: the template for Vertex AI Pipelines; the tuner runs as a Vertex CustomJob on the
+machine ``accelerator_type`` names, in that machine's region, and the selected checkpoint goes
+to the Vertex Model Registry and a Vertex endpoint served by the project's image
 (``components.deploy_endpoint.server`` honours Vertex's custom-container contract).
 """
 from typing import NamedTuple
@@ -13,6 +14,7 @@ from typing import NamedTuple
 from kfp import dsl
 
 from components.common.images import BASE_IMAGE
+from components.deploy_endpoint.container import SERVING_COMMAND, SERVING_PORT
 
 PORTABLE, VERTEX = "portable", "vertex"
 TARGETS = (PORTABLE, VERTEX)
@@ -33,8 +35,6 @@ TUNING_MACHINES = {
     "TPU": Machine("cloud-tpu", "TPU_V3", 64, "europe-west4"),
 }
 SERVING_MACHINE = Machine("g2-standard-12", "NVIDIA_L4", 1)  # one replica per endpoint
-SERVING_PORT = 8080
-SERVING_COMMAND = ["python", "-m", "components.deploy_endpoint.server"]
 PIPELINE_LOCATION = "{{$.pipeline_google_cloud_location}}"  # Vertex fills in the job's region
 
 

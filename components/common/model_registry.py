@@ -4,6 +4,9 @@ Layout: ``$TUNEPIPE_HOME/registry/<display name>/<version>/``, where a version f
 model folder (LoRA adapter, tokenizer, ``tunepipe_model.json``) and versions count up from 1.
 upload_model writes it; deploy_endpoint, evaluate and the CLI read it. Registration copies into
 a temporary sibling and renames it into place, so a crash never leaves a half-registered model.
+
+In a Kubeflow Pipelines cluster the registry would vanish with the task's pod: upload_model
+writes the same folder, without a version, to its output artifact instead (:func:`export_model`).
 """
 from __future__ import annotations
 
@@ -45,19 +48,15 @@ def check_display_name(display_name: str) -> None:
 
 def register_model(model_dir: str | Path, display_name: str, extra_metadata: dict) -> RegisteredModel:
     """Copies a tuned model folder into the registry as the next version of ``display_name``."""
-    from components.common.model_loading import TUNED_MODEL_METADATA, read_tuned_model_metadata
-
     check_display_name(display_name)
     model_root = registry_dir() / display_name
     model_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=model_root))
     try:
         shutil.copytree(model_dir, staging, dirs_exist_ok=True)
-        metadata = read_tuned_model_metadata(staging)
         while True:
             version = max(_versions(model_root), default=0) + 1
-            metadata.update(extra_metadata, display_name=display_name, version=version)
-            (staging / TUNED_MODEL_METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+            _record_metadata(staging, extra_metadata, display_name=display_name, version=version)
             try:
                 staging.rename(model_root / str(version))
                 break
@@ -66,6 +65,24 @@ def register_model(model_dir: str | Path, display_name: str, extra_metadata: dic
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return RegisteredModel(display_name, version, model_root / str(version))
+
+
+def export_model(model_dir: str | Path, destination: str | Path, display_name: str,
+                 extra_metadata: dict) -> None:
+    """Copies a tuned model folder to ``destination`` with what registration records (no
+    version: there is no registry to count them)."""
+    check_display_name(display_name)
+    shutil.copytree(model_dir, destination, dirs_exist_ok=True)
+    _record_metadata(Path(destination), extra_metadata, display_name=display_name)
+
+
+def _record_metadata(model_dir: Path, extra_metadata: dict, **identity) -> None:
+    """Adds ``extra_metadata`` and ``identity`` to the folder's ``tunepipe_model.json``."""
+    from components.common.model_loading import TUNED_MODEL_METADATA, read_tuned_model_metadata
+
+    metadata = read_tuned_model_metadata(model_dir)
+    metadata.update(extra_metadata, **identity)
+    (model_dir / TUNED_MODEL_METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True))
 
 
 def _versions(model_root: Path) -> list[int]:

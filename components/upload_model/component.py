@@ -1,4 +1,5 @@
-"""The upload_model component: registers the selected checkpoint in the model registry."""
+"""The upload_model component: registers the selected checkpoint in the model registry, or in
+a Kubeflow Pipelines cluster stores it as its output artifact."""
 from kfp import dsl
 
 from components.common.images import BASE_IMAGE
@@ -21,6 +22,11 @@ def upload_model(
     adapter, the tokenizer and ``tunepipe_model.json`` (base checkpoint, tuning parameters,
     dataset hash, evaluation metrics, project and region).
 
+    In a Kubeflow Pipelines cluster that registry would vanish with the task's pod: the same
+    folder (without a version) is the ``registered_model`` artifact itself, which KFP uploads
+    to its URI under the pipeline root (``gs://``, ``s3://`` or ``minio://``); its metadata
+    names that URI (``model_uri``), which deploy_endpoint serves.
+
     Args:
         selected_model: The checkpoint select_checkpoint chose (a tuned model folder).
         validated_dataset: The validated training data, hashed for provenance.
@@ -29,20 +35,29 @@ def upload_model(
         project: Project id, recorded.
         location: Model upload region, recorded.
         dataset_uri: The training data's URI, recorded.
-        registered_model: The registry entry; its metadata names the version and path.
+        registered_model: The registry entry; its metadata names the version and path (in a
+            cluster: the model folder; its metadata names its URI).
     """
     import os
 
-    from components.common.model_registry import register_model
+    from components.common.cluster import in_kfp_cluster
+    from components.common.model_registry import export_model, register_model
     from components.upload_model.registration import evaluation_summary, file_sha256
 
-    entry = register_model(selected_model.path, model_display_name, {
+    provenance = {
         "project": project,
         "location": location,
         "dataset_uri": dataset_uri,
         "dataset_sha256": file_sha256(os.path.join(validated_dataset.path, "train.jsonl")),
         "evaluation": evaluation_summary(os.path.join(evaluation_results.path, "results.json")),
-    })
+    }
+    if in_kfp_cluster():
+        export_model(selected_model.path, registered_model.path, model_display_name, provenance)
+        registered_model.metadata.update({"display_name": model_display_name,
+                                          "model_uri": registered_model.uri})
+        print(f"Stored {model_display_name} at {registered_model.uri}")
+        return
+    entry = register_model(selected_model.path, model_display_name, provenance)
     registered_model.metadata.update({"display_name": entry.display_name,
                                       "version": entry.version,
                                       "registry_path": str(entry.path)})
