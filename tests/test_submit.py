@@ -122,8 +122,8 @@ def test_the_seed_request_body_submits_as_it_is(cloud, own_buckets, tmp_path, ca
     """The seed's body is refused for its own typo, naming it; corrected, it is sent whole."""
     from google.cloud import storage
 
-    bucket = storage.Client(project="local", credentials=_anonymous()).create_bucket(
-        "my-gcs-bucket-uri")
+    client = storage.Client(project="local", credentials=_anonymous())
+    bucket = client.lookup_bucket("my-gcs-bucket-uri") or client.create_bucket("my-gcs-bucket-uri")
     bucket.blob("dataset").upload_from_filename(SAMPLE)
     with FakeService("vertex", ["PIPELINE_STATE_RUNNING"]) as fake:
         args = ["submit", "--request-file", str(SEED_REQUEST), "--vertex", "--project",
@@ -148,8 +148,9 @@ def test_the_seed_request_body_submits_as_it_is(cloud, own_buckets, tmp_path, ca
 def test_the_distillation_seed_request_body_submits_as_it_is(cloud, own_buckets, capsys):
     from google.cloud import storage
 
-    bucket = storage.Client(project="local", credentials=_anonymous()).create_bucket(
-        "my-gcs-bucket-uri")
+    client = storage.Client(project="local", credentials=_anonymous())
+    # The seed bucket: another seed's test may have made it in this emulator already.
+    bucket = client.lookup_bucket("my-gcs-bucket-uri") or client.create_bucket("my-gcs-bucket-uri")
     for name in ("dataset", "eval-dataset"):
         bucket.blob(name).upload_from_filename(SAMPLE)
     with FakeService("vertex", ["PIPELINE_STATE_RUNNING"]) as fake:
