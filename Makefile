@@ -88,9 +88,11 @@ test: install
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 # Every benchmark side by side with its peer, in the dtype this machine trains in; the last line
-# of each names the CPU capability and dtype (sized for 20 minutes on a 2-core AVX2 CPU).
+# of each names the CPU capability and dtype (sized for 20 minutes on a 2-core AVX2 CPU). The
+# serving benchmark (about 4 minutes more) runs on its own: $(PY) benchmarks/bench_serve.py
+BENCHMARKS := $(filter-out benchmarks/bench_serve.py,$(sort $(wildcard benchmarks/bench_*.py)))
 bench: install
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in $(BENCHMARKS); do echo "== $$b"; $(PY) $$b || exit 1; done
 
 # The benchmarks' optional peers, never needed to run tunepipe: llama.cpp (llama-cpp-python, a CPU
 # build for this machine's instruction set) for bench_serve's single-stream tokens/s. It compiles

@@ -304,18 +304,17 @@ def _labelled(tokenizer, conversation: list[dict]) -> str:
 
 
 def test_a_distilled_student_is_asked_for_labels_only(distilled_student, tokenizer, monkeypatch):
-    from components.common import generation
     from components.deploy_endpoint.server import Predictor, make_handler
 
     predictor = Predictor("intents-student", str(distilled_student.path))
     assert predictor.input_prefix == "[label] "  # the tuner's metadata, kept by the registry
-    prompts, generate = [], generation.generate_detailed
+    prompts, format_prompts = [], predictor.prompts
 
-    def spy(model, tokenizer, texts, *args, **kwargs):
-        prompts.extend(texts)
-        return generate(model, tokenizer, texts, *args, **kwargs)
+    def spy(conversations):
+        prompts.extend(format_prompts(conversations))
+        return prompts[-len(conversations):]
 
-    monkeypatch.setattr(generation, "generate_detailed", spy)
+    monkeypatch.setattr(predictor, "prompts", spy)
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(predictor))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -332,6 +331,7 @@ def test_a_distilled_student_is_asked_for_labels_only(distilled_student, tokeniz
     finally:
         server.shutdown()
         server.server_close()
+        predictor.worker.close()
     assert text[0] == chat[0] == status == 200
     assert prompts == [_labelled(tokenizer, [{"role": "user", "content": "Where is my parcel?"}]),
                        _labelled(tokenizer, CHAT_CONVERSATION), _labelled(tokenizer, messages)]

@@ -15,6 +15,9 @@
   cache) at once, and when half the rows are free the next prompts are prefilled and merged in
   (caches left padded to a common length), so the batch stays full instead of decoding a long
   tail of a few long answers;
+- the batch is a ``DecodeBatch``: rows join it (prefilled, then merged in) and leave it between
+  decode steps, each with its own ``RowSampling`` (parameters and generator); the endpoint
+  server runs its requests on one too, joining them as they arrive (continuous batching);
 - ``temperature == 0`` is greedy decoding (argmax), deterministic. In float32 it gives the same
   outputs as generating one prompt at a time, except where two logits tie to within rounding
   (padding changes matrix shapes, hence the order of float additions).
@@ -23,7 +26,8 @@ Sampling follows Vertex AI's parameter semantics (temperature, maxOutputTokens, 
 candidates are the ``top_k`` most probable tokens (0 or None: all), then the smallest set of them
 whose probability reaches ``top_p`` (under the model's own distribution), and the token is drawn
 from those with probabilities ``softmax(logits / temperature)``. Draws come from one
-``torch.Generator`` seeded with ``seed``: the same call gives the same answers.
+``torch.Generator`` seeded with ``seed`` (per request, in a ``DecodeBatch``): the same call gives
+the same answers.
 
 Prompts longer than the model's context keep their last ``context - max_output_tokens`` tokens.
 """
@@ -164,17 +168,31 @@ def generate_detailed(model, tokenizer, prompts: Sequence[str], params: Sampling
                       max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                       stop_token_ids: Sequence[int] | None = None) -> list[Generation]:
     """Like ``generate`` with token ids, finish reasons and prompt lengths."""
+    stops, pad_id = stop_and_pad_token_ids(tokenizer, stop_token_ids)
+    encoded = [prompt_token_ids(tokenizer, p) for p in prompts]
+    outputs = generate_token_ids(model, encoded, params, stop_token_ids=stops, pad_token_id=pad_id,
+                                 batch_size=batch_size, seed=seed, max_batch_tokens=max_batch_tokens)
+    return [decoded_generation(tokenizer, prompt, output)
+            for prompt, output in zip(encoded, outputs)]
+
+
+def stop_and_pad_token_ids(tokenizer, stop_token_ids: Sequence[int] | None = None
+                           ) -> tuple[list[int], int]:
+    """The ids a row stops at (``stop_token_ids``, else the end-of-turn ids) and pads with."""
     from components.common.prompts import end_of_turn_token_ids
 
     stops = list(stop_token_ids) if stop_token_ids is not None else end_of_turn_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = stops[0] if stops else 0
-    encoded = [prompt_token_ids(tokenizer, p) for p in prompts]
-    outputs = generate_token_ids(model, encoded, params, stop_token_ids=stops, pad_token_id=pad_id,
-                                 batch_size=batch_size, seed=seed, max_batch_tokens=max_batch_tokens)
-    return [Generation(tokenizer.decode(ids, skip_special_tokens=True), ids, reason, len(prompt))
-            for (ids, reason), prompt in zip(outputs, encoded)]
+    return stops, pad_id
+
+
+def decoded_generation(tokenizer, prompt: Sequence[int],
+                       output: tuple[list[int], str]) -> Generation:
+    """The ``Generation`` of a tokenized prompt's ``(output token ids, finish reason)``."""
+    ids, reason = output
+    return Generation(tokenizer.decode(ids, skip_special_tokens=True), ids, reason, len(prompt))
 
 
 @torch.no_grad()
@@ -183,83 +201,159 @@ def generate_token_ids(model, prompts: Sequence[Sequence[int]], params: Sampling
                        batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
                        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[tuple[list[int], str]]:
     """``(output token ids, finish reason)`` for every tokenized prompt, in order."""
-    device = _model_device(model)
-    generator = None if params.greedy else torch.Generator(device=device).manual_seed(seed)
-    context = _context_length(model)
-    keep = None
-    if context is not None:
-        if params.max_output_tokens >= context:
-            raise ValueError(f"maxOutputTokens {params.max_output_tokens} does not fit the model's "
-                             f"context of {context} tokens")
-        keep = context - params.max_output_tokens
-    prompts = [list(p)[-keep:] if keep is not None and len(p) > keep else list(p) for p in prompts]
-    for index, prompt in enumerate(prompts):
-        if not prompt:
-            raise ValueError(f"prompt {index} is empty (no tokens)")
-    decoder = _Decoder(model, params, stop_token_ids, pad_token_id, device, generator)
+    batch = DecodeBatch(model, stop_token_ids, pad_token_id)
+    prompts = batch.fit_to_context(prompts, params.max_output_tokens)
+    sampling = batch.sampling(params, seed)
     queue = deque(plan_batches([len(p) for p in prompts], batch_size, max_batch_tokens))
-    running: _Running | None = None
-    while queue or running is not None:
-        if queue and (running is None or decoder.can_refill(running, batch_size, max_batch_tokens,
-                                                            [len(prompts[i]) for i in queue[0]])):
-            group = queue.popleft()
-            if running is not None:  # fill the free rows; the rest of the group waits its turn
-                free = batch_size - len(running.rows)
-                if free < len(group):
-                    queue.appendleft(group[free:])
-                    group = group[:free]
-            fresh = decoder.prefill([prompts[i] for i in group], group)
-            running = fresh if running is None else decoder.merge(running, fresh)
+    while queue or batch.rows:
+        group = queue[0] if queue else []
+        longest = max((len(prompts[i]) for i in group), default=0)
+        # Refill when half the rows are free: fill the free rows, the rest of the group waits.
+        if group and (not batch.rows or (2 * batch.rows <= batch_size and batch.can_join(
+                min(len(group), batch_size - batch.rows), longest, batch_size, max_batch_tokens))):
+            queue.popleft()
+            free = batch_size - batch.rows
+            if free < len(group):
+                queue.appendleft(group[free:])
+                group = group[:free]
+            batch.join([prompts[i] for i in group], group, [sampling] * len(group))
         else:
-            running = decoder.step(running)
-    return list(zip(decoder.outputs_for(len(prompts)), decoder.reasons_for(len(prompts))))
+            batch.step()
+    return [batch.result(i) for i in range(len(prompts))]
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """How a row chooses its tokens: its request's parameters and random generator (rows of one
+    request share both, and draw together)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+
+
+class DecodeBatch:
+    """One batch decoded a token per step, which rows join and leave between steps.
+
+    Rows join in groups (``join``: their prompts prefilled, then merged into the running batch,
+    caches left padded to a common length) and leave when they finish (an end-of-turn token, or
+    their own ``max_output_tokens``); each row samples with its own ``RowSampling``. Where the
+    model's cache is not a plain key/value cache, rows join only an empty batch (``can_join``).
+    ``generate_token_ids`` runs its planned batches on it; the endpoint server its requests.
+    """
+
+    def __init__(self, model, stop_token_ids: Sequence[int], pad_token_id: int):
+        self.device = _model_device(model)
+        self.context = _context_length(model)
+        self._decoder = _Decoder(model, stop_token_ids, pad_token_id, self.device)
+        self._running: _Running | None = None
+
+    @property
+    def rows(self) -> int:
+        """How many rows are being decoded (safe to read from another thread)."""
+        running = self._running
+        return len(running.rows) if running is not None else 0
+
+    def sampling(self, params: SamplingParams, seed: int = 0) -> RowSampling:
+        """The sampling of a request's rows: greedy, or seeded draws from their own generator."""
+        generator = None if params.greedy else torch.Generator(device=self.device).manual_seed(seed)
+        return RowSampling(params, generator)
+
+    def fit_to_context(self, prompts: Sequence[Sequence[int]],
+                       max_output_tokens: int) -> list[list[int]]:
+        """The prompts cut to their last ``context - max_output_tokens`` tokens; ValueError when
+        ``max_output_tokens`` does not fit the context or a prompt is empty."""
+        keep = None
+        if self.context is not None:
+            if max_output_tokens >= self.context:
+                raise ValueError(f"maxOutputTokens {max_output_tokens} does not fit the model's "
+                                 f"context of {self.context} tokens")
+            keep = self.context - max_output_tokens
+        for index, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {index} is empty (no tokens)")
+        return [list(p)[-keep:] if keep is not None and len(p) > keep else list(p)
+                for p in prompts]
+
+    def can_join(self, count: int, longest: int, max_rows: int, max_batch_tokens: int) -> bool:
+        """Whether ``count`` prompts, the longest ``longest`` tokens, fit in one ``join`` now: at
+        most ``max_rows`` rows and ``rows x cache length <= max_batch_tokens`` after, and a
+        running batch they can be merged into. (Whether an empty batch takes a group that does
+        not fit is the caller's choice.)"""
+        rows = self.rows + count
+        if self._running is None:
+            return rows <= max_rows and rows * longest <= max_batch_tokens
+        width = max(self._running.attention_mask.shape[1], longest)
+        return (rows <= max_rows and rows * width <= max_batch_tokens
+                and self._decoder.can_merge(self._running))
+
+    @torch.no_grad()
+    def join(self, prompts: list[list[int]], rows: list[int],
+             samplings: list[RowSampling]) -> None:
+        """Prefills ``prompts`` (fitted to the context) together, as rows ``rows`` (ids unique
+        among the batch's rows, running or with results not yet taken) sampling as
+        ``samplings`` say, and merges them in."""
+        fresh = self._decoder.prefill(prompts, rows, samplings)
+        running = self._running
+        self._running = fresh if running is None else self._decoder.merge(running, fresh)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One decode step: every running row gets its next token."""
+        if self._running is not None:
+            self._running = self._decoder.step(self._running)
+
+    def finished(self) -> list[int]:
+        """The rows that finished since the last call, in the order they did."""
+        done, self._decoder.finished = self._decoder.finished, []
+        return done
+
+    def result(self, row: int) -> tuple[list[int], str]:
+        """A finished row's ``(output token ids, finish reason)``, handed over once."""
+        return self._decoder.outputs.pop(row), self._decoder.reasons.pop(row)
+
+    def clear(self) -> None:
+        """Drops every row, running or finished (after a failed step)."""
+        self._running = None
+        self._decoder = _Decoder(self._decoder.model, self._decoder.stop_token_ids,
+                                 self._decoder.pad_token_id, self.device)
 
 
 @dataclass
 class _Running:
     """The rows being decoded: their cache, the mask over its columns (exactly), the position
-    and the pending input token (the last one chosen) of each row, and each row's prompt index."""
+    and the pending input token (the last one chosen) of each row, each row's id and sampling."""
 
     cache: Any
     attention_mask: torch.Tensor  # [rows, cache length]
     next_position: torch.Tensor  # [rows]
     tokens: torch.Tensor  # [rows]
     rows: list[int]
+    samplings: list[RowSampling]
 
 
 class _Decoder:
-    """Prefill, decode steps and refills for ``generate_token_ids``.
+    """Prefill, decode steps and merges for ``DecodeBatch``."""
 
-    When half of a batch's rows have finished and prompts are waiting, the next prompts are
-    prefilled and merged into the running batch (their caches left padded to a common length),
-    so the batch stays full instead of decoding a long tail of a few rows.
-    """
-
-    def __init__(self, model, params: SamplingParams, stop_token_ids: Sequence[int],
-                 pad_token_id: int, device: torch.device, generator: torch.Generator | None):
+    def __init__(self, model, stop_token_ids: Sequence[int], pad_token_id: int,
+                 device: torch.device):
         self.model = model
-        self.params = params
+        self.stop_token_ids = list(stop_token_ids)
         self.pad_token_id = pad_token_id
         self.device = device
-        self.generator = generator
         self.cache_argument = _cache_argument_name(model)
         self.stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
         self.outputs: dict[int, list[int]] = {}
         self.reasons: dict[int, str] = {}
+        self.finished: list[int] = []
         self.mergeable = True  # until a cache turns out not to be a plain key/value cache
-
-    def outputs_for(self, count: int) -> list[list[int]]:
-        return [self.outputs[i] for i in range(count)]
-
-    def reasons_for(self, count: int) -> list[str]:
-        return [self.reasons[i] for i in range(count)]
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0):
         return self.model(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids, use_cache=True, logits_to_keep=logits_to_keep,
                           **{self.cache_argument: cache}).logits[:, -1, :]
 
-    def prefill(self, prompts: list[list[int]], rows: list[int]) -> _Running | None:
+    def prefill(self, prompts: list[list[int]], rows: list[int],
+                samplings: list[RowSampling]) -> _Running | None:
         """Runs a group of prompts; their common prefix (the chat template's system turn, shared
         instructions) once, its cache copied to every row, then the rest of each prompt left
         padded after it: row = [prefix][padding][rest], positions counting real tokens only."""
@@ -290,7 +384,8 @@ class _Decoder:
             self.reasons[row] = FINISH_LENGTH
         logits = self._forward(input_ids, attention_mask, position_ids, cache, logits_to_keep=1)
         state = _Running(cache, attention_mask, shared + rest_mask.sum(-1),
-                         torch.zeros(count, dtype=torch.long, device=self.device), list(rows))
+                         torch.zeros(count, dtype=torch.long, device=self.device), list(rows),
+                         list(samplings))
         return self._choose(state, logits)
 
     def step(self, state: _Running) -> _Running | None:
@@ -304,16 +399,20 @@ class _Decoder:
 
     def _choose(self, state: _Running, logits: torch.Tensor) -> _Running | None:
         """Chooses each row's next token, records it, and drops finished rows (None: all done)."""
-        tokens = _next_tokens(logits.float(), self.params, self.generator)
+        tokens = _sampled_tokens(logits.float(), state.samplings)
         is_stop = torch.isin(tokens, self.stops)
         running = []
-        for position, (row, token, stop) in enumerate(zip(state.rows, tokens.tolist(), is_stop.tolist())):
+        for position, (row, token, stop, sampling) in enumerate(
+                zip(state.rows, tokens.tolist(), is_stop.tolist(), state.samplings)):
             if stop:
                 self.reasons[row] = FINISH_STOP
+                self.finished.append(row)
                 continue
             self.outputs[row].append(token)
-            if len(self.outputs[row]) < self.params.max_output_tokens:
+            if len(self.outputs[row]) < sampling.params.max_output_tokens:
                 running.append(position)
+            else:
+                self.finished.append(row)
         if not running:
             return None
         state.tokens = tokens
@@ -324,18 +423,14 @@ class _Decoder:
             state.next_position = state.next_position[kept]
             state.tokens = tokens[kept]
             state.rows = [state.rows[i] for i in running]
+            state.samplings = [state.samplings[i] for i in running]
         return state
 
-    def can_refill(self, state: _Running, batch_size: int, max_batch_tokens: int,
-                   next_lengths: list[int]) -> bool:
-        """Half the rows free, and the merged batch within the token budget."""
-        if not self.mergeable or 2 * len(state.rows) > batch_size:
-            return False
-        if _key_value_layers(state.cache) is None:
+    def can_merge(self, state: _Running) -> bool:
+        """Whether rows can be merged into ``state``: its cache is a plain key/value cache."""
+        if self.mergeable and _key_value_layers(state.cache) is None:
             self.mergeable = False
-            return False
-        rows = min(batch_size, len(state.rows) + len(next_lengths))
-        return rows * max(state.attention_mask.shape[1], max(next_lengths)) <= max_batch_tokens
+        return self.mergeable
 
     def merge(self, state: _Running, fresh: _Running | None) -> _Running:
         """One batch of both: caches and masks left padded to the longer, stacked."""
@@ -354,7 +449,8 @@ class _Decoder:
             mine.values = torch.cat([mine.values, theirs.values], dim=0)
         return _Running(state.cache, torch.cat([state.attention_mask, fresh.attention_mask]),
                         torch.cat([state.next_position, fresh.next_position]),
-                        torch.cat([state.tokens, fresh.tokens]), state.rows + fresh.rows)
+                        torch.cat([state.tokens, fresh.tokens]), state.rows + fresh.rows,
+                        state.samplings + fresh.samplings)
 
 
 def _key_value_layers(cache) -> list | None:
@@ -379,6 +475,24 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     while length < shortest - 1 and all(p[length] == first[length] for p in prompts):
         length += 1
     return length
+
+
+def _sampled_tokens(logits: torch.Tensor, samplings: list[RowSampling]) -> torch.Tensor:
+    """One token per row, each row chosen as its own sampling says; rows sharing a sampling
+    (one request's) draw together, in batch order."""
+    if all(sampling.params.greedy for sampling in samplings):
+        return logits.argmax(-1)
+    groups: dict[int, list[int]] = {}
+    for position, sampling in enumerate(samplings):
+        groups.setdefault(id(sampling), []).append(position)
+    if len(groups) == 1:
+        return _next_tokens(logits, samplings[0].params, samplings[0].generator)
+    tokens = torch.empty(len(samplings), dtype=torch.long, device=logits.device)
+    for positions in groups.values():
+        index = torch.tensor(positions, device=logits.device)
+        sampling = samplings[positions[0]]
+        tokens[index] = _next_tokens(logits[index], sampling.params, sampling.generator)
+    return tokens
 
 
 def _next_tokens(logits: torch.Tensor, params: SamplingParams,

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 from components.common.paths import endpoints_dir
 
@@ -54,8 +55,9 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def start_endpoint(name: str, model_dir: str | Path) -> Endpoint:
-    """Starts a server for ``model_dir`` named ``name``, replacing a running one of that name."""
+def start_endpoint(name: str, model_dir: str | Path, server_args: Sequence[str] = ()) -> Endpoint:
+    """Starts a server for ``model_dir`` named ``name``, replacing a running one of that name;
+    ``server_args``: more of the server's options (``--no-batching``, ``--max-batch-rows N``)."""
     stop_endpoint(name, missing_ok=True)
     directory = endpoints_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -65,7 +67,7 @@ def start_endpoint(name: str, model_dir: str | Path) -> Endpoint:
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "components.deploy_endpoint.server", "--name", name,
-             "--model-dir", str(model_dir), "--ready-file", str(ready_file)],
+             "--model-dir", str(model_dir), "--ready-file", str(ready_file), *server_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True)
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
