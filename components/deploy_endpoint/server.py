@@ -280,7 +280,7 @@ class Predictor:
         from components.common.model_loading import load_tuned_model, select_device
         from components.common.precision import choose_precision
         from components.deploy_endpoint.batching import GenerationWorker
-        from components.deploy_endpoint.packed_linear import use_packed_weights
+        from components.common.packed_linear import use_packed_weights
 
         self.name, self.model_dir = name, model_dir
         device = select_device()

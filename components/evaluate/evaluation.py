@@ -50,6 +50,7 @@ from components.common.generation import (DEFAULT_BATCH_SIZE, MAX_OUTPUT_TOKENS_
                                           SamplingParams, generate_detailed)
 from components.common.model_loading import (base_checkpoint_of, load_base_model, load_tokenizer,
                                              load_tuned_model, select_device)
+from components.common.packed_linear import use_packed_weights
 from components.common.precision import Precision, choose_precision
 from components.common.prompts import format_prompt
 from components.common.storage import staged_local_path
@@ -233,7 +234,7 @@ def evaluate_loaded_model(model, tokenizer, source: ModelSource, examples: Seque
     evaluation = ModelEvaluation(source, metrics)
     if sampling is not None:
         prompts = [format_prompt(tokenizer, prefix + e.input_text) for e in examples]
-        generations = generate_detailed(model, tokenizer, prompts, sampling,
+        generations = generate_detailed(use_packed_weights(model), tokenizer, prompts, sampling,
                                         batch_size=settings.batch_size, seed=settings.seed)
         predictions = [g.text for g in generations]
         scores, per_example, classification = generation_metrics(

@@ -68,6 +68,7 @@ class LocalTeacher(Teacher):
 
             from components.common.model_loading import (load_base_model, load_tokenizer,
                                                           load_tuned_model, select_device)
+            from components.common.packed_linear import use_packed_weights
             from components.common.precision import choose_precision
 
             device = torch.device(self.device) if self.device else select_device()
@@ -77,7 +78,7 @@ class LocalTeacher(Teacher):
             else:
                 model = load_base_model(self.checkpoint, device, precision.dtype)
                 tokenizer = load_tokenizer(self.checkpoint)
-            self._loaded = model, tokenizer
+            self._loaded = use_packed_weights(model), tokenizer
             self.description += f"; {precision.describe()}"
         return self._loaded
 

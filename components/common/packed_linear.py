@@ -13,6 +13,8 @@ more, and streams it at about 7 GB/s for one row; oneDNN with the weight packed 
 
 ``use_packed_weights`` packs every ``nn.Linear`` of a CPU model in float32 or bfloat16; other
 models are left as they are. Products are the same up to float rounding (summation order).
+Every model that generates does so once loaded: the endpoint server's, the local teacher's and
+evaluate's (after its token metrics).
 """
 from __future__ import annotations
 
