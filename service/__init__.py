@@ -2,5 +2,6 @@
 
 The same clients that call Vertex AI (the google-cloud-aiplatform SDK, curl with the seeds'
 request bodies) call this server instead when pointed at it: pipeline jobs run through the KFP
-local runner, models come from the local registry, predictions from the local endpoints.
+local runner, Gemini tuning jobs through the same components, models come from the local
+registry, predictions from the local endpoints.
 """

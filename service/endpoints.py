@@ -43,6 +43,11 @@ def _started(endpoint: Endpoint) -> float:
     return (endpoints_dir() / f"{endpoint.name}.json").stat().st_mtime
 
 
+def endpoint_name(parent: str, name: str) -> str:
+    """The resource name of the local endpoint ``name`` under ``parent``."""
+    return f"{parent}/endpoints/{resource_id(name)}"
+
+
 def endpoint_resource(parent: str, endpoint: Endpoint) -> dict:
     """The Vertex Endpoint resource of a running local endpoint, its one deployed model
     included (with its registry model when it serves one)."""
@@ -53,7 +58,7 @@ def endpoint_resource(parent: str, endpoint: Endpoint) -> dict:
     if model_dir.parent.parent == registry_dir().resolve() and model_dir.name.isdigit():
         deployed.update(model=model_name(parent, model_dir.parent.name),
                         modelVersionId=model_dir.name)
-    return {"name": f"{parent}/endpoints/{resource_id(endpoint.name)}",
+    return {"name": endpoint_name(parent, endpoint.name),
             "displayName": endpoint.name, "deployedModels": [deployed],
             "trafficSplit": {deployed["id"]: 100}, "createTime": created, "updateTime": created}
 

@@ -98,8 +98,8 @@ def find_route(routes: list[Route], method: str, path: str) -> tuple[Route, dict
         raise ApiError(405, f"{path} takes {' or '.join(methods)}, not {method}",
                        headers={"Allow": ", ".join(methods)})
     raise ApiError(404, f"no such path: {path} (paths start /v1/projects/PROJECT/locations/"
-                        "LOCATION/, then pipelineJobs, models or endpoints; or they are "
-                        "/v1/chat/completions and /v1/models)")
+                        "LOCATION/, then pipelineJobs, tuningJobs, models or endpoints; or "
+                        "they are /v1/chat/completions and /v1/models)")
 
 
 def parse_query(text: str, allowed: frozenset[str]) -> dict[str, str]:

@@ -1,12 +1,16 @@
 """Running jobs: one at a time, in the order they were created, each in its own process.
 
-A job is a record (:mod:`service.records`) whose folder holds ``request.json``, a pipelineJobs
-request body that ``tunepipe run --request-file`` would accept. The runner starts
-``python -m service.jobs FOLDER SERVER_PID`` for it in a new process group; that process runs
-the request through the KFP local runner (:func:`pipelines.local_run.run_locally`), writes
-``result.json`` (``runDir``, ``taskSeconds``, or ``error``) and its log to ``log.txt``, and
-ends when the server dies. Cancelling a running job ends its process group (SIGTERM, then
-SIGKILL); the endpoint a finished run deployed lives in its own session and stays up.
+A job is a record (:mod:`service.records`) whose folder holds ``request.json``, what its kind's
+job process reads. The runner starts ``python -m MODULE FOLDER SERVER_PID`` for it (the kind's
+module, :class:`JobKind`) in a new process group; that process (:func:`job_main`) does the work,
+writes ``result.json`` (what the work returns, or ``error``) and its log to ``log.txt``, and ends
+when the server dies. A succeeded job's record takes the result fields its kind names.
+Cancelling a running job ends its process group (SIGTERM, then SIGKILL); the endpoint a finished
+job deployed lives in its own session and stays up.
+
+This module is the pipelineJobs' job process: it runs ``request.json``, a pipelineJobs request
+body that ``tunepipe run --request-file`` would accept, through the KFP local runner
+(:func:`pipelines.local_run.run_locally`); its result is ``runDir`` and ``taskSeconds``.
 
 States (a collection writes them with its own prefix, e.g. ``PIPELINE_STATE_``):
 PENDING -> RUNNING -> SUCCEEDED | FAILED, and CANCELLING -> CANCELLED on request. A failed or
@@ -29,6 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from service.records import RecordStore, timestamp
 
@@ -45,10 +50,14 @@ ACTIVE = ("RUNNING", "CANCELLING")
 
 @dataclass(frozen=True)
 class JobKind:
-    """A collection of jobs: its records and the prefix of its states."""
+    """A collection of jobs: its records, the prefix of its states, the module whose
+    ``python -m MODULE FOLDER SERVER_PID`` runs one job, and the fields of a succeeded job's
+    result that go into its record."""
 
     store: RecordStore
     state_prefix: str
+    module: str = "service.jobs"
+    result_fields: tuple[str, ...] = ()
 
     def state(self, record: dict) -> str:
         """The record's state without the prefix: PENDING, RUNNING, ..."""
@@ -127,7 +136,7 @@ class JobRunner:
             (folder / RESULT_FILE).unlink(missing_ok=True)
             with open(folder / LOG_FILE, "a") as log:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "service.jobs", str(folder), str(os.getpid())],
+                    [sys.executable, "-m", kind.module, str(folder), str(os.getpid())],
                     stdin=subprocess.DEVNULL,
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             self._running = (name, process)
@@ -147,7 +156,9 @@ class JobRunner:
                     "code": ABORTED_CODE, "message": "tunepipe serve was stopped while the job "
                                                      "ran; create the job again"})
             elif exit_code == 0 and "error" not in result:
-                self._finish(kind, name, "SUCCEEDED", None)
+                self._finish(kind, name, "SUCCEEDED", None,
+                             {field: result[field] for field in kind.result_fields
+                              if field in result})
             else:
                 self._finish(kind, name, "FAILED", result.get("error") or {
                     "code": INTERNAL_CODE,
@@ -155,9 +166,10 @@ class JobRunner:
                                f"{folder / LOG_FILE}"})
 
     @staticmethod
-    def _finish(kind: JobKind, name: str, state: str, error: dict | None) -> dict:
+    def _finish(kind: JobKind, name: str, state: str, error: dict | None,
+                fields: dict | None = None) -> dict:
         def change(record: dict) -> None:
-            record.update(state=kind.state_prefix + state, endTime=timestamp())
+            record.update(state=kind.state_prefix + state, endTime=timestamp(), **(fields or {}))
             if error:
                 record["error"] = error
         return kind.store.update(name, change)
@@ -189,9 +201,9 @@ def _end_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def run_job(folder: Path) -> int:
-    """Runs ``folder/request.json`` with the KFP local runner and writes ``result.json``:
-    ``{"runDir", "taskSeconds"}``, or ``{"error": {"code", "message"}}``; the exit status."""
+def run_job(folder: Path) -> dict:
+    """Runs ``folder/request.json`` with the KFP local runner: ``{"runDir", "taskSeconds"}``, or
+    ``{"error": {"code", "message"}}``."""
     from pipelines.local_run import TaskFailedError, prepare, request_from_file, run_locally
     from pipelines.templates import ParameterError
 
@@ -199,12 +211,21 @@ def run_job(folder: Path) -> int:
         request = request_from_file(folder / REQUEST_FILE)
         pipeline_name, values = prepare(request)
         run = run_locally(request, pipeline_name, values)
-        result: dict = {"runDir": str(run.run_dir), "taskSeconds": run.task_seconds}
+        return {"runDir": str(run.run_dir), "taskSeconds": run.task_seconds}
     except TaskFailedError as failure:
-        result = {"error": {"code": INTERNAL_CODE,
-                            "message": f"task {failure.task} failed: {failure.message}"}}
+        return {"error": {"code": INTERNAL_CODE,
+                          "message": f"task {failure.task} failed: {failure.message}"}}
     except (ParameterError, ValueError, FileNotFoundError) as error:
-        result = {"error": {"code": INVALID_ARGUMENT_CODE, "message": str(error).strip()}}
+        return {"error": {"code": INVALID_ARGUMENT_CODE, "message": str(error).strip()}}
+
+
+def job_main(work: Callable[[Path], dict]) -> int:
+    """A job process (``python -m MODULE FOLDER SERVER_PID``): ends itself when the server dies,
+    runs ``work(FOLDER)`` and writes what it returns to ``result.json`` (atomically); the exit
+    status, 1 when the result is an ``error``."""
+    _end_with_parent(int(sys.argv[2]))
+    folder = Path(sys.argv[1])
+    result = work(folder)
     staging = folder / (RESULT_FILE + ".partial")
     staging.write_text(json.dumps(result, indent=2))
     os.replace(staging, folder / RESULT_FILE)
@@ -212,5 +233,4 @@ def run_job(folder: Path) -> int:
 
 
 if __name__ == "__main__":
-    _end_with_parent(int(sys.argv[2]))
-    sys.exit(run_job(Path(sys.argv[1])))
+    sys.exit(job_main(run_job))

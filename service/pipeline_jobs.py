@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from pathlib import Path
 
-from service.http_api import ApiError, Call, Route, paginate, route
-from service.jobs import LOG_FILE, REQUEST_FILE, JobKind, JobRunner
+from service.http_api import ApiError, Call
+from service.job_collections import JobCollection
+from service.jobs import LOG_FILE, REQUEST_FILE
 from service.local_paths import AllowedRoots
-from service.records import RecordStore, check_parent, job_name, timestamp
+from service.records import new_job_id, timestamp
 
 COLLECTION = "pipelineJobs"
 STATE_PREFIX = "PIPELINE_STATE_"
@@ -80,7 +80,8 @@ def trusted_template(body: dict) -> tuple[Path, dict]:
     return path, _spec(path)
 
 
-def location_problems(roots: AllowedRoots, values: dict, output_directory: str) -> list[str]:
+def location_problems(roots: AllowedRoots, values: dict,
+                      output_directory: str | None) -> list[str]:
     """The allowed roots rule over a request's datasets, model paths and output folder."""
     from components.common.model_catalog import known_references
     from components.common.parameters import DATASET_PARAMETERS, MODEL_PARAMETERS
@@ -94,38 +95,19 @@ def location_problems(roots: AllowedRoots, values: dict, output_directory: str) 
     return [problem for problem in problems if problem]
 
 
-class PipelineJobs:
-    """The pipelineJobs collection: routes, records, and its jobs on the runner."""
+class PipelineJobs(JobCollection):
+    """The pipelineJobs collection: its jobs run through the KFP local runner (service.jobs)."""
 
-    def __init__(self, store: RecordStore, runner: JobRunner, roots: AllowedRoots):
-        self.kind = JobKind(store, STATE_PREFIX)
-        self.store, self.runner, self.roots = store, runner, roots
-
-    def routes(self) -> list[Route]:
-        return [route("POST", "{parent}/pipelineJobs", self.create, ("pipelineJobId",)),
-                route("GET", "{parent}/pipelineJobs", self.list, ("pageSize", "pageToken")),
-                route("GET", "{parent}/pipelineJobs/{id}", self.get),
-                route("POST", "{parent}/pipelineJobs/{id}:cancel", self.cancel)]
-
-    def _name(self, call: Call, job_id: str) -> str:
-        try:
-            return job_name(call.parent, COLLECTION, job_id)
-        except ValueError as error:
-            raise ApiError(400, str(error)) from None
-
-    def _record(self, call: Call) -> dict:
-        name = self._name(call, call.params["id"])
-        record = self.store.get(name)
-        if record is None:
-            raise ApiError(404, f"pipelineJob {name} not found")
-        return record
+    collection = COLLECTION
+    state_prefix = STATE_PREFIX
+    create_query = ("pipelineJobId",)
 
     def create(self, call: Call) -> dict:
         """Checks the request, stores the job PENDING and queues it; the job."""
         from pipelines.local_run import request_body, request_from_body
         from pipelines.templates import ParameterError
 
-        name = self._name(call, call.query.get("pipelineJobId") or _new_id())
+        name = self.job_name(call, call.query.get("pipelineJobId") or new_job_id())
         template, spec = trusted_template(call.body)
         try:
             request = request_from_body(call.body, SOURCE, str(template),
@@ -145,37 +127,7 @@ class PipelineJobs:
                   **{field: call.body[field] for field in ECHOED_FIELDS if field in call.body}}
         files = {REQUEST_FILE: json.dumps(request_body(request, pipeline_name, values), indent=2),
                  LOG_FILE: "".join(f"note: {note}\n" for note in request.notes)}
-        if not self.store.create(record, files):
-            raise ApiError(409, f"pipelineJob {name} already exists; choose another "
-                                "pipelineJobId")
-        self.runner.enqueue(self.kind, name)
-        return record
-
-    def get(self, call: Call) -> dict:
-        """The job."""
-        return self._record(call)
-
-    def list(self, call: Call) -> dict:
-        """The jobs of the project and location, newest first."""
-        try:
-            check_parent(call.parent)
-        except ValueError as error:
-            raise ApiError(400, str(error)) from None
-        return paginate(self.store.list(call.parent)[::-1], call.query, "pipelineJobs")
-
-    def cancel(self, call: Call) -> dict:
-        """Cancels a pending or running job; ``{}`` as Vertex answers."""
-        record = self._record(call)
-        if self.runner.cancel(self.kind, record["name"]) is None:
-            raise ApiError(400, f"pipelineJob {record['name']} has already ended "
-                                f"({record['state']}); only a pending or running job can be "
-                                "cancelled", "FAILED_PRECONDITION")
-        return {}
-
-
-def _new_id() -> str:
-    """A job ID when the request names none: 18 digits, as Vertex numbers jobs."""
-    return str(10**17 + secrets.randbelow(9 * 10**17))
+        return self.submit(record, files)
 
 
 def _prepared(request) -> tuple[str, dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import tempfile
 import threading
 from datetime import datetime, timezone
@@ -55,6 +56,11 @@ def job_name(parent: str, collection: str, job_id: str) -> str:
         raise ValueError(f"job ID {job_id!r} is not valid: use lowercase letters, digits and "
                          "'-' (at most 128, starting with a letter or digit)")
     return f"{parent}/{collection}/{job_id}"
+
+
+def new_job_id() -> str:
+    """A job ID when the request names none: 18 digits, as Vertex numbers jobs."""
+    return str(10**17 + secrets.randbelow(9 * 10**17))
 
 
 class RecordStore:

@@ -22,6 +22,7 @@ from service.local_paths import AllowedRoots
 from service.models import Models
 from service.pipeline_jobs import COLLECTION as PIPELINE_JOBS, PipelineJobs
 from service.records import RecordStore, service_dir
+from service.tuning_jobs import COLLECTION as TUNING_JOBS, TuningJobs
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -70,12 +71,14 @@ class Service:
                              "'Authorization: Bearer TOKEN'")
         self.runner = JobRunner()
         self.roots = AllowedRoots.default(config.allow_roots)
-        pipeline_jobs = PipelineJobs(RecordStore(PIPELINE_JOBS), self.runner, self.roots)
-        routes: list[Route] = pipeline_jobs.routes() + Models().routes() + Endpoints().routes()
+        jobs = [PipelineJobs(RecordStore(PIPELINE_JOBS), self.runner, self.roots),
+                TuningJobs(RecordStore(TUNING_JOBS), self.runner, self.roots)]
+        routes: list[Route] = [r for collection in jobs for r in collection.routes()]
+        routes += Models().routes() + Endpoints().routes()
         server_class = _Server6 if ":" in config.host else _Server
         self.httpd = server_class((config.host, config.port),
                                   make_handler(routes, token, config.max_body_bytes))
-        self.runner.start([pipeline_jobs.kind])
+        self.runner.start([collection.kind for collection in jobs])
         self._thread: threading.Thread | None = None
 
     @property

@@ -3,8 +3,9 @@
 A reference is one of:
 
 - a Vertex model name (``text-bison@002``, ``chat-bison@002``, ``code-bison@002``,
-  ``codechat-bison@002``, their ``-32k`` variants, ``text-unicorn@001``), an alias of a catalog
-  entry; on one machine every alias points at the embedded SmolLM2-135M-Instruct;
+  ``codechat-bison@002``, their ``-32k`` variants, ``text-unicorn@001``, and the Gemini models
+  Vertex tunes, ``gemini-1.5-pro-002`` ...), an alias of a catalog entry; on one machine every
+  alias points at the embedded SmolLM2-135M-Instruct;
 - a catalog entry's own name (``smollm2-135m-instruct``);
 - a local checkpoint folder (``config.json`` plus weights, as ``save_pretrained`` writes);
 - a local ``.gguf`` file, dequantized once into the cache.
@@ -65,6 +66,12 @@ VERTEX_ALIASES: dict[str, str] = {
         "codechat-bison@002",
         "codechat-bison-32k@002",
         "text-unicorn@001",
+        # Gemini supervised tuning (seed 004, the Vertex SDK's sft.train); 8k class locally
+        "gemini-1.0-pro-002",
+        "gemini-1.5-pro-002",
+        "gemini-1.5-flash-002",
+        "gemini-2.0-flash-001",
+        "gemini-2.0-flash-lite-001",
     )
 }
 
