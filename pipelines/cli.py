@@ -489,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     endpoints.set_defaults(handler=cmd_endpoints)
 
     serve = commands.add_parser(
-        "serve", help="serve a local REST API in Vertex AI's shape (pipelineJobs, models, "
-                      "endpoints)")
+        "serve", help="serve a local REST API in Vertex AI's shape (pipelineJobs, tuningJobs, "
+                      "models, endpoints)")
     serve.add_argument("--host",
                        help="the address to bind (default 127.0.0.1; any other needs --token)")
     serve.add_argument("--port", type=int, help="default 8080; 0 picks a free one")
