@@ -6,6 +6,11 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Python caches the bytecode of what it imports (in __pycache__, ignored by git) even where the
+# environment says not to (PYTHONDONTWRITEBYTECODE=1, as on some CI machines and containers):
+# every task of a pipeline run is a new process, and without the cache each one compiles the
+# torch, transformers and kfp modules it imports again, about 10 s a process on 2 cores.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install run run-chat run-distill test compile image publish bench bench-deps gpu-check clean
 
