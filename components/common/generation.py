@@ -15,6 +15,8 @@
   cache) at once, and when half the rows are free the next prompts are prefilled and merged in
   (caches left padded to a common length), so the batch stays full instead of decoding a long
   tail of a few long answers;
+- decode steps of Llama-architecture models skip most of transformers' per-step work
+  (``components.common.fast_decode``); other models step through their own forward;
 - the batch is a ``DecodeBatch``: rows join it (prefilled, then merged in) and leave it between
   decode steps, each with its own ``RowSampling`` (parameters and generator); the endpoint
   server runs its requests on one too, joining them as they arrive (continuous batching);
@@ -41,6 +43,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from components.common.fast_decode import FastDecodeStep, supports_fast_decode
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_BATCH_TOKENS = 16384  # rows x longest prompt in a batch (prefill activations)
@@ -341,6 +345,7 @@ class _Decoder:
         self.pad_token_id = pad_token_id
         self.device = device
         self.cache_argument = _cache_argument_name(model)
+        self.fast_step = FastDecodeStep(model) if supports_fast_decode(model) else None
         self.stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
         self.outputs: dict[int, list[int]] = {}
         self.reasons: dict[int, str] = {}
@@ -392,8 +397,10 @@ class _Decoder:
         """Feeds every row its pending token and chooses the next one."""
         state.attention_mask = torch.cat(
             [state.attention_mask, state.attention_mask.new_ones((len(state.rows), 1))], dim=-1)
-        logits = self._forward(state.tokens[:, None], state.attention_mask,
-                               state.next_position[:, None], state.cache)
+        step = (self.fast_step if self.fast_step and _key_value_layers(state.cache) is not None
+                else self._forward)
+        logits = step(state.tokens[:, None], state.attention_mask, state.next_position[:, None],
+                      state.cache)
         state.next_position = state.next_position + 1
         return self._choose(state, logits)
 

@@ -279,19 +279,27 @@ class Predictor:
         from components.common.generation import stop_and_pad_token_ids
         from components.common.model_loading import load_tuned_model, select_device
         from components.common.precision import choose_precision
-        from components.deploy_endpoint.batching import GenerationWorker
+        from components.common.int8_linear import serving_weights, use_int8_weights
         from components.common.packed_linear import use_packed_weights
+        from components.deploy_endpoint.batching import GenerationWorker
 
         self.name, self.model_dir = name, model_dir
         device = select_device()
         self.precision = choose_precision(device)
         model, self.tokenizer, self.metadata = load_tuned_model(model_dir, device,
                                                                 self.precision.dtype)
-        self.model = use_packed_weights(model)
+        self.weights = serving_weights(model)
+        if self.weights.kind == "int8":
+            use_int8_weights(model)
+        self.model = use_packed_weights(model)  # the linear layers int8 does not take, if any
         self.input_prefix = input_prefix(self.metadata)
         stops, pad_id = stop_and_pad_token_ids(self.tokenizer)
         self.worker = GenerationWorker(self.model, stops, pad_id, **batching)
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe across threads
+
+    def describe_compute(self) -> str:
+        """E.g. ``cpu float32: no native bf16 (AVX2), int8 weights: int8 kernel (AVX2), ...``."""
+        return f"{self.precision.describe()}, {self.weights.describe()}"
 
     def prompts(self, conversations: list[Conversation]) -> list[str]:
         """The prompt texts: each conversation in the model's chat template, with its input
@@ -417,6 +425,7 @@ def make_handler(predictor: Predictor, predict_route: str = "/predict"):
             self._reply(HTTPStatus.OK, {"name": predictor.name, "model_dir": predictor.model_dir,
                                         "base_model": predictor.metadata.get("base_model", {}),
                                         "precision": predictor.precision.describe(),
+                                        "weights": predictor.weights.describe(),
                                         "input_prefix": predictor.input_prefix,
                                         "batching": predictor.worker.describe(),
                                         "status": "ready"})
@@ -477,8 +486,8 @@ def serve_on_vertex(name: str | None, **batching) -> None:
     server = EndpointServer(("0.0.0.0", int(os.environ[VERTEX_PORT_ENV])),
                             make_handler(predictor, predict_route))
     print(f"endpoint {predictor.name} serving {storage_uri} on port {server.server_address[1]}: "
-          f"health {os.environ.get('AIP_HEALTH_ROUTE', '/')}, predict {predict_route}",
-          flush=True)
+          f"health {os.environ.get('AIP_HEALTH_ROUTE', '/')}, predict {predict_route}; "
+          f"{predictor.describe_compute()}", flush=True)
     server.serve_forever()
 
 
@@ -518,7 +527,8 @@ def main(argv: list[str] | None = None) -> None:
     with open(staging, "w") as ready:
         json.dump({"port": server.server_address[1], "pid": os.getpid()}, ready)
     os.replace(staging, args.ready_file)
-    print(f"endpoint {args.name} serving on http://127.0.0.1:{server.server_address[1]}", flush=True)
+    print(f"endpoint {args.name} serving on http://127.0.0.1:{server.server_address[1]}; "
+          f"{predictor.describe_compute()}", flush=True)
     server.serve_forever()
 
 

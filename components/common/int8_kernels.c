@@ -1,0 +1,229 @@
+/* Int8 kernels for decoding on x86 CPUs with AVX2 (components/common/int8_linear.py builds this
+ * file; components/common/fast_decode.py calls the layer blocks).
+ *
+ * Weights: int8, one float scale per output row, stored in groups of 4 rows with their blocks of
+ * 32 interleaved (group g, block b, row r at ((g * blocks + b) * 4 + r) * 32), so that a group
+ * streams from memory as one run. Inputs and outputs stay float32: each weight is converted to
+ * float as it is read and multiplied in float (weight-only quantization), so a row's result
+ * does not depend on the other rows of a batch beyond float rounding.
+ *
+ * int8_linear: one linear layer. int8_decoder_layer: a whole Llama decoder layer for one new
+ * token per row (RMSNorm, projections, rotary embedding, the key/value cache write, attention,
+ * SiLU gate, residual adds) in one OpenMP region, so that a decode step costs one call per layer
+ * instead of dozens of tensor operations.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 32
+#define GROUP 4
+#define ROW_TILE 32 /* input rows multiplied by every weight row before the next rows (cache) */
+
+/* An int8 weight matrix: n output rows (a multiple of 4) of k inputs (a multiple of 32). */
+typedef struct {
+    const int8_t *weight;
+    const float *scale;
+    const float *bias; /* NULL: none */
+    int64_t n, k;
+} Int8Matrix;
+
+static void *checked_malloc(size_t bytes) {
+    void *memory = malloc(bytes ? bytes : 1);
+    if (!memory) abort();
+    return memory;
+}
+
+static inline float horizontal_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 weights as floats. */
+static inline __m256 load_weights(const int8_t *w) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
+}
+
+/* y[m, j] = scale[j] * (x[m] . w[j]) + bias[j] for rows x of w->k floats (x_stride apart),
+ * rows of y y_stride apart. Shares its output rows among the threads of the enclosing OpenMP
+ * region (ends with its barrier). Two input rows at a time share each converted weight. */
+static void multiply(const Int8Matrix *w, const float *x, int64_t x_stride, int64_t rows,
+                     float *y, int64_t y_stride) {
+    int64_t blocks = w->k / BLOCK;
+    for (int64_t tile = 0; tile < rows; tile += ROW_TILE) {
+    int64_t tile_end = tile + ROW_TILE < rows ? tile + ROW_TILE : rows;
+    #pragma omp for schedule(static)
+    for (int64_t group = 0; group < w->n / GROUP; group++) {
+        const int8_t *wg = w->weight + group * GROUP * w->k;
+        for (int64_t m = tile; m < tile_end; m += 2) {
+            const float *x0 = x + m * x_stride;
+            const float *x1 = m + 1 < tile_end ? x0 + x_stride : x0; /* an odd last row: twice */
+            __m256 acc[2][GROUP];
+            for (int r = 0; r < GROUP; r++) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+            for (int64_t b = 0; b < blocks; b++) {
+                const int8_t *wb = wg + b * GROUP * BLOCK;
+                for (int c = 0; c < BLOCK; c += 8) {
+                    __m256 in0 = _mm256_loadu_ps(x0 + b * BLOCK + c);
+                    __m256 in1 = _mm256_loadu_ps(x1 + b * BLOCK + c);
+                    for (int r = 0; r < GROUP; r++) {
+                        __m256 weights = load_weights(wb + r * BLOCK + c);
+                        acc[0][r] = _mm256_fmadd_ps(weights, in0, acc[0][r]);
+                        acc[1][r] = _mm256_fmadd_ps(weights, in1, acc[1][r]);
+                    }
+                }
+            }
+            for (int64_t i = 0; i < 2 && m + i < tile_end; i++)
+                for (int r = 0; r < GROUP; r++) {
+                    int64_t j = group * GROUP + r;
+                    y[(m + i) * y_stride + j] =
+                        horizontal_sum(acc[i][r]) * w->scale[j] + (w->bias ? w->bias[j] : 0.0f);
+                }
+        }
+    }
+    }
+}
+
+/* transformers' LlamaRMSNorm of one row: weight * (x / sqrt(mean(x^2) + eps)). */
+static void rms_norm(const float *x, const float *weight, float eps, int64_t d, float *out) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < d; i++) sum += x[i] * x[i];
+    float inverse = 1.0f / sqrtf(sum / (float)d + eps);
+    for (int64_t i = 0; i < d; i++) out[i] = weight[i] * (x[i] * inverse);
+}
+
+/* Rotary embedding of one head in place, transformers' layout (rotate_half: the first half of
+ * the dimensions pairs with the second). */
+static void rotate(float *head, const float *cos, const float *sin, int64_t head_dim) {
+    int64_t half = head_dim / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float first = head[i], second = head[i + half];
+        head[i] = first * cos[i] - second * sin[i];
+        head[i + half] = second * cos[i + half] + first * sin[i + half];
+    }
+}
+
+/* y = x w^T + bias for x: rows x k floats, y: rows x n. */
+void int8_linear(const float *x, int64_t rows, int64_t k, const int8_t *weight,
+                 const float *scale, const float *bias, float *y, int64_t n, int threads) {
+    Int8Matrix w = {weight, scale, bias, n, k};
+    #pragma omp parallel num_threads(threads)
+    multiply(&w, x, k, rows, y, n);
+}
+
+/* A Llama decoder layer's weights and shapes (fast_decode.py fills one per layer). */
+typedef struct {
+    Int8Matrix qkv;     /* query, key and value projections, their rows stacked */
+    Int8Matrix output;  /* attention output projection */
+    Int8Matrix gate_up; /* gate rows then up rows, inner each */
+    Int8Matrix down;
+    const float *input_norm, *post_attention_norm;
+    float input_eps, post_attention_eps, attention_scale;
+    int64_t hidden_size, head_dim, query_heads, kv_heads, inner;
+} DecoderLayer;
+
+static inline float dot(const float *a, const float *b, int64_t n) { /* n: a multiple of 8 */
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return horizontal_sum(acc);
+}
+
+static inline void add_scaled(float *y, float a, const float *x, int64_t n) { /* y += a x */
+    __m256 scale = _mm256_set1_ps(a);
+    for (int64_t i = 0; i < n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(scale, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+}
+
+/* Softmax attention of one query head over positions 0..length of its key/value head, skipping
+ * the positions whose mask is 0 (mask NULL: none). */
+static void attend(const float *query, const float *keys, const float *values, int64_t length,
+                   const int64_t *mask, int64_t head_dim, float scale, float *scores, float *out) {
+    float top = -INFINITY;
+    for (int64_t t = 0; t <= length; t++) {
+        scores[t] = mask && !mask[t] ? -INFINITY : dot(query, keys + t * head_dim, head_dim) * scale;
+        top = fmaxf(top, scores[t]);
+    }
+    float total = 0.0f;
+    for (int64_t t = 0; t <= length; t++) {
+        scores[t] = scores[t] == -INFINITY ? 0.0f : expf(scores[t] - top);
+        total += scores[t];
+    }
+    memset(out, 0, sizeof(float) * (size_t)head_dim);
+    for (int64_t t = 0; t <= length; t++)
+        if (scores[t] != 0.0f) add_scaled(out, scores[t] / total, values + t * head_dim, head_dim);
+}
+
+/* One decoder layer for one new token per row, hidden (rows x hidden_size) updated in place:
+ * h = rms_norm(hidden); q, k, v = projections of h, rotary embedding (cos, sin: rows x
+ * head_dim) on q and k; k and v written at position `length` of the caches (rows x kv_heads x
+ * capacity x head_dim); hidden += output(attention of q over positions 0..length, masked by
+ * mask: rows x (length + 1), 0 = padding, or NULL); h = rms_norm(hidden);
+ * hidden += down(silu(gate(h)) * up(h)). */
+void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, const float *cos,
+                        const float *sin, float *key_cache, float *value_cache, int64_t capacity,
+                        int64_t length, const int64_t *mask, int threads) {
+    int64_t d = layer->hidden_size, head_dim = layer->head_dim, n = layer->qkv.n;
+    int64_t query_width = layer->query_heads * head_dim, kv_width = layer->kv_heads * head_dim;
+    int64_t group = layer->query_heads / layer->kv_heads, inner = layer->inner;
+    float *normed = checked_malloc(sizeof(float) * (size_t)(rows * d));
+    float *qkv = checked_malloc(sizeof(float) * (size_t)(rows * n));
+    float *attention = checked_malloc(sizeof(float) * (size_t)(rows * query_width));
+    float *scores = checked_malloc(sizeof(float) * (size_t)(rows * layer->query_heads * (length + 1)));
+    float *update = checked_malloc(sizeof(float) * (size_t)(rows * d));
+    float *gate_up = checked_malloc(sizeof(float) * (size_t)(rows * 2 * inner));
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < rows; m++)
+            rms_norm(hidden + m * d, layer->input_norm, layer->input_eps, d, normed + m * d);
+        multiply(&layer->qkv, normed, d, rows, qkv, n);
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < rows * (layer->query_heads + layer->kv_heads); task++) {
+            int64_t m = task / (layer->query_heads + layer->kv_heads);
+            int64_t head = task % (layer->query_heads + layer->kv_heads);
+            rotate(qkv + m * n + head * head_dim, cos + m * head_dim, sin + m * head_dim, head_dim);
+        }
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < rows * layer->kv_heads; task++) {
+            int64_t m = task / layer->kv_heads, head = task % layer->kv_heads;
+            int64_t at = ((m * layer->kv_heads + head) * capacity + length) * head_dim;
+            memcpy(key_cache + at, qkv + m * n + query_width + head * head_dim, sizeof(float) * (size_t)head_dim);
+            memcpy(value_cache + at, qkv + m * n + query_width + kv_width + head * head_dim, sizeof(float) * (size_t)head_dim);
+        }
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < rows * layer->query_heads; task++) {
+            int64_t m = task / layer->query_heads, head = task % layer->query_heads;
+            int64_t cached = ((m * layer->kv_heads + head / group) * capacity) * head_dim;
+            attend(qkv + m * n + head * head_dim, key_cache + cached, value_cache + cached, length,
+                   mask ? mask + m * (length + 1) : NULL, head_dim, layer->attention_scale,
+                   scores + task * (length + 1), attention + m * query_width + head * head_dim);
+        }
+        multiply(&layer->output, attention, query_width, rows, update, d);
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < rows; m++) {
+            float *h = hidden + m * d;
+            for (int64_t i = 0; i < d; i++) h[i] += update[m * d + i];
+            rms_norm(h, layer->post_attention_norm, layer->post_attention_eps, d, normed + m * d);
+        }
+        multiply(&layer->gate_up, normed, d, rows, gate_up, 2 * inner);
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < rows; m++) {
+            float *g = gate_up + m * 2 * inner;
+            for (int64_t i = 0; i < inner; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * g[inner + i];
+        }
+        multiply(&layer->down, gate_up, 2 * inner, rows, update, d);
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < rows; m++)
+            for (int64_t i = 0; i < d; i++) hidden[m * d + i] += update[m * d + i];
+    }
+    free(normed);
+    free(qkv);
+    free(attention);
+    free(scores);
+    free(update);
+    free(gate_up);
+}

@@ -1,0 +1,228 @@
+"""The served model's linear layers with int8 weights, for fast decoding on x86 CPUs with AVX2.
+
+Decoding one request multiplies one row by every weight matrix, so a decode step takes about
+the time to stream the weights from memory: 538 MB for SmolLM2-135M in float32. In int8, one
+scale per output row, they are 135 MB. The kernels (``int8_kernels.c``, AVX2) convert each
+weight to float as they read it and multiply in float: weight-only quantization, the inputs
+and outputs stay float32, so an answer does not depend on the other requests of a batch beyond
+float rounding (as in float32), which quantizing the inputs too (llama.cpp's Q8_0 products)
+would break. On a 2-core AMD EPYC with AVX2, a decode step of SmolLM2-135M for one request
+(``components.common.fast_decode``): float32 through transformers about 80 ms, int8 about 13 ms.
+
+The kernels are C, built once per machine with the system's C compiler (``$CC``, else ``cc``)
+into ``$TUNEPIPE_HOME/cache/kernels`` (about a second); where there is no compiler or no AVX2,
+:func:`int8_unavailable_reason` says why and the model keeps its float weights.
+
+``TUNEPIPE_SERVING_WEIGHTS`` (``auto``, the default, ``int8`` or ``float``) chooses the endpoint
+server's weights (:func:`serving_weights`): ``auto`` is int8 where the kernel builds and the
+model is in float32 on the CPU, else float (packed for oneDNN,
+``components.common.packed_linear``). Rounding each weight to one of 255 levels of its row
+changes the model a little: on the sample evaluation set the tuned model's answers were the same
+(60 of 60), while a long free-form answer drifts from the float32 one after some words.
+``float`` serves the exact model. Evaluate and the local teacher always generate in float.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from components.common.paths import cache_dir
+
+SERVING_WEIGHTS_ENV = "TUNEPIPE_SERVING_WEIGHTS"
+SERVING_WEIGHTS = ("auto", "int8", "float")
+KERNEL_SOURCE = Path(__file__).with_name("int8_kernels.c")
+COMPILER_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+INPUT_BLOCK = 32  # inputs are quantized in blocks of this many values (in_features: a multiple)
+ROW_GROUP = 4  # output rows the kernel computes together (out_features padded to a multiple)
+_POINTER, _INT64, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+KERNEL_SIGNATURES = {  # the C functions' parameter types, in order (see int8_kernels.c)
+    "int8_linear": [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER, _INT64, _INT],
+    # (DecoderLayer*, hidden, rows, cos, sin, key_cache, value_cache, capacity, length, mask, threads)
+    "int8_decoder_layer": [_POINTER, _POINTER, _INT64, _POINTER, _POINTER, _POINTER, _POINTER,
+                           _INT64, _INT64, _POINTER, _INT],
+}
+
+
+class Int8KernelUnavailable(RuntimeError):
+    """The int8 kernel cannot run here (no AVX2, no C compiler, or the build failed)."""
+
+
+@functools.lru_cache(maxsize=None)
+def int8_kernels() -> ctypes.CDLL:
+    """The kernel library (``int8_kernels.c``), built on first use. Raises
+    ``Int8KernelUnavailable``."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise Int8KernelUnavailable(f"the int8 kernel is for x86-64 CPUs, not {platform.machine()}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        raise Int8KernelUnavailable(f"the int8 kernel needs AVX2 (this CPU: {capability})")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise Int8KernelUnavailable("no C compiler to build the int8 kernel (set $CC)")
+    source = KERNEL_SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(COMPILER_FLAGS).encode()).hexdigest()[:16]
+    library = cache_dir() / "kernels" / f"int8_kernels-{digest}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+            built = Path(scratch) / library.name
+            try:
+                result = subprocess.run([compiler, *COMPILER_FLAGS, str(KERNEL_SOURCE), "-o",
+                                         str(built), "-lm"], capture_output=True, text=True)
+            except OSError as error:
+                raise Int8KernelUnavailable(f"cannot run the C compiler {compiler}: "
+                                            f"{error.strerror}") from None
+            if result.returncode:
+                raise Int8KernelUnavailable(f"building the int8 kernel with {compiler} failed: "
+                                            f"{result.stderr.strip()[-500:]}")
+            os.replace(built, library)  # atomic: a concurrent build never loads half a file
+    loaded = ctypes.CDLL(str(library))
+    for name, argument_types in KERNEL_SIGNATURES.items():
+        getattr(loaded, name).argtypes = argument_types
+        getattr(loaded, name).restype = None
+    return loaded
+
+
+def int8_unavailable_reason() -> str | None:
+    """Why the int8 kernel cannot run here, or None when it can (building it if need be)."""
+    try:
+        int8_kernels()
+    except (Int8KernelUnavailable, OSError) as error:  # OSError: the library does not load
+        return str(error)
+    return None
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with int8 weights, one scale per output row (inference on the CPU)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1) / 127
+        quantized = torch.round(weight / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None])
+        padded_rows = -self.out_features % ROW_GROUP
+        quantized = nn.functional.pad(quantized, (0, 0, 0, padded_rows)).to(torch.int8)
+        self.register_buffer("scale", nn.functional.pad(scale, (0, padded_rows)).contiguous())
+        # groups of ROW_GROUP rows with their blocks interleaved: see int8_linear.c
+        self.register_buffer("weight_int8", quantized.view(
+            -1, ROW_GROUP, self.in_features // INPUT_BLOCK, INPUT_BLOCK).transpose(1, 2)
+            .contiguous())
+        bias = None if linear.bias is None else nn.functional.pad(linear.bias.detach().float(),
+                                                                  (0, padded_rows))
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A decode step calls this about 200 times: every tensor operation saved counts.
+        inputs = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+        padded_rows = self.scale.shape[0]
+        outputs = x.new_empty((*x.shape[:-1], padded_rows), dtype=torch.float32)
+        int8_kernels().int8_linear(inputs.data_ptr(), x.numel() // self.in_features, self.in_features,
+                              self.weight_int8.data_ptr(), self.scale.data_ptr(),
+                              None if self.bias is None else self.bias.data_ptr(),
+                              outputs.data_ptr(), padded_rows, torch.get_num_threads())
+        if padded_rows != self.out_features:
+            outputs = outputs[..., :self.out_features]
+        return outputs if x.dtype == torch.float32 else outputs.to(x.dtype)
+
+
+def can_quantize(linear: nn.Module) -> bool:
+    """Whether ``linear`` is a plain ``nn.Linear`` the kernel takes (in_features a multiple of
+    32) on the CPU."""
+    return (type(linear) is nn.Linear and linear.in_features % INPUT_BLOCK == 0
+            and linear.weight.device.type == "cpu")
+
+
+def use_int8_weights(model: nn.Module) -> nn.Module:
+    """``model`` with every linear layer the kernel takes replaced by an ``Int8Linear``, in
+    place (a tied weight is quantized as a copy: the model is for inference only)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if can_quantize(child):
+                setattr(module, name, Int8Linear(child))
+    return model
+
+
+@dataclass(frozen=True)
+class ServingWeights:
+    """The weights a server decodes with, and why."""
+
+    kind: str  # "int8" or "float"
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.kind} weights: {self.reason}"
+
+
+def serving_weights(model: nn.Module) -> ServingWeights:
+    """The weights to serve ``model`` with, by ``TUNEPIPE_SERVING_WEIGHTS`` (module docstring).
+    Raises ``ValueError`` for an unknown setting or ``int8`` where the kernel cannot run."""
+    setting = os.environ.get(SERVING_WEIGHTS_ENV, "").strip().lower() or "auto"
+    if setting not in SERVING_WEIGHTS:
+        raise ValueError(f"{SERVING_WEIGHTS_ENV}={setting!r}: use one of {list(SERVING_WEIGHTS)}")
+    if setting == "float":
+        return ServingWeights("float", f"{SERVING_WEIGHTS_ENV}=float")
+    parameter = next(model.parameters())
+    unavailable = (f"the model is on {parameter.device.type} in {parameter.dtype}"
+                   if parameter.device.type != "cpu" or parameter.dtype != torch.float32
+                   else int8_unavailable_reason())
+    if unavailable and setting == "int8":
+        raise ValueError(f"{SERVING_WEIGHTS_ENV}=int8, but {unavailable}")
+    if unavailable:
+        return ServingWeights("float", unavailable)
+    return ServingWeights("int8", "int8 kernel (AVX2), 4x less memory to stream per token"
+                          if setting == "auto" else f"{SERVING_WEIGHTS_ENV}=int8")
+
+
+class Int8Matrix(ctypes.Structure):
+    """An ``Int8Linear``'s buffers as ``int8_kernels.c`` takes them (its ``Int8Matrix``)."""
+
+    _fields_ = [("weight", _POINTER), ("scale", _POINTER), ("bias", _POINTER), ("n", _INT64),
+                ("k", _INT64)]
+
+    @classmethod
+    def of(cls, linear: Int8Linear) -> "Int8Matrix":
+        """The matrix of ``linear`` (whose buffers must outlive it)."""
+        return cls(linear.weight_int8.data_ptr(), linear.scale.data_ptr(),
+                   None if linear.bias is None else linear.bias.data_ptr(),
+                   linear.scale.shape[0], linear.in_features)
+
+
+def stack_int8(linears: list[Int8Linear]) -> Int8Linear:
+    """One ``Int8Linear`` computing ``linears`` side by side (their outputs concatenated), for
+    layers that read the same input (query, key and value; gate and up). Each one's buffers
+    become views into the stacked one's, so the weights are not held twice. Every layer's
+    out_features must be a multiple of 4 (no padded rows) and in_features the same."""
+    if any(linear.out_features % ROW_GROUP or linear.in_features != linears[0].in_features
+           for linear in linears):
+        raise ValueError("stack_int8: out_features must be multiples of 4, in_features equal")
+    stacked = Int8Linear.__new__(Int8Linear)
+    nn.Module.__init__(stacked)
+    stacked.in_features = linears[0].in_features
+    stacked.out_features = sum(linear.out_features for linear in linears)
+    stacked.register_buffer("weight_int8", torch.cat([linear.weight_int8 for linear in linears]))
+    stacked.register_buffer("scale", torch.cat([linear.scale for linear in linears]))
+    biases = [linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+              for linear in linears]
+    stacked.register_buffer("bias", None if all(linear.bias is None for linear in linears)
+                            else torch.cat(biases))
+    start = 0
+    for linear in linears:
+        rows, groups = slice(start, start + linear.out_features), slice(
+            start // ROW_GROUP, (start + linear.out_features) // ROW_GROUP)
+        linear.weight_int8, linear.scale = stacked.weight_int8[groups], stacked.scale[rows]
+        if linear.bias is not None:
+            linear.bias = stacked.bias[rows]
+        start += linear.out_features
+    return stacked

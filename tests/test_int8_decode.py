@@ -1,0 +1,164 @@
+"""components.common.int8_linear and components.common.fast_decode: int8 layers, the C kernels,
+and decode steps that must compute what transformers' forward computes."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from torch import nn
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from components.common import int8_linear
+from components.common import generation
+from components.common.fast_decode import CACHE_GROWTH, FastDecodeStep, supports_fast_decode
+from components.common.int8_linear import (Int8Linear, int8_unavailable_reason, serving_weights,
+                                           stack_int8, use_int8_weights)
+
+
+def dequantized(layer: Int8Linear) -> torch.Tensor:
+    """The float weight an ``Int8Linear`` stands for, ``[out_features, in_features]``."""
+    rows = layer.weight_int8.transpose(1, 2).reshape(-1, layer.in_features).float()
+    return rows[:layer.out_features] * layer.scale[:layer.out_features, None]
+
+
+def tiny_llama(layers: int = 2, seed: int = 0, attention_bias: bool = False) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, initializer_range=0.2,
+                         attention_bias=attention_bias, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_the_kernels_build_on_this_machine():
+    # The test machines are x86-64 with AVX2 and a C compiler: the int8 path must be the one
+    # exercised here, never silently replaced by the float fallback.
+    assert int8_unavailable_reason() is None
+
+
+@pytest.mark.parametrize("out_features,bias,rows", [(64, False, 1), (70, True, 3), (8, True, 41)])
+def test_int8_linear_multiplies_by_its_dequantized_weight(out_features, bias, rows):
+    torch.manual_seed(1)
+    linear = nn.Linear(96, out_features, bias=bias)
+    layer = Int8Linear(linear)
+    x = torch.randn(2, rows, 96)
+    expected = nn.functional.linear(x, dequantized(layer), linear.bias)
+    assert layer(x).shape == (2, rows, out_features)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    # and the quantization itself is close to the float layer: within half a level per weight
+    error = (dequantized(layer) - linear.weight).abs()
+    assert (error <= linear.weight.abs().amax(dim=1, keepdim=True) / 254 + 1e-7).all()
+
+
+def test_stacked_layers_compute_side_by_side_and_share_their_buffers():
+    torch.manual_seed(2)
+    parts = [Int8Linear(nn.Linear(64, n, bias=n == 8)) for n in (32, 8, 12)]
+    x = torch.randn(5, 64)
+    separate = [part(x) for part in parts]
+    stacked = stack_int8(parts)
+    torch.testing.assert_close(stacked(x), torch.cat(separate, dim=1))
+    for part, alone in zip(parts, separate):  # the parts now read the stacked buffers
+        assert part.weight_int8.untyped_storage().data_ptr() == \
+            stacked.weight_int8.untyped_storage().data_ptr()
+        torch.testing.assert_close(part(x), alone)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        stack_int8([Int8Linear(nn.Linear(64, 6))])
+
+
+def test_layers_the_kernel_cannot_take_stay_float():
+    model = nn.Sequential(nn.Linear(64, 10), nn.Linear(10, 3))  # in_features 10: not 32k
+    use_int8_weights(model)
+    assert isinstance(model[0], Int8Linear) and type(model[1]) is nn.Linear
+
+
+def _forced_logits(model, step: FastDecodeStep | None, steps: int, padded: bool) -> torch.Tensor:
+    """Next-token logits for ``steps`` given tokens after a prefill of two rows (the second
+    left-padded by 5 when ``padded``), through ``step`` or transformers' forward."""
+    torch.manual_seed(3)
+    prompt, forced = torch.randint(0, 300, (2, 12)), torch.randint(0, 300, (2, steps))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    if padded:
+        mask[1, :5] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    cache_argument = {generation._cache_argument_name(model): cache}  # past_key_values, or cache since 5.x
+    logits = []
+    with torch.inference_mode():
+        model(input_ids=prompt, attention_mask=mask, position_ids=positions, use_cache=True,
+              **cache_argument)
+        following = positions[:, -1:] + 1
+        for index in range(steps):
+            mask = torch.cat([mask, mask.new_ones((2, 1))], dim=1)
+            token = forced[:, index:index + 1]
+            if step is None:
+                logits.append(model(input_ids=token, attention_mask=mask, position_ids=following,
+                                    use_cache=True, **cache_argument).logits[:, -1])
+            else:
+                logits.append(step(token, mask, following, cache))
+            following = following + 1
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fast_step_in_float_equals_transformers_forward(padded):
+    model = tiny_llama()
+    step = FastDecodeStep(model)
+    assert step.int8_layers is None  # float weights: the torch path
+    expected = _forced_logits(model, None, CACHE_GROWTH + 6, padded)  # the buffers grow once
+    torch.testing.assert_close(_forced_logits(model, step, CACHE_GROWTH + 6, padded), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("padded,bias", [(False, False), (True, True)])
+def test_int8_kernel_step_equals_transformers_forward_with_the_same_int8_layers(padded, bias):
+    model = use_int8_weights(tiny_llama(attention_bias=bias))
+    step = FastDecodeStep(model)
+    assert step.int8_layers is not None  # the whole layer in the C kernel
+    expected = _forced_logits(model, None, CACHE_GROWTH + 6, padded)
+    torch.testing.assert_close(_forced_logits(model, step, CACHE_GROWTH + 6, padded), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_int8_model_stays_close_to_the_float_model():
+    model = tiny_llama()
+    expected = _forced_logits(model, None, 8, padded=True)
+    quantized = _forced_logits(use_int8_weights(model), FastDecodeStep(model), 8, padded=True)
+    assert (quantized - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_only_llama_models_take_the_fast_step():
+    assert supports_fast_decode(tiny_llama())
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2))
+    assert not supports_fast_decode(gpt2)
+
+
+def test_serving_weights_follow_the_setting(monkeypatch):
+    model = tiny_llama()
+    monkeypatch.delenv(int8_linear.SERVING_WEIGHTS_ENV, raising=False)
+    assert serving_weights(model).kind == "int8"
+    monkeypatch.setenv(int8_linear.SERVING_WEIGHTS_ENV, "float")
+    assert serving_weights(model).describe() == "float weights: TUNEPIPE_SERVING_WEIGHTS=float"
+    monkeypatch.setenv(int8_linear.SERVING_WEIGHTS_ENV, "int4")
+    with pytest.raises(ValueError, match="use one of"):
+        serving_weights(model)
+    monkeypatch.setenv(int8_linear.SERVING_WEIGHTS_ENV, "auto")
+    assert serving_weights(model.to(torch.bfloat16)).kind == "float"  # int8 is for float32
+
+
+def test_without_a_compiler_auto_serves_float_and_int8_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path))  # no kernel built there yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    int8_linear.int8_kernels.cache_clear()
+    try:
+        model = tiny_llama()
+        monkeypatch.setenv(int8_linear.SERVING_WEIGHTS_ENV, "auto")
+        weights = serving_weights(model)
+        assert weights.kind == "float" and "no-such-compiler" in weights.reason
+        monkeypatch.setenv(int8_linear.SERVING_WEIGHTS_ENV, "int8")
+        with pytest.raises(ValueError, match="TUNEPIPE_SERVING_WEIGHTS=int8, but"):
+            serving_weights(model)
+    finally:
+        int8_linear.int8_kernels.cache_clear()
