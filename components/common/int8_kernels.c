@@ -1,8 +1,9 @@
 /* Int8 kernels for decoding on x86 CPUs with AVX2 (components/common/int8_linear.py builds this
  * file; components/common/fast_decode.py calls the layer blocks).
  *
- * Weights: int8, one float scale per output row, stored in groups of 4 rows with their blocks of
- * 32 interleaved (group g, block b, row r at ((g * blocks + b) * 4 + r) * 32), so that a group
+ * Weights: int8 with one float scale per block of 32 weights of a row (as llama.cpp's Q8_0),
+ * stored in groups of 4 rows with their blocks interleaved (group g, block b, row r at
+ * ((g * blocks + b) * 4 + r) * 32; its scale at (g * blocks + b) * 4 + r), so that a group
  * streams from memory as one run. Inputs and outputs stay float32: each weight is converted to
  * float as it is read and multiplied in float (weight-only quantization), so a row's result
  * does not depend on the other rows of a batch beyond float rounding.
@@ -20,12 +21,11 @@
 
 #define BLOCK 32
 #define GROUP 4
-#define ROW_TILE 32 /* input rows multiplied by every weight row before the next rows (cache) */
 
 /* An int8 weight matrix: n output rows (a multiple of 4) of k inputs (a multiple of 32). */
 typedef struct {
     const int8_t *weight;
-    const float *scale;
+    const float *scale; /* one per block of 32 weights of a row, in the weights' order */
     const float *bias; /* NULL: none */
     int64_t n, k;
 } Int8Matrix;
@@ -48,42 +48,42 @@ static inline __m256 load_weights(const int8_t *w) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
 }
 
-/* y[m, j] = scale[j] * (x[m] . w[j]) + bias[j] for rows x of w->k floats (x_stride apart),
- * rows of y y_stride apart. Shares its output rows among the threads of the enclosing OpenMP
- * region (ends with its barrier). Two input rows at a time share each converted weight. */
+/* y[m, j] = x[m] . w[j] + bias[j] for rows x of w->k floats (x_stride apart), rows of y
+ * y_stride apart. Shares its output rows among the threads of the enclosing OpenMP region
+ * (ends with its barrier). Two input rows at a time share each converted weight: made for the
+ * few rows of a decode step (Int8Linear multiplies many rows by the float weight instead). */
 static void multiply(const Int8Matrix *w, const float *x, int64_t x_stride, int64_t rows,
                      float *y, int64_t y_stride) {
     int64_t blocks = w->k / BLOCK;
-    for (int64_t tile = 0; tile < rows; tile += ROW_TILE) {
-    int64_t tile_end = tile + ROW_TILE < rows ? tile + ROW_TILE : rows;
     #pragma omp for schedule(static)
     for (int64_t group = 0; group < w->n / GROUP; group++) {
         const int8_t *wg = w->weight + group * GROUP * w->k;
-        for (int64_t m = tile; m < tile_end; m += 2) {
+        for (int64_t m = 0; m < rows; m += 2) {
             const float *x0 = x + m * x_stride;
-            const float *x1 = m + 1 < tile_end ? x0 + x_stride : x0; /* an odd last row: twice */
+            const float *x1 = m + 1 < rows ? x0 + x_stride : x0; /* an odd last row: twice */
             __m256 acc[2][GROUP];
             for (int r = 0; r < GROUP; r++) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
             for (int64_t b = 0; b < blocks; b++) {
                 const int8_t *wb = wg + b * GROUP * BLOCK;
+                const float *scales = w->scale + (group * blocks + b) * GROUP;
                 for (int c = 0; c < BLOCK; c += 8) {
                     __m256 in0 = _mm256_loadu_ps(x0 + b * BLOCK + c);
                     __m256 in1 = _mm256_loadu_ps(x1 + b * BLOCK + c);
                     for (int r = 0; r < GROUP; r++) {
-                        __m256 weights = load_weights(wb + r * BLOCK + c);
+                        __m256 weights = _mm256_mul_ps(load_weights(wb + r * BLOCK + c),
+                                                       _mm256_broadcast_ss(scales + r));
                         acc[0][r] = _mm256_fmadd_ps(weights, in0, acc[0][r]);
                         acc[1][r] = _mm256_fmadd_ps(weights, in1, acc[1][r]);
                     }
                 }
             }
-            for (int64_t i = 0; i < 2 && m + i < tile_end; i++)
+            for (int64_t i = 0; i < 2 && m + i < rows; i++)
                 for (int r = 0; r < GROUP; r++) {
                     int64_t j = group * GROUP + r;
                     y[(m + i) * y_stride + j] =
-                        horizontal_sum(acc[i][r]) * w->scale[j] + (w->bias ? w->bias[j] : 0.0f);
+                        horizontal_sum(acc[i][r]) + (w->bias ? w->bias[j] : 0.0f);
                 }
         }
-    }
     }
 }
 
@@ -135,7 +135,8 @@ static inline float dot(const float *a, const float *b, int64_t n) { /* n: a mul
 static inline void add_scaled(float *y, float a, const float *x, int64_t n) { /* y += a x */
     __m256 scale = _mm256_set1_ps(a);
     for (int64_t i = 0; i < n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(scale, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(scale, _mm256_loadu_ps(x + i),
+                                                _mm256_loadu_ps(y + i)));
 }
 
 /* Softmax attention of one query head over positions 0..length of its key/value head, skipping
@@ -144,7 +145,8 @@ static void attend(const float *query, const float *keys, const float *values, i
                    const int64_t *mask, int64_t head_dim, float scale, float *scores, float *out) {
     float top = -INFINITY;
     for (int64_t t = 0; t <= length; t++) {
-        scores[t] = mask && !mask[t] ? -INFINITY : dot(query, keys + t * head_dim, head_dim) * scale;
+        scores[t] = mask && !mask[t] ? -INFINITY
+                                     : dot(query, keys + t * head_dim, head_dim) * scale;
         top = fmaxf(top, scores[t]);
     }
     float total = 0.0f;
@@ -172,7 +174,8 @@ void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, 
     float *normed = checked_malloc(sizeof(float) * (size_t)(rows * d));
     float *qkv = checked_malloc(sizeof(float) * (size_t)(rows * n));
     float *attention = checked_malloc(sizeof(float) * (size_t)(rows * query_width));
-    float *scores = checked_malloc(sizeof(float) * (size_t)(rows * layer->query_heads * (length + 1)));
+    float *scores =
+        checked_malloc(sizeof(float) * (size_t)(rows * layer->query_heads * (length + 1)));
     float *update = checked_malloc(sizeof(float) * (size_t)(rows * d));
     float *gate_up = checked_malloc(sizeof(float) * (size_t)(rows * 2 * inner));
     #pragma omp parallel num_threads(threads)
@@ -191,8 +194,9 @@ void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, 
         for (int64_t task = 0; task < rows * layer->kv_heads; task++) {
             int64_t m = task / layer->kv_heads, head = task % layer->kv_heads;
             int64_t at = ((m * layer->kv_heads + head) * capacity + length) * head_dim;
-            memcpy(key_cache + at, qkv + m * n + query_width + head * head_dim, sizeof(float) * (size_t)head_dim);
-            memcpy(value_cache + at, qkv + m * n + query_width + kv_width + head * head_dim, sizeof(float) * (size_t)head_dim);
+            const float *key = qkv + m * n + query_width + head * head_dim;
+            memcpy(key_cache + at, key, sizeof(float) * (size_t)head_dim);
+            memcpy(value_cache + at, key + kv_width, sizeof(float) * (size_t)head_dim);
         }
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < rows * layer->query_heads; task++) {
