@@ -2,12 +2,12 @@
 
 Decoding one request multiplies one row by every weight matrix, so a decode step takes about
 the time to stream the weights from memory: 538 MB for SmolLM2-135M in float32. In int8, one
-scale per output row, they are 135 MB. The kernels (``int8_kernels.c``, AVX2) convert each
+scale per block of 32 weights of a row (as llama.cpp's Q8_0), they are 152 MB. The kernels (``int8_kernels.c``, AVX2) convert each
 weight to float as they read it and multiply in float: weight-only quantization, the inputs
 and outputs stay float32, so an answer does not depend on the other requests of a batch beyond
 float rounding (as in float32), which quantizing the inputs too (llama.cpp's Q8_0 products)
 would break. On a 2-core AMD EPYC with AVX2, a decode step of SmolLM2-135M for one request
-(``components.common.fast_decode``): float32 through transformers about 80 ms, int8 about 13 ms.
+(``components.common.fast_decode``): float32 through transformers about 80 ms, int8 13 to 16 ms.
 
 The kernels are C, built once per machine with the system's C compiler (``$CC``, else ``cc``)
 into ``$TUNEPIPE_HOME/cache/kernels`` (about a second); where there is no compiler or no AVX2,
@@ -16,9 +16,10 @@ into ``$TUNEPIPE_HOME/cache/kernels`` (about a second); where there is no compil
 ``TUNEPIPE_SERVING_WEIGHTS`` (``auto``, the default, ``int8`` or ``float``) chooses the endpoint
 server's weights (:func:`serving_weights`): ``auto`` is int8 where the kernel builds and the
 model is in float32 on the CPU, else float (packed for oneDNN,
-``components.common.packed_linear``). Rounding each weight to one of 255 levels of its row
+``components.common.packed_linear``). Rounding each weight to one of 255 levels of its block
 changes the model a little: on the sample evaluation set the tuned model's answers were the same
-(60 of 60), while a long free-form answer drifts from the float32 one after some words.
+(60 of 60), while a long free-form answer drifts from the float32 one after some words (the
+README, "Decoding speed", has the measurements).
 ``float`` serves the exact model. Evaluate and the local teacher always generate in float.
 """
 from __future__ import annotations
@@ -202,7 +203,7 @@ def serving_weights(model: nn.Module) -> ServingWeights:
         raise ValueError(f"{SERVING_WEIGHTS_ENV}=int8, but {unavailable}")
     if unavailable:
         return ServingWeights("float", unavailable)
-    return ServingWeights("int8", "int8 kernel (AVX2), 4x less memory to stream per token"
+    return ServingWeights("int8", "int8 kernel (AVX2), 3.5x less memory to stream per token"
                           if setting == "auto" else f"{SERVING_WEIGHTS_ENV}=int8")
 
 
