@@ -184,7 +184,7 @@ def _shell_quote(text: str) -> str:
 
 # The phases a run's time is reported in, and the pipeline tasks each one covers.
 PHASE_TASKS = {"validate": ("validate-dataset",), "teacher": ("generate-rationales",),
-               "transform": ("transform",), "tune": ("tune",),
+               "transform": ("transform",), "tune": ("tuning-accelerator", "tune"),
                "evaluate": ("evaluate", "select-checkpoint"),
                "deploy": ("upload-model", "deploy-endpoint")}
 PIPELINE_PHASES = {"teacher"}  # phases of some pipelines only: shown when their task ran

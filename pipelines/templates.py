@@ -1,11 +1,12 @@
 """The pipeline templates: compiling them, and reading their parameters back from the YAML.
 
 Two templates per pipeline, from the same pipeline definitions: ``compiled/<name>.yaml`` (the
-portable template: the local runner executes it, open-source KFP runs it, the accelerators are
-task resources) and ``compiled/vertex/<name>.yaml`` (Vertex AI Pipelines: the tuner runs as a
-Vertex CustomJob, the model goes to the Vertex Model Registry and a Vertex endpoint; what
-`tunepipe publish` uploads). Their root ``inputDefinitions`` are the source of truth for
-parameter names, types and defaults.
+portable template: the local runner executes it, open-source KFP runs it, the tuner asks for the
+accelerators of the machine ``accelerator_type`` names as task resources) and
+``compiled/vertex/<name>.yaml`` (Vertex AI Pipelines: the tuner runs as a Vertex CustomJob, the
+model goes to the Vertex Model Registry and a Vertex endpoint; what `tunepipe publish`
+uploads). Their root ``inputDefinitions`` are the source of truth for parameter names, types and
+defaults.
 """
 from __future__ import annotations
 

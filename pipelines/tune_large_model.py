@@ -8,10 +8,9 @@ from components.evaluate.component import evaluate
 from components.generate_rationales.component import generate_rationales
 from components.select_checkpoint.component import select_checkpoint
 from components.transform.component import transform
-from components.tune.component import tune
 from components.upload_model.component import upload_model
 from components.validate_dataset.component import validate_dataset
-from pipelines.vertex import (PORTABLE, TUNING_MACHINES, VERTEX, tune_as_custom_job,
+from pipelines.vertex import (PORTABLE, VERTEX, tune_as_custom_job, tune_as_task,
                               upload_and_deploy_on_vertex)
 
 
@@ -29,9 +28,9 @@ def tuning_tasks(*, target: str, dataset_format: str, default_context, project,
     defined first); the arguments are its parameters or constants (``dataset_format`` always a
     constant: ``text``, ``chat`` or ``distillation``; ``large_model_reference`` is the student
     in distillation). ``target`` (:mod:`pipelines.vertex`) says where tune, upload and deploy
-    run: ``portable`` as tasks of the template (the tuner asks for 8x A100 80GB as task
-    resources), ``vertex`` as a Vertex CustomJob on the accelerator_type's machine and in the
-    Vertex Model Registry and endpoints.
+    run: ``portable`` as tasks of the template (the tuner asks for the accelerators of the
+    accelerator_type's machine as task resources), ``vertex`` as a Vertex CustomJob on that
+    machine and in the Vertex Model Registry and endpoints.
     """
     if target not in (PORTABLE, VERTEX):
         raise ValueError(f"target must be {PORTABLE!r} or {VERTEX!r}, got {target!r}")
@@ -69,7 +68,7 @@ def tuning_tasks(*, target: str, dataset_format: str, default_context, project,
         learning_rate_multiplier=learning_rate_multiplier,
         evaluation_interval=evaluation_interval,
         enable_early_stopping=enable_early_stopping,
-        accelerator_type=accelerator_type,
+        accelerator=accelerator_type,
         max_context_length=max_context_length,
         tensorboard_resource_id=tensorboard_resource_id,
     )
@@ -79,13 +78,7 @@ def tuning_tasks(*, target: str, dataset_format: str, default_context, project,
             encryption_spec_key_name=encryption_spec_key_name,
             tensorboard_resource_id=tensorboard_resource_id)
     else:
-        # The KFP local runner cannot join branch outputs (dsl.OneOf of artifacts), so the
-        # portable template asks for the GPU machine whatever accelerator_type says.
-        gpu = TUNING_MACHINES["GPU"]
-        tuner = tune(**tune_inputs).set_display_name("Tune").set_caching_options(False)
-        tuner.set_accelerator_type(gpu.accelerator_type).set_accelerator_limit(
-            gpu.accelerator_count)
-        tuned_model = tuner.outputs["tuned_model"]
+        tuned_model = tune_as_task(tune_inputs, accelerator_type=accelerator_type)
 
     evaluated = evaluate(
         tuned_model=tuned_model,

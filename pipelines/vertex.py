@@ -1,9 +1,11 @@
 """The targets a pipeline compiles for, and the tasks that differ on Vertex AI.
 
 ``portable``: the template the KFP local runner and open-source Kubeflow Pipelines run; every
-task is a container of the project's image, the tuner asks for its accelerators as task
-resources, and upload_model and deploy_endpoint register and serve the model (inside their own
-task on the local runner; as a model artifact and a KServe InferenceService in a cluster).
+task is a container of the project's image, the tuner asks for the accelerators of the machine
+``accelerator_type`` names as task resources (a ``tuning-accelerator`` task looks them up at run
+time; the local runner ignores them), and upload_model and deploy_endpoint register and serve
+the model (inside their own task on the local runner; as a model artifact and a KServe
+InferenceService in a cluster).
 ``vertex``: the template for Vertex AI Pipelines; the tuner runs as a Vertex CustomJob on the
 machine ``accelerator_type`` names, in that machine's region, and the selected checkpoint goes
 to the Vertex Model Registry and a Vertex endpoint served by the project's image
@@ -68,6 +70,50 @@ def tune_as_custom_job(tune_inputs: dict, *, accelerator_type, project, encrypti
     with dsl.Else(name="tune-on-tpu"):
         on_tpu = tune_on("TPU")
     return dsl.OneOf(on_gpu.outputs["tuned_model"], on_tpu.outputs["tuned_model"])
+
+
+@dsl.component(base_image=BASE_IMAGE)
+def tuning_accelerator(
+    accelerator: str, machines: dict,
+) -> NamedTuple("TuningAccelerator", accelerator_type=str, accelerator_count=str):
+    """The accelerator type and count of ``machines[accelerator]`` (``accelerator``: GPU or
+    TPU), both strings: KFP's driver reads a resource placeholder's value as a string."""
+    from collections import namedtuple
+
+    if accelerator not in machines:
+        raise ValueError(f"accelerator_type must be one of {', '.join(machines)}, "
+                         f"got {accelerator!r}")
+    machine = machines[accelerator]
+    return namedtuple("TuningAccelerator", ["accelerator_type", "accelerator_count"])(
+        machine["accelerator_type"], machine["accelerator_count"])
+
+
+def tune_as_task(tune_inputs: dict, *, accelerator_type):
+    """The tune component as a task of the template, asking for the accelerators of
+    ``accelerator_type``'s machine as its resources; returns its tuned model.
+
+    A ``tuning_accelerator`` task maps accelerator_type to the accelerator type and count at run
+    time (the KFP local runner cannot join branch outputs, so no ``dsl.If`` and ``dsl.OneOf`` as
+    on Vertex); open-source KFP (2.4 and later) fills the tuner's resources in from its outputs.
+    KFP's compiler also gives the tuner task inputs named ``accelerator_type`` and
+    ``accelerator_count`` (the resource fields' names) holding those outputs, which is why the
+    tune component's own input is ``accelerator``: one named ``accelerator_type`` would be
+    replaced by the resource type.
+    """
+    from components.tune.component import tune
+
+    machines = {accelerator: {"accelerator_type": machine.accelerator_type,
+                              "accelerator_count": str(machine.accelerator_count)}
+                for accelerator, machine in TUNING_MACHINES.items()}
+    machine_lookup = tuning_accelerator(accelerator=accelerator_type, machines=machines)
+    machine_lookup.set_display_name("Tuning Accelerator")
+    tuner = tune(**tune_inputs).set_display_name("Tune").set_caching_options(False)
+    tuner.set_accelerator_type(machine_lookup.outputs["accelerator_type"]).set_accelerator_limit(
+        machine_lookup.outputs["accelerator_count"])
+    # Outputs used as resources make no dependency (kfp 2.17): without it the local runner and
+    # KFP's DAG may start the tuner before the lookup has run.
+    tuner.after(machine_lookup)
+    return tuner.outputs["tuned_model"]
 
 
 @dsl.component(base_image=BASE_IMAGE)

@@ -65,7 +65,7 @@ def tune_and_deploy(job: dict, outputs: Path) -> dict:
         tokenized_dataset=tokenized, train_steps=0,
         learning_rate_multiplier=job["learningRateMultiplier"],
         evaluation_interval=settings.steps_for_epochs(1, examples, batch_size),
-        enable_early_stopping=False, accelerator_type=ACCELERATOR_TYPE,
+        enable_early_stopping=False, accelerator=ACCELERATOR_TYPE,
         tensorboard_resource_id="", tuned_model=tuned,
         training_metrics=artifact(dsl.Metrics, "training_metrics"),
         loss_curve=artifact(dsl.Markdown, "loss_curve"), adapter_size=job["adapterSize"],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -9,6 +10,7 @@ import yaml
 from pipelines.local_run import request_from_file
 from pipelines.templates import (COMPILED_DIR, IMAGE_ENV, VERTEX_SUBDIR, ParameterError,
                                  bind_parameters, compile_all, read_template, template_path)
+from pipelines.vertex import tuning_accelerator
 
 SPEC_PARAMETERS = {  # SPEC.md's table for tune-large-model: name -> (type, default)
     "project": ("STRING", None), "location": ("STRING", ""), "model_display_name": ("STRING", None),
@@ -73,6 +75,38 @@ def test_distillation_runs_the_teacher_between_validation_and_transform():
         "runtimeValue": {"constant": "distillation"}}
     assert tasks["tune"]["inputs"]["parameters"]["large_model_reference"] == {
         "componentInputParameter": "student_model_reference"}
+
+
+PORTABLE_TUNER_ACCELERATORS = {  # accelerator_type -> (accelerator type, count) of the tune task
+    "GPU": ("NVIDIA_A100_80GB", "8"),
+    "TPU": ("TPU_V3", "64"),
+}
+INPUT_PLACEHOLDER = re.compile(r"\{\{\$\.inputs\.parameters\['(?P<name>[^']+)'\]\}\}")
+
+
+@pytest.mark.parametrize("name", ["tune-large-model", "tune-large-chat-model", "distillation"])
+def test_the_portable_tuner_asks_for_the_accelerator_type_s_machine(name):
+    spec = yaml.safe_load(template_path(name).read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    lookup = tasks["tuning-accelerator"]["inputs"]["parameters"]
+    assert lookup["accelerator"] == {"componentInputParameter": "accelerator_type"}
+    machines = lookup["machines"]["runtimeValue"]["constant"]
+    for accelerator_type, expected in PORTABLE_TUNER_ACCELERATORS.items():
+        assert tuple(tuning_accelerator.python_func(accelerator_type, machines)) == expected
+    with pytest.raises(ValueError, match="accelerator_type must be one of GPU, TPU, got 'gpu'"):
+        tuning_accelerator.python_func("gpu", machines)
+
+    tuner = tasks["tune"]
+    assert "tuning-accelerator" in tuner["dependentTasks"]
+    assert tuner["inputs"]["parameters"]["accelerator"] == {
+        "componentInputParameter": "accelerator_type"}  # the batch size rule
+    executor = spec["components"][tuner["componentRef"]["name"]]["executorLabel"]
+    resources = spec["deploymentSpec"]["executors"][executor]["container"]["resources"]
+    for field, output in (("resourceType", "accelerator_type"),
+                          ("resourceCount", "accelerator_count")):
+        placeholder = INPUT_PLACEHOLDER.fullmatch(resources["accelerator"][field])
+        assert tuner["inputs"]["parameters"][placeholder["name"]] == {"taskOutputParameter": {
+            "producerTask": "tuning-accelerator", "outputParameterKey": output}}
 
 
 def test_unknown_and_mistyped_parameters_are_all_named():

@@ -12,7 +12,7 @@ def tune(
     learning_rate_multiplier: float,
     evaluation_interval: int,
     enable_early_stopping: bool,
-    accelerator_type: str,
+    accelerator: str,  # not accelerator_type: see pipelines.vertex.tune_as_task
     max_context_length: str,
     tensorboard_resource_id: str,
     tuned_model: dsl.Output[dsl.Model],
@@ -34,8 +34,8 @@ def tune(
         learning_rate_multiplier: Multiplies the catalog's recommended learning rate.
         evaluation_interval: Steps between evaluations and checkpoints (with evaluation data).
         enable_early_stopping: Stop when eval token accuracy stops improving.
-        accelerator_type: GPU or TPU; sets the batch size (8, or 24 for 8k models on TPU);
-            the environment variable TUNEPIPE_BATCH_SIZE overrides it.
+        accelerator: GPU or TPU (the pipeline's accelerator_type); sets the batch size (8, or 24
+            for 8k models on TPU); the environment variable TUNEPIPE_BATCH_SIZE overrides it.
         max_context_length: '8k', '32k' or '' for what the model name implies.
         tensorboard_resource_id: Vertex TensorBoard to receive the metrics (recorded locally).
         tuned_model: Checkpoints, metrics.jsonl, TensorBoard events and the loss curve.
@@ -60,7 +60,7 @@ def tune(
     model = resolve_model(large_model_reference)
     train_dir = os.path.join(tokenized_dataset.path, "train")
     batch_size = settings.batch_size(settings.context_class(model, max_context_length),
-                                     accelerator_type)
+                                     accelerator)
     steps = train_steps if epoch_count <= 0 else settings.steps_for_epochs(
         epoch_count, len(TokenDataset(train_dir)), batch_size)
     config = TuneConfig(
@@ -77,7 +77,7 @@ def tune(
         model.to_dict(), train_dir, eval_dir if os.path.isdir(eval_dir) else None,
         tuned_model.path, config, resume=True,
         run_metadata={"tensorboard_resource_id": tensorboard_resource_id,
-                      "accelerator_type": accelerator_type})
+                      "accelerator_type": accelerator})
 
     tuned_model.metadata.update({
         "base_model": model.to_dict(), "final_step": result.final_step,
