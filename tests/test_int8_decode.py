@@ -43,6 +43,9 @@ def test_int8_linear_multiplies_by_its_dequantized_weight(out_features, bias, ro
     expected = nn.functional.linear(x, layer.dequantized_weight(), linear.bias)
     assert layer(x).shape == (2, rows, out_features)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    if 2 * rows >= int8_linear.DEQUANTIZE_FROM_ROWS:  # BLAS on the float weight: as the kernel
+        by_kernel = torch.cat([layer(x[:, start:start + 64]) for start in range(0, rows, 64)], 1)
+        torch.testing.assert_close(layer(x), by_kernel, rtol=1e-5, atol=1e-5)
     # and the quantization itself is close to the float layer: within half a level of its block
     blocks = linear.weight.detach().view(out_features, -1, 32)
     error = (layer.dequantized_weight() - linear.weight).abs().view(out_features, -1, 32)

@@ -2,12 +2,13 @@
 
 Decoding one request multiplies one row by every weight matrix, so a decode step takes about
 the time to stream the weights from memory: 538 MB for SmolLM2-135M in float32. In int8, one
-scale per block of 32 weights of a row (as llama.cpp's Q8_0), they are 152 MB. The kernels (``int8_kernels.c``, AVX2) convert each
-weight to float as they read it and multiply in float: weight-only quantization, the inputs
-and outputs stay float32, so an answer does not depend on the other requests of a batch beyond
-float rounding (as in float32), which quantizing the inputs too (llama.cpp's Q8_0 products)
-would break. On a 2-core AMD EPYC with AVX2, a decode step of SmolLM2-135M for one request
-(``components.common.fast_decode``): float32 through transformers about 80 ms, int8 13 to 16 ms.
+scale per block of 32 weights of a row (as llama.cpp's Q8_0), they are 152 MB. The kernels
+(``int8_kernels.c``, AVX2) convert each weight to float as they read it and multiply in float:
+weight-only quantization, the inputs and outputs stay float32, so an answer does not depend on
+the other requests of a batch beyond float rounding (as in float32), which quantizing the
+inputs too (llama.cpp's Q8_0 products) would break. On a 2-core AMD EPYC with AVX2, a decode
+step of SmolLM2-135M for one request (``components.common.fast_decode``): float32 through
+transformers about 80 ms, int8 12 to 17 ms.
 
 The kernels are C, built once per machine with the system's C compiler (``$CC``, else ``cc``)
 into ``$TUNEPIPE_HOME/cache/kernels`` (about a second); where there is no compiler or no AVX2,
