@@ -139,10 +139,10 @@ class FastDecodeStep:
                 hidden = hidden + self._attention(index, layer, hidden, cos, sin, padding,
                                                   cache.layers[index])
                 mlp = layer.mlp
-                normed = _rms_norm(layer.post_attention_layernorm, hidden)
+                normed = rms_norm(layer.post_attention_layernorm, hidden)
                 hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed))
                                                 * mlp.up_proj(normed))
-        return self.model.lm_head(_rms_norm(inner.norm, hidden))[:, -1, :]
+        return self.model.lm_head(rms_norm(inner.norm, hidden))[:, -1, :]
 
     def _int8_layer(self, index: int, weights: DecoderLayerWeights, hidden: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
@@ -159,7 +159,7 @@ class FastDecodeStep:
                    sin: torch.Tensor, padding: torch.Tensor | None, cache_layer) -> torch.Tensor:
         attention = layer.self_attn
         rows, head_dim = hidden.shape[0], attention.head_dim
-        normed = _rms_norm(layer.input_layernorm, hidden)
+        normed = rms_norm(layer.input_layernorm, hidden)
         query = attention.q_proj(normed).view(rows, 1, -1, head_dim).transpose(1, 2)
         key = attention.k_proj(normed).view(rows, 1, -1, head_dim).transpose(1, 2)
         value = attention.v_proj(normed).view(rows, 1, -1, head_dim).transpose(1, 2)
@@ -186,7 +186,7 @@ class FastDecodeStep:
         return buffers[0], buffers[1], length
 
 
-def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """transformers' LlamaRMSNorm in one operation."""
     return F.rms_norm(hidden, (hidden.shape[-1],), norm.weight, norm.variance_epsilon)
 

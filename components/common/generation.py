@@ -5,11 +5,15 @@
 - prompts are tokenized (``prompt_token_ids``), sorted by length and cut into batches of at most
   ``batch_size`` rows and ``max_batch_tokens`` padded prompt tokens, so rows of a batch have
   similar lengths and little padding;
-- each batch runs its prompts' common token prefix (the chat template's system turn, shared
-  instructions) once and copies its cache to every row, then the rest of every prompt, left
-  padded after the prefix (padding masked out), into a ``DynamicCache``; then one token per
-  step for every unfinished row; position ids count real tokens only, so a padded row computes
-  what it would alone;
+- each batch is prefilled into a ``DynamicCache``, then decodes one token per step for every
+  unfinished row. Llama-architecture models prefill the batch's prompts packed into one
+  sequence, each after the longest start it shares with a prompt prefilled before (the chat
+  template's system turn, shared instructions, earlier turns of a conversation:
+  ``components.common.packed_prefill``, ``components.common.prefix_cache``). Other models run
+  the prompts' common token prefix once, copy its cache to every row, then the rest of every
+  prompt left padded after the prefix (padding masked out). Rows of the cache are left padded
+  to the longest, and position ids count real tokens only, so a row computes what it would
+  alone;
 - a row stops at an end-of-turn id (``prompts.end_of_turn_token_ids``; not part of the output)
   or after ``max_output_tokens`` tokens; finished rows are dropped from the batch (and from the
   cache) at once, and when half the rows are free the next prompts are prefilled and merged in
@@ -45,6 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from components.common.fast_decode import FastDecodeStep, supports_fast_decode
+from components.common.packed_prefill import PackedPrefill
+from components.common.prefix_cache import PrefixCache
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_BATCH_TOKENS = 16384  # rows x longest prompt in a batch (prefill activations)
@@ -203,9 +209,11 @@ def decoded_generation(tokenizer, prompt: Sequence[int],
 def generate_token_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                        stop_token_ids: Sequence[int], pad_token_id: int,
                        batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
-                       max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[tuple[list[int], str]]:
-    """``(output token ids, finish reason)`` for every tokenized prompt, in order."""
-    batch = DecodeBatch(model, stop_token_ids, pad_token_id)
+                       max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                       prefix_cache: PrefixCache | None = None) -> list[tuple[list[int], str]]:
+    """``(output token ids, finish reason)`` for every tokenized prompt, in order;
+    ``prefix_cache``: as ``DecodeBatch`` takes it."""
+    batch = DecodeBatch(model, stop_token_ids, pad_token_id, prefix_cache)
     prompts = batch.fit_to_context(prompts, params.max_output_tokens)
     sampling = batch.sampling(params, seed)
     queue = deque(plan_batches([len(p) for p in prompts], batch_size, max_batch_tokens))
@@ -245,10 +253,15 @@ class DecodeBatch:
     ``generate_token_ids`` runs its planned batches on it; the endpoint server its requests.
     """
 
-    def __init__(self, model, stop_token_ids: Sequence[int], pad_token_id: int):
+    def __init__(self, model, stop_token_ids: Sequence[int], pad_token_id: int,
+                 prefix_cache: PrefixCache | None = None):
+        """``prefix_cache``: where prefills of Llama-architecture models find and leave prompts'
+        keys and values (``components.common.prefix_cache``; default: one of this batch's own)."""
         self.device = _model_device(model)
         self.context = _context_length(model)
-        self._decoder = _Decoder(model, stop_token_ids, pad_token_id, self.device)
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
+        self._decoder = _Decoder(model, stop_token_ids, pad_token_id, self.device,
+                                 self.prefix_cache)
         self._running: _Running | None = None
 
     @property
@@ -319,7 +332,7 @@ class DecodeBatch:
         """Drops every row, running or finished (after a failed step)."""
         self._running = None
         self._decoder = _Decoder(self._decoder.model, self._decoder.stop_token_ids,
-                                 self._decoder.pad_token_id, self.device)
+                                 self._decoder.pad_token_id, self.device, self.prefix_cache)
 
 
 @dataclass
@@ -339,13 +352,16 @@ class _Decoder:
     """Prefill, decode steps and merges for ``DecodeBatch``."""
 
     def __init__(self, model, stop_token_ids: Sequence[int], pad_token_id: int,
-                 device: torch.device):
+                 device: torch.device, prefix_cache: PrefixCache):
         self.model = model
         self.stop_token_ids = list(stop_token_ids)
         self.pad_token_id = pad_token_id
         self.device = device
+        self.prefix_cache = prefix_cache
         self.cache_argument = _cache_argument_name(model)
-        self.fast_step = FastDecodeStep(model) if supports_fast_decode(model) else None
+        fast = supports_fast_decode(model)
+        self.fast_step = FastDecodeStep(model) if fast else None
+        self.packed_prefill = PackedPrefill(model) if fast else None
         self.stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
         self.outputs: dict[int, list[int]] = {}
         self.reasons: dict[int, str] = {}
@@ -359,9 +375,39 @@ class _Decoder:
 
     def prefill(self, prompts: list[list[int]], rows: list[int],
                 samplings: list[RowSampling]) -> _Running | None:
-        """Runs a group of prompts; their common prefix (the chat template's system turn, shared
-        instructions) once, its cache copied to every row, then the rest of each prompt left
-        padded after it: row = [prefix][padding][rest], positions counting real tokens only."""
+        """Runs a group of prompts and chooses each one's first token."""
+        for row in rows:
+            self.outputs[row] = []
+            self.reasons[row] = FINISH_LENGTH
+        prefill = self._prefill_packed if self.packed_prefill else self._prefill_padded
+        cache, attention_mask, logits = prefill(prompts)
+        state = _Running(cache, attention_mask, attention_mask.sum(-1),
+                         torch.zeros(len(prompts), dtype=torch.long, device=self.device),
+                         list(rows), list(samplings))
+        return self._choose(state, logits)
+
+    def _prefill_packed(self, prompts: list[list[int]]):
+        """Prompts packed into one sequence (``components.common.packed_prefill``), each after
+        the longest start it shares with a prompt in the prefix cache; a start common to the
+        whole group and not cached yet is prefilled first, once, and cached."""
+        cache = self.prefix_cache
+        matches = [cache.longest(prompt) for prompt in prompts]
+        shared = common_prefix_length(prompts) if len(prompts) > 1 else 0
+        if shared >= MIN_SHARED_PREFIX and min(match.length for match in matches) < shared:
+            start = prompts[0][:shared]
+            cache.add(start, self.packed_prefill([start], [cache.longest(start)]).prompt_layers[0])
+            matches = [cache.longest(prompt) for prompt in prompts]
+        result = self.packed_prefill(prompts, matches)
+        for prompt, match, layers in zip(prompts, matches, result.prompt_layers):
+            cache.record(len(prompt), match.length)
+            cache.add(prompt, layers)
+        return result.cache, result.attention_mask, result.logits
+
+    def _prefill_padded(self, prompts: list[list[int]]):
+        """Prompts through the model's forward: their common prefix (the chat template's system
+        turn, shared instructions) once, its cache copied to every row, then the rest of each
+        prompt left padded after it: row = [prefix][padding][rest], positions counting real
+        tokens only."""
         from transformers import DynamicCache
 
         count = len(prompts)
@@ -384,14 +430,8 @@ class _Decoder:
         input_ids, rest_mask = input_ids.to(self.device), rest_mask.to(self.device)
         attention_mask = torch.cat([rest_mask.new_ones((count, shared)), rest_mask], dim=-1)
         position_ids = shared + (rest_mask.cumsum(-1) - 1).clamp(min=0)
-        for row in rows:
-            self.outputs[row] = []
-            self.reasons[row] = FINISH_LENGTH
         logits = self._forward(input_ids, attention_mask, position_ids, cache, logits_to_keep=1)
-        state = _Running(cache, attention_mask, shared + rest_mask.sum(-1),
-                         torch.zeros(count, dtype=torch.long, device=self.device), list(rows),
-                         list(samplings))
-        return self._choose(state, logits)
+        return cache, attention_mask, logits
 
     def step(self, state: _Running) -> _Running | None:
         """Feeds every row its pending token and chooses the next one."""

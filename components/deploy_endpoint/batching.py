@@ -28,6 +28,7 @@ from typing import Sequence
 
 from components.common.generation import (DEFAULT_MAX_BATCH_TOKENS, DecodeBatch, RowSampling,
                                           SamplingParams, generate_token_ids)
+from components.common.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 
 DEFAULT_MAX_ROWS = 32  # rows decoded together
 DEFAULT_MAX_QUEUED = 64  # requests waiting for a place in the batch
@@ -55,14 +56,16 @@ class GenerationWorker:
     def __init__(self, model, stop_token_ids: Sequence[int], pad_token_id: int, *,
                  batching: bool = True, max_rows: int = DEFAULT_MAX_ROWS,
                  max_queued: int = DEFAULT_MAX_QUEUED,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         if max_rows < 1 or max_queued < 0:
             raise ValueError(f"max_rows must be >= 1 and max_queued >= 0, got {max_rows} and "
                              f"{max_queued}")
         self.model, self.stop_token_ids, self.pad_token_id = model, stop_token_ids, pad_token_id
         self.batching, self.max_rows, self.max_queued = batching, max_rows, max_queued
         self.max_batch_tokens = max_batch_tokens
-        self._batch = DecodeBatch(model, stop_token_ids, pad_token_id)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)  # for every request, alone or not
+        self._batch = DecodeBatch(model, stop_token_ids, pad_token_id, self.prefix_cache)
         self._waiting: deque[_Request] = deque()
         self._active: dict[int, _Request] = {}  # row -> its request
         self._row_ids = itertools.count()
@@ -98,7 +101,8 @@ class GenerationWorker:
         return {"enabled": self.batching, "max_rows": self.max_rows,
                 "max_queued": self.max_queued, "queued": queued,
                 "running_rows": self._batch.rows, "decode_steps": self._steps,
-                "mean_rows_per_step": round(self._stepped_rows / max(self._steps, 1), 2)}
+                "mean_rows_per_step": round(self._stepped_rows / max(self._steps, 1), 2),
+                "prefix_cache": self.prefix_cache.describe()}
 
     def close(self) -> None:
         """Stops the worker once the requests already submitted are answered."""
@@ -162,7 +166,7 @@ class GenerationWorker:
             request.future.set_result(generate_token_ids(
                 self.model, request.prompts, params, stop_token_ids=self.stop_token_ids,
                 pad_token_id=self.pad_token_id, batch_size=self.max_rows, seed=request.seed,
-                max_batch_tokens=self.max_batch_tokens))
+                max_batch_tokens=self.max_batch_tokens, prefix_cache=self.prefix_cache))
             return
         prompts, rows, samplings = [], [], []
         for request in admitted:

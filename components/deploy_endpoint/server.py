@@ -43,7 +43,9 @@ decodes all of them in one batch that requests join and leave between decode ste
 (``components.deploy_endpoint.batching``; ``--max-batch-rows``, ``--no-batching``). A request
 that finds ``--max-queued`` requests already waiting is answered 503 at once, with
 ``Retry-After: 1`` and ``{"error": "the endpoint is busy: ..."}`` (OpenAI routes: ``"type":
-"server_error"``); ``GET /`` shows the batching settings and load under ``batching``.
+"server_error"``); ``GET /`` shows the batching settings and load under ``batching``. Prompts
+that start as recent ones (every chat prompt's system turn, a conversation's earlier turns)
+reuse their keys and values (``components.common.prefix_cache``; ``--prefix-cache-mb``).
 
 Run it with ``python -m components.deploy_endpoint.server --name N --model-dir D --ready-file F``;
 it binds a free port on 127.0.0.1 and writes ``{"port": ...}`` to the ready file once it serves.
@@ -497,6 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     # another process busy on a 2-core machine, the embedded model decoded 3.3 tokens/s
     # spinning against 11.7 passive (and about 15% faster spinning on an idle machine).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from components.common.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
     from components.deploy_endpoint.batching import DEFAULT_MAX_QUEUED, DEFAULT_MAX_ROWS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -512,9 +515,15 @@ def main(argv: list[str] | None = None) -> None:
                              "answered 503 (default %(default)s)")
     parser.add_argument("--no-batching", action="store_true",
                         help="serve one request at a time (the benchmark's baseline)")
+    parser.add_argument("--prefix-cache-mb", type=int,
+                        default=DEFAULT_PREFIX_CACHE_BYTES // 2**20,
+                        help="memory for the keys and values of recent prompts, which prompts "
+                             "starting the same way reuse (0: none; default %(default)s)")
     args = parser.parse_args(argv)
+    if args.prefix_cache_mb < 0:
+        parser.error(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
     batching = {"batching": not args.no_batching, "max_rows": args.max_batch_rows,
-                "max_queued": args.max_queued}
+                "max_queued": args.max_queued, "prefix_cache_bytes": args.prefix_cache_mb * 2**20}
     if os.environ.get(VERTEX_PORT_ENV):
         serve_on_vertex(args.name, **batching)
         return
