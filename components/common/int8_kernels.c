@@ -48,12 +48,77 @@ static inline __m256 load_weights(const int8_t *w) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
 }
 
+/* Rows m..m+R-1 of y for the 4 output rows j0..j0+3 whose weights, converted to float, are
+ * wf (4 x k, row after row). R <= 3: 12 accumulators, 3 inputs and a weight fill the 16 AVX2
+ * registers. The lanes add in the same order as in multiply_few_rows, so both give the same
+ * bits. */
+static inline void multiply_converted(const float *wf, int64_t k, const float *x,
+                                      int64_t x_stride, int64_t m, const int R, const float *bias,
+                                      int64_t j0, float *y, int64_t y_stride) {
+    __m256 acc[3][GROUP];
+    for (int i = 0; i < R; i++)
+        for (int r = 0; r < GROUP; r++) acc[i][r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < k; c += 8) {
+        __m256 in[3];
+        for (int i = 0; i < R; i++) in[i] = _mm256_loadu_ps(x + (m + i) * x_stride + c);
+        for (int r = 0; r < GROUP; r++) {
+            __m256 weights = _mm256_loadu_ps(wf + r * k + c);
+            for (int i = 0; i < R; i++) acc[i][r] = _mm256_fmadd_ps(weights, in[i], acc[i][r]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int r = 0; r < GROUP; r++)
+            y[(m + i) * y_stride + j0 + r] =
+                horizontal_sum(acc[i][r]) + (bias ? bias[j0 + r] : 0.0f);
+}
+
 /* y[m, j] = x[m] . w[j] + bias[j] for rows x of w->k floats (x_stride apart), rows of y
  * y_stride apart. Shares its output rows among the threads of the enclosing OpenMP region
- * (ends with its barrier). Two input rows at a time share each converted weight: made for the
- * few rows of a decode step (Int8Linear multiplies many rows by the float weight instead). */
+ * (ends with its barrier). From MANY_ROWS rows on, each group of 4 weight rows is converted to
+ * float once, into a buffer of the thread's, and every row multiplies it; fewer rows convert
+ * each weight as they read it, two rows at a time (a decode step of one request reads the
+ * weights once, and memory bandwidth decides its speed). */
+#define MANY_ROWS 4
+#define ROW_CHUNK 48 /* rows multiplied by each converted group in turn: 48 x 1536 floats, 288 KB */
+static void multiply_few_rows(const Int8Matrix *w, const float *x, int64_t x_stride,
+                              int64_t rows, float *y, int64_t y_stride);
+
 static void multiply(const Int8Matrix *w, const float *x, int64_t x_stride, int64_t rows,
                      float *y, int64_t y_stride) {
+    if (rows < MANY_ROWS) {
+        multiply_few_rows(w, x, x_stride, rows, y, y_stride);
+        return;
+    }
+    int64_t blocks = w->k / BLOCK;
+    float *wf = checked_malloc(sizeof(float) * (size_t)(GROUP * w->k));
+    for (int64_t first = 0; first < rows; first += ROW_CHUNK) { /* its inputs stay in cache */
+        int64_t last = first + ROW_CHUNK < rows ? first + ROW_CHUNK : rows;
+        #pragma omp for schedule(static)
+        for (int64_t group = 0; group < w->n / GROUP; group++) {
+            const int8_t *wg = w->weight + group * GROUP * w->k;
+            const float *scales = w->scale + group * blocks * GROUP;
+            for (int64_t b = 0; b < blocks; b++)
+                for (int r = 0; r < GROUP; r++) {
+                    __m256 scale = _mm256_broadcast_ss(scales + b * GROUP + r);
+                    for (int c = 0; c < BLOCK; c += 8)
+                        _mm256_storeu_ps(wf + r * w->k + b * BLOCK + c,
+                                         _mm256_mul_ps(load_weights(wg + (b * GROUP + r) * BLOCK + c),
+                                                       scale));
+                }
+            int64_t m = first, j0 = group * GROUP;
+            for (; m + 3 <= last; m += 3)
+                multiply_converted(wf, w->k, x, x_stride, m, 3, w->bias, j0, y, y_stride);
+            if (last - m == 2)
+                multiply_converted(wf, w->k, x, x_stride, m, 2, w->bias, j0, y, y_stride);
+            else if (last - m == 1)
+                multiply_converted(wf, w->k, x, x_stride, m, 1, w->bias, j0, y, y_stride);
+        }
+    }
+    free(wf);
+}
+
+static void multiply_few_rows(const Int8Matrix *w, const float *x, int64_t x_stride,
+                              int64_t rows, float *y, int64_t y_stride) {
     int64_t blocks = w->k / BLOCK;
     #pragma omp for schedule(static)
     for (int64_t group = 0; group < w->n / GROUP; group++) {
@@ -125,38 +190,55 @@ typedef struct {
     int64_t hidden_size, head_dim, query_heads, kv_heads, inner;
 } DecoderLayer;
 
-static inline float dot(const float *a, const float *b, int64_t n) { /* n: a multiple of 8 */
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    return horizontal_sum(acc);
-}
-
-static inline void add_scaled(float *y, float a, const float *x, int64_t n) { /* y += a x */
-    __m256 scale = _mm256_set1_ps(a);
-    for (int64_t i = 0; i < n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(scale, _mm256_loadu_ps(x + i),
-                                                _mm256_loadu_ps(y + i)));
-}
-
-/* Softmax attention of one query head over positions 0..length of its key/value head, skipping
- * the positions whose mask is 0 (mask NULL: none). */
-static void attend(const float *query, const float *keys, const float *values, int64_t length,
-                   const int64_t *mask, int64_t head_dim, float scale, float *scores, float *out) {
-    float top = -INFINITY;
-    for (int64_t t = 0; t <= length; t++) {
-        scores[t] = mask && !mask[t] ? -INFINITY
-                                     : dot(query, keys + t * head_dim, head_dim) * scale;
-        top = fmaxf(top, scores[t]);
+/* Softmax attention of the `heads` query heads that share one key/value head (head_dim
+ * apart in queries and out), over positions 0..length of its keys and values, skipping the
+ * positions whose mask is 0 (mask NULL: none); scores: heads x (length + 1) floats of room.
+ * Each key is read once for all the heads (up to 4 dot products side by side), and each head's
+ * output stays in registers, 64 dimensions at a time, while the values stream past. */
+static void attend(const float *queries, int64_t heads, const float *keys, const float *values,
+                   int64_t length, const int64_t *mask, int64_t head_dim, float scale,
+                   float *scores, float *out) {
+    int64_t positions = length + 1;
+    for (int64_t t = 0; t < positions; t++) {
+        const float *key = keys + t * head_dim;
+        for (int64_t h0 = 0; h0 < heads; h0 += 4) {
+            int64_t count = heads - h0 < 4 ? heads - h0 : 4;
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                             _mm256_setzero_ps()};
+            if (!mask || mask[t])
+                for (int64_t d = 0; d < head_dim; d += 8) {
+                    __m256 k = _mm256_loadu_ps(key + d);
+                    for (int64_t h = 0; h < count; h++)
+                        acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(queries + (h0 + h) * head_dim + d),
+                                                 k, acc[h]);
+                }
+            for (int64_t h = 0; h < count; h++)
+                scores[(h0 + h) * positions + t] =
+                    mask && !mask[t] ? -INFINITY : horizontal_sum(acc[h]) * scale;
+        }
     }
-    float total = 0.0f;
-    for (int64_t t = 0; t <= length; t++) {
-        scores[t] = scores[t] == -INFINITY ? 0.0f : expf(scores[t] - top);
-        total += scores[t];
+    for (int64_t h = 0; h < heads; h++) {
+        float *p = scores + h * positions, top = -INFINITY, total = 0.0f;
+        for (int64_t t = 0; t < positions; t++) top = fmaxf(top, p[t]);
+        for (int64_t t = 0; t < positions; t++) {
+            p[t] = p[t] == -INFINITY ? 0.0f : expf(p[t] - top);
+            total += p[t];
+        }
+        for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
+            int64_t chunks = head_dim - d0 < 64 ? (head_dim - d0) / 8 : 8;
+            __m256 acc[8];
+            for (int64_t c = 0; c < chunks; c++) acc[c] = _mm256_setzero_ps();
+            for (int64_t t = 0; t < positions; t++) {
+                if (p[t] == 0.0f) continue;
+                __m256 weight = _mm256_set1_ps(p[t] / total);
+                const float *value = values + t * head_dim + d0;
+                for (int64_t c = 0; c < chunks; c++)
+                    acc[c] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + 8 * c), acc[c]);
+            }
+            for (int64_t c = 0; c < chunks; c++)
+                _mm256_storeu_ps(out + h * head_dim + d0 + 8 * c, acc[c]);
+        }
     }
-    memset(out, 0, sizeof(float) * (size_t)head_dim);
-    for (int64_t t = 0; t <= length; t++)
-        if (scores[t] != 0.0f) add_scaled(out, scores[t] / total, values + t * head_dim, head_dim);
 }
 
 /* One decoder layer for one new token per row, hidden (rows x hidden_size) updated in place:
@@ -199,12 +281,13 @@ void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, 
             memcpy(value_cache + at, key + kv_width, sizeof(float) * (size_t)head_dim);
         }
         #pragma omp for schedule(static)
-        for (int64_t task = 0; task < rows * layer->query_heads; task++) {
-            int64_t m = task / layer->query_heads, head = task % layer->query_heads;
-            int64_t cached = ((m * layer->kv_heads + head / group) * capacity) * head_dim;
-            attend(qkv + m * n + head * head_dim, key_cache + cached, value_cache + cached, length,
-                   mask ? mask + m * (length + 1) : NULL, head_dim, layer->attention_scale,
-                   scores + task * (length + 1), attention + m * query_width + head * head_dim);
+        for (int64_t task = 0; task < rows * layer->kv_heads; task++) {
+            int64_t m = task / layer->kv_heads, head = task % layer->kv_heads;
+            int64_t cached = ((m * layer->kv_heads + head) * capacity) * head_dim;
+            attend(qkv + m * n + head * group * head_dim, group, key_cache + cached,
+                   value_cache + cached, length, mask ? mask + m * (length + 1) : NULL, head_dim,
+                   layer->attention_scale, scores + task * group * (length + 1),
+                   attention + m * query_width + head * group * head_dim);
         }
         multiply(&layer->output, attention, query_width, rows, update, d);
         #pragma omp for schedule(static)

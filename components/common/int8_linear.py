@@ -47,11 +47,6 @@ KERNEL_SOURCE = Path(__file__).with_name("int8_kernels.c")
 COMPILER_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 WEIGHT_BLOCK = 32  # weights of a row share a scale by blocks of 32 (in_features: a multiple)
 ROW_GROUP = 4  # output rows the kernel computes together (out_features padded to a multiple)
-# From this many rows (prompt tokens) on, converting the weight to float once and calling the
-# BLAS product beats the kernel, which converts each weight once per two rows. 2-core AVX2 EPYC,
-# kernel against convert + F.linear, 576x1536 weight: 128 rows 3.0 against 3.8 ms, 256 rows 6.0
-# against 5.6 ms, 2048 rows 121 against 34 ms.
-DEQUANTIZE_FROM_ROWS = 256
 _POINTER, _INT64, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 KERNEL_SIGNATURES = {  # the C functions' parameter types, in order (see int8_kernels.c)
     "int8_linear": [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER, _INT64, _INT],
@@ -142,10 +137,6 @@ class Int8Linear(nn.Module):
         return blocks.transpose(1, 2).reshape(-1, self.in_features)[:self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() >= DEQUANTIZE_FROM_ROWS * self.in_features:  # a prompt: a matrix product
-            bias = None if self.bias is None else self.bias[:self.out_features]
-            return nn.functional.linear(x, self.dequantized_weight().to(x.dtype),
-                                        None if bias is None else bias.to(x.dtype))
         # A decode step calls this about 200 times: every tensor operation saved counts.
         inputs = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
         padded = self.padded_out_features
