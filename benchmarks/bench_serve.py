@@ -9,13 +9,20 @@ one run:
 - ours: the server as it runs: requests generated together (continuous batching);
 - baseline: the same server with ``--no-batching``: one request at a time.
 
-Load: ``--clients`` concurrent clients (16) each send ``--requests`` chat predict requests (2)
-per round, the held-out support conversations (``samples/support_chat_heldout.jsonl``), greedy,
-maxOutputTokens ``--max-output-tokens`` (16), over loopback. The servers take turns round by
-round (``--rounds``, 2), alternating which goes first, so load from other work on a shared
-machine hits both alike. Requests/s is requests over wall time; p50/p99 the latency of single
-requests. Every request must be answered 200 (the run fails otherwise); the two servers'
-answers are compared (greedy: equal but where float rounding decides a near tie).
+Load: ``--clients`` concurrent clients (16), each sending its next chat predict request as soon
+as the last one is answered (a closed loop, as a load generator such as ``wrk`` runs it), for
+``--seconds`` (40) per server and round; client n goes through the turns of the held-out support
+conversations (``samples/support_chat_heldout.jsonl``) from its own starting point. Greedy,
+maxOutputTokens ``--max-output-tokens`` (128: the server's default, what the documentation's
+requests send), over loopback. The servers take turns round by round (``--rounds``, 2),
+alternating which goes first, so load from other work on a shared machine hits both alike.
+Requests/s is the requests answered within the load's seconds, over those seconds: the rate the
+server sustains with 16 requests always in flight (a fixed number of requests per client
+instead would end each round with a tail where fewer and fewer clients are left, which measures
+the clients' answer lengths more than the server). Requests in flight at the end are still
+answered and checked. p50/p99: the latency of single requests. Every request must be answered
+200 (the run fails otherwise); the two servers' answers are compared (greedy: equal but where
+float rounding decides a near tie).
 
 Single stream: one request alone to ours, a story of up to 128 tokens, tokens per second of wall
 time (prompt included), the median of 3; then the same conversation with llama.cpp
@@ -27,7 +34,7 @@ p50_ms=.. p99_ms=.. baseline_p50_ms=.. baseline_p99_ms=.. single_stream=<tokens/
 llama_cpp=<tokens/s or n/a> capability=<CPU> dtype=<dtype>`` (``benchmarks/machine.py``).
 Target: ratio >= 3; single-stream within 2x of llama.cpp.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_serve.py [--clients N] [--requests N]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_serve.py [--clients N] [--seconds S]
         [--rounds N] [--max-output-tokens N]
 """
 from __future__ import annotations
@@ -58,7 +65,8 @@ from components.common.model_loading import (FULL_MODEL_DIR, TUNED_MODEL_METADAT
 from components.common.paths import cache_dir  # noqa: E402
 
 CONVERSATIONS = ROOT / "samples" / "support_chat_heldout.jsonl"
-MAX_OUTPUT_TOKENS = 16
+MAX_OUTPUT_TOKENS = 128  # the server's default, as the documentation's requests send
+SECONDS = 40
 STORY = "Write a short story about a dragon who learns to bake bread."
 STORY_TOKENS = 128
 SINGLE_STREAM_RUNS = 3
@@ -107,28 +115,35 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
-def run_load(url: str, instances: list[dict], clients: int, requests: int, first: int,
-             max_output_tokens: int) -> tuple[float, list[float], dict[int, str], list[str]]:
-    """``clients`` threads sending ``requests`` requests each (instances from ``first`` on):
-    wall seconds, latencies, answers by instance number, errors."""
-    def client(number: int) -> list[tuple[int, int, dict, float]]:
+def run_load(url: str, instances: list[dict], clients: int, seconds: float, first: int,
+             max_output_tokens: int) -> tuple[int, list[float], dict[int, str], list[str]]:
+    """``clients`` threads, each sending its next request as soon as the last is answered, for
+    ``seconds`` (a closed loop: the load stays at ``clients`` requests in flight). Client n
+    goes through consecutive instances (the turns of a conversation) from ``first + 3n``.
+    Returns the requests answered within ``seconds``, the latencies and answers (by instance
+    number) of every request, those in flight at the end included, and the errors."""
+    stride = max(1, len(instances) // clients)
+    deadline = time.perf_counter() + seconds
+
+    def client(number: int) -> list[tuple[int, int, dict, float, bool]]:
         sent = []
-        for index in range(requests):
-            instance = (first + number * requests + index) % len(instances)
-            status, reply, seconds = post(url, {
+        index = 0
+        while time.perf_counter() < deadline:
+            instance = (first + number * stride + index) % len(instances)
+            status, reply, latency = post(url, {
                 "instances": [instances[instance]],
                 "parameters": {"temperature": 0.0, "maxOutputTokens": max_output_tokens}})
-            sent.append((instance, status, reply, seconds))
+            sent.append((instance, status, reply, latency, time.perf_counter() <= deadline))
+            index += 1
         return sent
 
-    started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [r for sent in pool.map(client, range(clients)) for r in sent]
-    wall = time.perf_counter() - started
+    answered = sum(status == 200 and in_time for _, status, _, _, in_time in results)
     answers = {instance: reply["predictions"][0]["candidates"][0]["content"]
-               for instance, status, reply, _ in results if status == 200}
-    errors = [f"{status}: {reply}" for _, status, reply, _ in results if status != 200]
-    return wall, [seconds for *_, seconds in results], answers, errors
+               for instance, status, reply, *_ in results if status == 200}
+    errors = [f"{status}: {reply}" for _, status, reply, *_ in results if status != 200]
+    return answered, [latency for _, _, _, latency, _ in results], answers, errors
 
 
 def single_stream(url: str) -> float:
@@ -178,7 +193,8 @@ def get_json(url: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=2, help="per client and round")
+    parser.add_argument("--seconds", type=float, default=SECONDS,
+                        help="of load per server and round (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-output-tokens", type=int, default=MAX_OUTPUT_TOKENS,
                         help="maxOutputTokens of the load's requests (default %(default)s)")
@@ -197,29 +213,29 @@ def main(argv: list[str] | None = None) -> int:
         health = get_json(servers["ours"].url)
         dtype = health["precision"].split()[1].rstrip(":")
         instances = chat_instances()
-        print(f"{len(instances)} chat instances; {args.clients} clients x {args.requests} "
-              f"requests x {args.rounds} rounds per server; "
-              f"maxOutputTokens={args.max_output_tokens}, greedy; {health['precision']}, "
-              f"{health['weights']}; load average {os.getloadavg()}", flush=True)
+        print(f"{len(instances)} chat instances; {args.clients} clients for {args.seconds:.0f} s "
+              f"x {args.rounds} rounds per server; maxOutputTokens={args.max_output_tokens}, "
+              f"greedy; {health['precision']}, {health['weights']}; load average "
+              f"{os.getloadavg()}", flush=True)
         for endpoint in servers.values():  # warm-up
             post(endpoint.predict_url, {"instances": instances[:2],
                                         "parameters": {"maxOutputTokens": 2}})
-        wall = dict.fromkeys(servers, 0.0)
+        answered = dict.fromkeys(servers, 0)
         latencies: dict[str, list[float]] = {name: [] for name in servers}
         answers: dict[str, dict[int, str]] = {name: {} for name in servers}
         errors: list[str] = []
         for number in range(args.rounds):
-            first = number * args.clients * args.requests
+            first = number * args.clients  # each round starts elsewhere in the conversations
             for name in (("ours", "baseline") if number % 2 == 0 else ("baseline", "ours")):
-                seconds, times, replies, failed = run_load(
-                    servers[name].predict_url, instances, args.clients, args.requests, first,
+                count, times, replies, failed = run_load(
+                    servers[name].predict_url, instances, args.clients, args.seconds, first,
                     args.max_output_tokens)
-                wall[name] += seconds
+                answered[name] += count
                 latencies[name] += times
                 answers[name].update(replies)
                 errors += [f"{name}: {error}" for error in failed]
-                print(f"round {number + 1}/{args.rounds} {name}: {len(times)} requests in "
-                      f"{seconds:.1f} s", flush=True)
+                print(f"round {number + 1}/{args.rounds} {name}: {count} requests answered in "
+                      f"{args.seconds:.0f} s ({len(times)} sent)", flush=True)
         batching = get_json(servers["ours"].url)["batching"]
         ours_stream = single_stream(servers["ours"].predict_url)
     finally:
@@ -227,14 +243,16 @@ def main(argv: list[str] | None = None) -> int:
             endpoints.stop_endpoint(endpoint.name, missing_ok=True)
     llama_cpp = llama_cpp_single_stream()
 
-    rate = {name: len(latencies[name]) / wall[name] for name in servers}
+    rate = {name: answered[name] / (args.seconds * args.rounds) for name in servers}
     p50 = {name: percentile(latencies[name], 0.5) * 1000 for name in servers}
     p99 = {name: percentile(latencies[name], 0.99) * 1000 for name in servers}
     for name in servers:
         print(f"{name:8}: {rate[name]:.2f} requests/s, latency p50 {p50[name]:.0f} ms, "
               f"p99 {p99[name]:.0f} ms")
     print(f"ours: {batching['decode_steps']} decode steps, {batching['mean_rows_per_step']} "
-          f"rows per step on average (at most {batching['max_rows']})")
+          f"rows per step on average (at most {batching['max_rows']}); prompt tokens reused "
+          f"from the prefix cache: {batching['prefix_cache']['reused_tokens']} of "
+          f"{batching['prefix_cache']['prompt_tokens']}")
     same = sum(answers["ours"].get(i) == answer for i, answer in answers["baseline"].items())
     print(f"same answers: {same}/{len(answers['baseline'])} instances")
     ratio = rate["ours"] / rate["baseline"]
