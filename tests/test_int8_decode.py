@@ -12,7 +12,8 @@ from torch import nn
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from components.common import generation, int8_linear
-from components.common.fast_decode import CACHE_GROWTH, FastDecodeStep, supports_fast_decode
+from components.common.fast_decode import (CACHE_GROWTH, FastDecodeStep, supports_fast_decode,
+                                            swap_remove_order)
 from components.common.int8_linear import (Int8Linear, int8_unavailable_reason, serving_weights,
                                            stack_int8, use_int8_weights)
 
@@ -162,3 +163,40 @@ def test_without_a_compiler_auto_serves_float_and_int8_is_an_error(monkeypatch, 
             serving_weights(model)
     finally:
         int8_linear.int8_kernels.cache_clear()
+
+
+def _random_cache(model, rows: int, length: int) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    for index in range(model.config.num_hidden_layers):
+        cache.update(torch.randn(rows, 2, length, 16), torch.randn(rows, 2, length, 16), index)
+    return cache
+
+
+def test_rows_leave_and_join_in_place_in_the_step_buffers():
+    """Finished rows leave and new rows join by copying those rows only, in the buffers a decode
+    step left the cache in; what the cache holds is what selecting and concatenating give."""
+    model = tiny_llama()
+    step = FastDecodeStep(model)
+    torch.manual_seed(7)
+    cache = _random_cache(model, 5, 6)
+    with torch.no_grad():  # one step puts the cache into the step's buffers (as generation)
+        step(torch.randint(0, 300, (5, 1)), torch.ones(5, 7, dtype=torch.long),
+             torch.full((5, 1), 6), cache)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    order = swap_remove_order([0, 2, 4], 5)
+    assert order == [0, 4, 2]  # row 4 fills the hole at 1; rows 0 and 2 stay
+    assert step.keep_rows(cache, order)
+    for (keys, values), layer in zip(before, cache.layers):
+        assert torch.equal(layer.keys, keys[order]) and torch.equal(layer.values, values[order])
+    assert not step.keep_rows(cache, [2, 0])  # row 0 would be overwritten before it is read
+    kept = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    fresh = _random_cache(model, 2, 4)
+    assert step.append_rows(cache, fresh)
+    for (keys, values), new, layer in zip(kept, fresh.layers, cache.layers):
+        assert layer.keys.shape == layer.values.shape == (5, 2, 7, 16)
+        assert torch.equal(layer.keys[:3], keys) and torch.equal(layer.values[:3], values)
+        assert torch.equal(layer.keys[3:, :, 3:], new.keys)
+        assert torch.equal(layer.values[3:, :, 3:], new.values)
+        assert layer.keys[3:, :, :3].eq(0).all() and layer.values[3:, :, :3].eq(0).all()
+    assert not step.append_rows(cache, _random_cache(model, 1, 9))  # longer: the caller merges
+    assert not step.append_rows(_random_cache(model, 2, 7), fresh)  # not in the buffers

@@ -35,6 +35,7 @@ from components.common.int8_linear import (ROW_GROUP, Int8Linear, Int8Matrix, in
 
 FAST_DECODE_MODEL_TYPES = ("llama",)
 CACHE_GROWTH = 64  # positions a cache buffer gains each time it is full
+ROW_GROWTH = 8  # rows a new cache buffer has room for, beyond the batch's, for rows to join
 KERNEL_HEAD_DIM_MULTIPLE = 8  # the kernel's attention works on 8 floats at a time
 
 
@@ -175,15 +176,68 @@ class FastDecodeStep:
     def _room_for_one(self, index: int, cache_layer) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Contiguous key and value buffers ``[rows, heads, capacity, head_dim]`` that start
         with the layer's cache and have room for one more position, and the cache's length:
-        the layer's own buffers when its cache is a view of them, else new ones (a copy)."""
-        length = cache_layer.keys.shape[2]
-        buffers = self.buffers.get(index)
-        if not (buffers and _is_prefix_view(cache_layer.keys, buffers[0])
-                and _is_prefix_view(cache_layer.values, buffers[1])
-                and length < buffers[0].shape[2]):
+        the layer's own buffers (their first rows) when its cache is a view of them, else new
+        ones (a copy)."""
+        rows, length = cache_layer.keys.shape[0], cache_layer.keys.shape[2]
+        buffers = self._own_buffers(index, cache_layer)
+        if buffers is None or length >= buffers[0].shape[2]:
             buffers = (_grown(cache_layer.keys), _grown(cache_layer.values))
             self.buffers[index] = buffers
-        return buffers[0], buffers[1], length
+        return buffers[0][:rows], buffers[1][:rows], length
+
+    def _own_buffers(self, index: int, cache_layer) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's buffers when its cache is a view of their first rows and positions."""
+        buffers = self.buffers.get(index)
+        if buffers and _is_prefix_view(cache_layer.keys, buffers[0]) \
+                and _is_prefix_view(cache_layer.values, buffers[1]):
+            return buffers
+        return None
+
+    def keep_rows(self, cache, kept: list[int]) -> bool:
+        """Keeps rows ``kept`` of ``cache`` (a ``DynamicCache``) in place in this step's buffers:
+        row i takes row ``kept[i]``'s keys and values, copied where they differ. ``kept`` in the
+        order ``swap_remove_order`` gives copies one row per hole; False, with nothing changed,
+        for another order or when the cache is not in the buffers (then the caller selects)."""
+        owned = [self._own_buffers(index, layer) for index, layer in enumerate(cache.layers)]
+        moves = [(row, source) for row, source in enumerate(kept) if row != source]
+        if not all(owned) or any(source < len(kept) for _, source in moves):
+            return False  # a move could overwrite a row still to be read
+        for layer, buffers in zip(cache.layers, owned):
+            length = layer.keys.shape[2]
+            for buffer in buffers:
+                for row, source in moves:
+                    buffer[row, :, :length] = buffer[source, :, :length]
+            layer.keys = buffers[0][:len(kept), :, :length]
+            layer.values = buffers[1][:len(kept), :, :length]
+        return True
+
+    def append_rows(self, cache, fresh) -> bool:
+        """Appends the rows of ``fresh`` (a ``DynamicCache`` no longer than ``cache``) to
+        ``cache``, in place in this step's buffers, each row's positions right aligned (left
+        padded with zeros). False, with nothing changed, when the cache is not in the buffers,
+        or they lack the rows or positions (then the caller merges)."""
+        owned = [self._own_buffers(index, layer) for index, layer in enumerate(cache.layers)]
+        rows, length = cache.layers[0].keys.shape[0], cache.layers[0].keys.shape[2]
+        added, fresh_length = fresh.layers[0].keys.shape[0], fresh.layers[0].keys.shape[2]
+        if not all(owned) or fresh_length > length \
+                or rows + added > owned[0][0].shape[0]:
+            return False
+        for layer, new, buffers in zip(cache.layers, fresh.layers, owned):
+            for buffer, tensor in zip(buffers, (new.keys, new.values)):
+                buffer[rows:rows + added, :, :length - fresh_length] = 0
+                buffer[rows:rows + added, :, length - fresh_length:length] = tensor
+            layer.keys = buffers[0][:rows + added, :, :length]
+            layer.values = buffers[1][:rows + added, :, :length]
+        return True
+
+
+def swap_remove_order(kept: list[int], rows: int) -> list[int]:
+    """The rows ``kept`` (ascending, of ``rows``) in the order that moves fewest rows: each row
+    stays where it is, but the rows past the end of the kept ones move into the holes."""
+    count = len(kept)
+    kept_set = set(kept)
+    tail = iter(row for row in kept if row >= count)
+    return [row if row in kept_set else next(tail) for row in range(count)]
 
 
 def rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -192,14 +246,16 @@ def rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _is_prefix_view(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
-    return (tensor.data_ptr() == buffer.data_ptr() and tensor.shape[:2] == buffer.shape[:2]
+    """Whether ``tensor`` is ``buffer[:rows, :, :length]`` for some rows and length."""
+    return (tensor.data_ptr() == buffer.data_ptr() and tensor.shape[1] == buffer.shape[1]
+            and tensor.shape[0] <= buffer.shape[0] and tensor.shape[2] <= buffer.shape[2]
             and tensor.stride() == buffer.stride())
 
 
 def _grown(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous ``[rows, heads, length + CACHE_GROWTH, dim]`` buffer starting with
-    ``tensor``."""
+    """A contiguous ``[rows + ROW_GROWTH, heads, length + CACHE_GROWTH, dim]`` buffer starting
+    with ``tensor``: room for rows to join and positions to come."""
     rows, heads, length, dim = tensor.shape
-    buffer = tensor.new_empty((rows, heads, length + CACHE_GROWTH, dim))
-    buffer[:, :, :length] = tensor
+    buffer = tensor.new_empty((rows + ROW_GROWTH, heads, length + CACHE_GROWTH, dim))
+    buffer[:rows, :, :length] = tensor
     return buffer

@@ -48,7 +48,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from components.common.fast_decode import FastDecodeStep, supports_fast_decode
+from components.common.fast_decode import FastDecodeStep, supports_fast_decode, swap_remove_order
 from components.common.packed_prefill import PackedPrefill
 from components.common.prefix_cache import PrefixCache
 
@@ -464,13 +464,15 @@ class _Decoder:
             return None
         state.tokens = tokens
         if len(running) < len(state.rows):
-            kept = torch.tensor(running, dtype=torch.long, device=self.device)
-            state.cache.batch_select_indices(kept)
+            order = swap_remove_order(running, len(state.rows))
+            kept = torch.tensor(order, dtype=torch.long, device=self.device)
+            if not (self.fast_step and self.fast_step.keep_rows(state.cache, order)):
+                state.cache.batch_select_indices(kept)
             state.attention_mask = state.attention_mask[kept]
             state.next_position = state.next_position[kept]
             state.tokens = tokens[kept]
-            state.rows = [state.rows[i] for i in running]
-            state.samplings = [state.samplings[i] for i in running]
+            state.rows = [state.rows[i] for i in order]
+            state.samplings = [state.samplings[i] for i in order]
         return state
 
     def can_merge(self, state: _Running) -> bool:
@@ -480,20 +482,26 @@ class _Decoder:
         return self.mergeable
 
     def merge(self, state: _Running, fresh: _Running | None) -> _Running:
-        """One batch of both: caches and masks left padded to the longer, stacked."""
+        """One batch of both: caches and masks left padded to the longer, stacked (in place, in
+        the decode step's buffers, where they have room)."""
         if fresh is None:
             return state
         width = max(state.attention_mask.shape[1], fresh.attention_mask.shape[1])
-        for part in (state, fresh):
-            missing = width - part.attention_mask.shape[1]
-            if missing:
-                for layer in _key_value_layers(part.cache):
-                    layer.keys = F.pad(layer.keys, (0, 0, missing, 0))
-                    layer.values = F.pad(layer.values, (0, 0, missing, 0))
-                part.attention_mask = F.pad(part.attention_mask, (missing, 0))
-        for mine, theirs in zip(_key_value_layers(state.cache), _key_value_layers(fresh.cache)):
-            mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
-            mine.values = torch.cat([mine.values, theirs.values], dim=0)
+        if self.fast_step and self.fast_step.append_rows(state.cache, fresh.cache):
+            fresh.attention_mask = F.pad(fresh.attention_mask,
+                                         (width - fresh.attention_mask.shape[1], 0))
+        else:
+            for part in (state, fresh):
+                missing = width - part.attention_mask.shape[1]
+                if missing:
+                    for layer in _key_value_layers(part.cache):
+                        layer.keys = F.pad(layer.keys, (0, 0, missing, 0))
+                        layer.values = F.pad(layer.values, (0, 0, missing, 0))
+                    part.attention_mask = F.pad(part.attention_mask, (missing, 0))
+            for mine, theirs in zip(_key_value_layers(state.cache),
+                                    _key_value_layers(fresh.cache)):
+                mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
+                mine.values = torch.cat([mine.values, theirs.values], dim=0)
         return _Running(state.cache, torch.cat([state.attention_mask, fresh.attention_mask]),
                         torch.cat([state.next_position, fresh.next_position]),
                         torch.cat([state.tokens, fresh.tokens]), state.rows + fresh.rows,
