@@ -43,6 +43,26 @@ static inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* e^x for 8 floats (Cephes' expf: x = n ln 2 + r, e^r by a degree-6 polynomial; within 2 ulp
+ * of expf over [-87, 88], clamped outside), 8 at a time where expf takes one. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                       _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(power));
+}
+
 /* 8 weights as floats. */
 static inline __m256 load_weights(const int8_t *w) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
@@ -220,10 +240,15 @@ static void attend(const float *queries, int64_t heads, const float *keys, const
     for (int64_t h = 0; h < heads; h++) {
         float *p = scores + h * positions, top = -INFINITY, total = 0.0f;
         for (int64_t t = 0; t < positions; t++) top = fmaxf(top, p[t]);
-        for (int64_t t = 0; t < positions; t++) {
-            p[t] = p[t] == -INFINITY ? 0.0f : expf(p[t] - top);
-            total += p[t];
+        int64_t t = 0;
+        for (; t + 8 <= positions; t += 8) { /* masked positions (-inf) weigh exactly 0 */
+            __m256 score = _mm256_loadu_ps(p + t);
+            __m256 kept = _mm256_cmp_ps(score, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            _mm256_storeu_ps(p + t, _mm256_and_ps(exp8(_mm256_sub_ps(score, _mm256_set1_ps(top))),
+                                                  kept));
         }
+        for (; t < positions; t++) p[t] = p[t] == -INFINITY ? 0.0f : expf(p[t] - top);
+        for (t = 0; t < positions; t++) total += p[t];
         for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
             int64_t chunks = head_dim - d0 < 64 ? (head_dim - d0) / 8 : 8;
             __m256 acc[8];
@@ -267,26 +292,23 @@ void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, 
             rms_norm(hidden + m * d, layer->input_norm, layer->input_eps, d, normed + m * d);
         multiply(&layer->qkv, normed, d, rows, qkv, n);
         #pragma omp for schedule(static)
-        for (int64_t task = 0; task < rows * (layer->query_heads + layer->kv_heads); task++) {
-            int64_t m = task / (layer->query_heads + layer->kv_heads);
-            int64_t head = task % (layer->query_heads + layer->kv_heads);
-            rotate(qkv + m * n + head * head_dim, cos + m * head_dim, sin + m * head_dim, head_dim);
-        }
-        #pragma omp for schedule(static)
         for (int64_t task = 0; task < rows * layer->kv_heads; task++) {
+            /* a key/value head and the query heads that share it: rotary embedding, the cache
+             * write, attention (one task: no barrier between them) */
             int64_t m = task / layer->kv_heads, head = task % layer->kv_heads;
-            int64_t at = ((m * layer->kv_heads + head) * capacity + length) * head_dim;
-            const float *key = qkv + m * n + query_width + head * head_dim;
-            memcpy(key_cache + at, key, sizeof(float) * (size_t)head_dim);
-            memcpy(value_cache + at, key + kv_width, sizeof(float) * (size_t)head_dim);
-        }
-        #pragma omp for schedule(static)
-        for (int64_t task = 0; task < rows * layer->kv_heads; task++) {
-            int64_t m = task / layer->kv_heads, head = task % layer->kv_heads;
+            const float *row_cos = cos + m * head_dim, *row_sin = sin + m * head_dim;
+            float *queries = qkv + m * n + head * group * head_dim;
+            float *key = qkv + m * n + query_width + head * head_dim;
+            for (int64_t h = 0; h < group; h++)
+                rotate(queries + h * head_dim, row_cos, row_sin, head_dim);
+            rotate(key, row_cos, row_sin, head_dim);
             int64_t cached = ((m * layer->kv_heads + head) * capacity) * head_dim;
-            attend(qkv + m * n + head * group * head_dim, group, key_cache + cached,
-                   value_cache + cached, length, mask ? mask + m * (length + 1) : NULL, head_dim,
-                   layer->attention_scale, scores + task * group * (length + 1),
+            memcpy(key_cache + cached + length * head_dim, key, sizeof(float) * (size_t)head_dim);
+            memcpy(value_cache + cached + length * head_dim, key + kv_width,
+                   sizeof(float) * (size_t)head_dim);
+            attend(queries, group, key_cache + cached, value_cache + cached, length,
+                   mask ? mask + m * (length + 1) : NULL, head_dim, layer->attention_scale,
+                   scores + task * group * (length + 1),
                    attention + m * query_width + head * group * head_dim);
         }
         multiply(&layer->output, attention, query_width, rows, update, d);
@@ -300,7 +322,14 @@ void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, 
         #pragma omp for schedule(static)
         for (int64_t m = 0; m < rows; m++) {
             float *g = gate_up + m * 2 * inner;
-            for (int64_t i = 0; i < inner; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * g[inner + i];
+            for (int64_t i = 0; i < inner; i += 8) { /* inner: a multiple of 32 */
+                __m256 gate = _mm256_loadu_ps(g + i);
+                __m256 sigmoid = _mm256_div_ps(_mm256_set1_ps(1.0f),
+                    _mm256_add_ps(_mm256_set1_ps(1.0f),
+                                  exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
+                _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_mul_ps(gate, sigmoid),
+                                                      _mm256_loadu_ps(g + inner + i)));
+            }
         }
         multiply(&layer->down, gate_up, 2 * inner, rows, update, d);
         #pragma omp for schedule(static)
