@@ -11,7 +11,7 @@ one run:
 
 Load: ``--clients`` concurrent clients (16), each sending its next chat predict request as soon
 as the last one is answered (a closed loop, as a load generator such as ``wrk`` runs it), for
-``--seconds`` (40) per server and round; client n goes through the turns of the held-out support
+``--seconds`` (60) per server and round; client n goes through the turns of the held-out support
 conversations (``samples/support_chat_heldout.jsonl``) from its own starting point. Greedy,
 maxOutputTokens ``--max-output-tokens`` (128: the server's default, what the documentation's
 requests send), over loopback. The servers take turns round by round (``--rounds``, 2),
@@ -66,7 +66,7 @@ from components.common.paths import cache_dir  # noqa: E402
 
 CONVERSATIONS = ROOT / "samples" / "support_chat_heldout.jsonl"
 MAX_OUTPUT_TOKENS = 128  # the server's default, as the documentation's requests send
-SECONDS = 40
+SECONDS = 60
 STORY = "Write a short story about a dragon who learns to bake bread."
 STORY_TOKENS = 128
 SINGLE_STREAM_RUNS = 3
