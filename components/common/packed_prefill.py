@@ -82,11 +82,14 @@ class PackedPrefill:
             query, key = self.apply_rotary(query, key, cos, sin)
             outputs = []
             for row, (start, end, match, mask) in enumerate(zip(starts, ends, matches, masks)):
-                # contiguous: a prefix cache keeps them, not the whole batch's keys
-                keys, values = key[0, :, start:end].contiguous(), value[0, :, start:end].contiguous()
+                # new tensors (torch.cat, or contiguous copies): a prefix cache keeps them, and
+                # must not keep the whole batch's keys alive through a view
+                keys, values = key[0, :, start:end], value[0, :, start:end]
                 reused = match.layer(index)
                 if reused is not None:
                     keys, values = torch.cat([reused[0], keys], 1), torch.cat([reused[1], values], 1)
+                else:
+                    keys, values = keys.contiguous(), values.contiguous()
                 prompt_layers[row].append((keys, values))
                 outputs.append(F.scaled_dot_product_attention(
                     query[:, :, start:end], keys[None], values[None], attn_mask=mask,
