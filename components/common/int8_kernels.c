@@ -11,7 +11,9 @@
  * int8_linear: one linear layer. int8_decoder_layer: a whole Llama decoder layer for one new
  * token per row (RMSNorm, projections, rotary embedding, the key/value cache write, attention,
  * SiLU gate, residual adds) in one OpenMP region, so that a decode step costs one call per layer
- * instead of dozens of tensor operations.
+ * instead of dozens of tensor operations. The key/value cache holds float16 numbers (as
+llama.cpp's does by default): a decode step of many rows reads it all, and memory bandwidth
+decides that part of its speed.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -110,7 +112,9 @@ static void multiply(const Int8Matrix *w, const float *x, int64_t x_stride, int6
         return;
     }
     int64_t blocks = w->k / BLOCK;
-    float *wf = checked_malloc(sizeof(float) * (size_t)(GROUP * w->k));
+    /* 64-byte aligned: its loads never straddle two cache lines */
+    float *wf = aligned_alloc(64, sizeof(float) * (size_t)(GROUP * w->k));
+    if (!wf) abort();
     for (int64_t first = 0; first < rows; first += ROW_CHUNK) { /* its inputs stay in cache */
         int64_t last = first + ROW_CHUNK < rows ? first + ROW_CHUNK : rows;
         #pragma omp for schedule(static)
@@ -210,34 +214,55 @@ typedef struct {
     int64_t hidden_size, head_dim, query_heads, kv_heads, inner;
 } DecoderLayer;
 
+/* The sums of 8 vectors' lanes as one vector: lane i holds the sum of v[i]'s lanes. */
+static inline __m256 lane_sums(const __m256 v[8]) {
+    __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
+    __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
+    __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                         _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+/* count rows of head_dim float16 numbers (head_dim apart) as floats, into `to`; rows count to
+ * `rows` - 1 become zeros. */
+static void to_float(const uint16_t *from, int64_t count, int64_t rows, int64_t head_dim,
+                     float *to) {
+    for (int64_t i = 0; i < count * head_dim; i += 8)
+        _mm256_storeu_ps(to + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(from + i))));
+    memset(to + count * head_dim, 0, sizeof(float) * (size_t)((rows - count) * head_dim));
+}
+
 /* Softmax attention of the `heads` query heads that share one key/value head (head_dim
- * apart in queries and out), over positions 0..length of its keys and values, skipping the
- * positions whose mask is 0 (mask NULL: none); scores: heads x (length + 1) floats of room.
- * Each key is read once for all the heads (up to 4 dot products side by side), and each head's
- * output stays in registers, 64 dimensions at a time, while the values stream past. */
-static void attend(const float *queries, int64_t heads, const float *keys, const float *values,
-                   int64_t length, const int64_t *mask, int64_t head_dim, float scale,
-                   float *scores, float *out) {
+ * apart in queries and out), over positions 0..length of its keys and values (float16, as the
+ * cache keeps them), skipping the positions whose mask is 0 (mask NULL: none); scores: heads x
+ * (length + 1) floats of room; scratch: ATTEND_BLOCK x head_dim floats of room. Keys and
+ * values are converted to float a block of positions at a time, into scratch, and each block
+ * serves every head: 8 positions' scores at once for each head (their sums gathered in one
+ * vector), then each head's output, 64 dimensions at a time, from the weighted values. */
+#define ATTEND_BLOCK 32 /* positions whose values are converted at a time (a multiple of 8) */
+static void attend(const float *queries, int64_t heads, const uint16_t *keys,
+                   const uint16_t *values, int64_t length, const int64_t *mask, int64_t head_dim,
+                   float scale, float *scores, float *out, float *scratch) {
     int64_t positions = length + 1;
-    for (int64_t t = 0; t < positions; t++) {
-        const float *key = keys + t * head_dim;
-        for (int64_t h0 = 0; h0 < heads; h0 += 4) {
-            int64_t count = heads - h0 < 4 ? heads - h0 : 4;
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                             _mm256_setzero_ps()};
-            if (!mask || mask[t])
-                for (int64_t d = 0; d < head_dim; d += 8) {
-                    __m256 k = _mm256_loadu_ps(key + d);
-                    for (int64_t h = 0; h < count; h++)
-                        acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(queries + (h0 + h) * head_dim + d),
-                                                 k, acc[h]);
-                }
-            for (int64_t h = 0; h < count; h++)
-                scores[(h0 + h) * positions + t] =
-                    mask && !mask[t] ? -INFINITY : horizontal_sum(acc[h]) * scale;
+    for (int64_t t0 = 0; t0 < positions; t0 += 8) {
+        int64_t count = positions - t0 < 8 ? positions - t0 : 8;
+        to_float(keys + t0 * head_dim, count, 8, head_dim, scratch);
+        for (int64_t h = 0; h < heads; h++) {
+            __m256 acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < head_dim; d += 8) {
+                __m256 query = _mm256_loadu_ps(queries + h * head_dim + d);
+                for (int i = 0; i < 8; i++)
+                    acc[i] = _mm256_fmadd_ps(query, _mm256_loadu_ps(scratch + i * head_dim + d),
+                                             acc[i]);
+            }
+            float block[8];
+            _mm256_storeu_ps(block, _mm256_mul_ps(lane_sums(acc), _mm256_set1_ps(scale)));
+            for (int64_t i = 0; i < count; i++)
+                scores[h * positions + t0 + i] = mask && !mask[t0 + i] ? -INFINITY : block[i];
         }
     }
-    for (int64_t h = 0; h < heads; h++) {
+    for (int64_t h = 0; h < heads; h++) { /* the scores become softmax weights */
         float *p = scores + h * positions, top = -INFINITY, total = 0.0f;
         for (int64_t t = 0; t < positions; t++) top = fmaxf(top, p[t]);
         int64_t t = 0;
@@ -249,32 +274,41 @@ static void attend(const float *queries, int64_t heads, const float *keys, const
         }
         for (; t < positions; t++) p[t] = p[t] == -INFINITY ? 0.0f : expf(p[t] - top);
         for (t = 0; t < positions; t++) total += p[t];
-        for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
-            int64_t chunks = head_dim - d0 < 64 ? (head_dim - d0) / 8 : 8;
-            __m256 acc[8];
-            for (int64_t c = 0; c < chunks; c++) acc[c] = _mm256_setzero_ps();
-            for (int64_t t = 0; t < positions; t++) {
-                if (p[t] == 0.0f) continue;
-                __m256 weight = _mm256_set1_ps(p[t] / total);
-                const float *value = values + t * head_dim + d0;
+        for (t = 0; t < positions; t++) p[t] /= total;
+    }
+    for (int64_t t0 = 0; t0 < positions; t0 += ATTEND_BLOCK) {
+        int64_t count = positions - t0 < ATTEND_BLOCK ? positions - t0 : ATTEND_BLOCK;
+        to_float(values + t0 * head_dim, count, count, head_dim, scratch);
+        for (int64_t h = 0; h < heads; h++) {
+            const float *p = scores + h * positions + t0;
+            for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
+                int64_t chunks = head_dim - d0 < 64 ? (head_dim - d0) / 8 : 8;
+                float *o = out + h * head_dim + d0;
+                __m256 acc[8];
                 for (int64_t c = 0; c < chunks; c++)
-                    acc[c] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + 8 * c), acc[c]);
+                    acc[c] = t0 ? _mm256_loadu_ps(o + 8 * c) : _mm256_setzero_ps();
+                for (int64_t t = 0; t < count; t++) {
+                    if (p[t] == 0.0f) continue; /* masked */
+                    __m256 weight = _mm256_set1_ps(p[t]);
+                    for (int64_t c = 0; c < chunks; c++)
+                        acc[c] = _mm256_fmadd_ps(
+                            weight, _mm256_loadu_ps(scratch + t * head_dim + d0 + 8 * c), acc[c]);
+                }
+                for (int64_t c = 0; c < chunks; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
             }
-            for (int64_t c = 0; c < chunks; c++)
-                _mm256_storeu_ps(out + h * head_dim + d0 + 8 * c, acc[c]);
         }
     }
 }
 
 /* One decoder layer for one new token per row, hidden (rows x hidden_size) updated in place:
  * h = rms_norm(hidden); q, k, v = projections of h, rotary embedding (cos, sin: rows x
- * head_dim) on q and k; k and v written at position `length` of the caches (rows x kv_heads x
- * capacity x head_dim); hidden += output(attention of q over positions 0..length, masked by
+ * head_dim) on q and k; k and v written, as float16, at position `length` of the caches (rows
+ * x kv_heads x capacity x head_dim float16 numbers); hidden += output(attention of q over positions 0..length, masked by
  * mask: rows x (length + 1), 0 = padding, or NULL); h = rms_norm(hidden);
  * hidden += down(silu(gate(h)) * up(h)). */
 void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, const float *cos,
-                        const float *sin, float *key_cache, float *value_cache, int64_t capacity,
-                        int64_t length, const int64_t *mask, int threads) {
+                        const float *sin, uint16_t *key_cache, uint16_t *value_cache,
+                        int64_t capacity, int64_t length, const int64_t *mask, int threads) {
     int64_t d = layer->hidden_size, head_dim = layer->head_dim, n = layer->qkv.n;
     int64_t query_width = layer->query_heads * head_dim, kv_width = layer->kv_heads * head_dim;
     int64_t group = layer->query_heads / layer->kv_heads, inner = layer->inner;
@@ -287,6 +321,7 @@ void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, 
     float *gate_up = checked_malloc(sizeof(float) * (size_t)(rows * 2 * inner));
     #pragma omp parallel num_threads(threads)
     {
+        float *scratch = checked_malloc(sizeof(float) * (size_t)(ATTEND_BLOCK * head_dim));
         #pragma omp for schedule(static)
         for (int64_t m = 0; m < rows; m++)
             rms_norm(hidden + m * d, layer->input_norm, layer->input_eps, d, normed + m * d);
@@ -303,14 +338,20 @@ void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, 
                 rotate(queries + h * head_dim, row_cos, row_sin, head_dim);
             rotate(key, row_cos, row_sin, head_dim);
             int64_t cached = ((m * layer->kv_heads + head) * capacity) * head_dim;
-            memcpy(key_cache + cached + length * head_dim, key, sizeof(float) * (size_t)head_dim);
-            memcpy(value_cache + cached + length * head_dim, key + kv_width,
-                   sizeof(float) * (size_t)head_dim);
+            for (int64_t i = 0; i < head_dim; i += 8) {
+                _mm_storeu_si128((__m128i *)(key_cache + cached + length * head_dim + i),
+                                 _mm256_cvtps_ph(_mm256_loadu_ps(key + i),
+                                                 _MM_FROUND_TO_NEAREST_INT));
+                _mm_storeu_si128((__m128i *)(value_cache + cached + length * head_dim + i),
+                                 _mm256_cvtps_ph(_mm256_loadu_ps(key + kv_width + i),
+                                                 _MM_FROUND_TO_NEAREST_INT));
+            }
             attend(queries, group, key_cache + cached, value_cache + cached, length,
                    mask ? mask + m * (length + 1) : NULL, head_dim, layer->attention_scale,
                    scores + task * group * (length + 1),
-                   attention + m * query_width + head * group * head_dim);
+                   attention + m * query_width + head * group * head_dim, scratch);
         }
+        free(scratch);
         multiply(&layer->output, attention, query_width, rows, update, d);
         #pragma omp for schedule(static)
         for (int64_t m = 0; m < rows; m++) {

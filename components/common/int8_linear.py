@@ -44,7 +44,7 @@ from components.common.paths import cache_dir
 SERVING_WEIGHTS_ENV = "TUNEPIPE_SERVING_WEIGHTS"
 SERVING_WEIGHTS = ("auto", "int8", "float")
 KERNEL_SOURCE = Path(__file__).with_name("int8_kernels.c")
-COMPILER_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+COMPILER_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 WEIGHT_BLOCK = 32  # weights of a row share a scale by blocks of 32 (in_features: a multiple)
 ROW_GROUP = 4  # output rows the kernel computes together (out_features padded to a multiple)
 _POINTER, _INT64, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
