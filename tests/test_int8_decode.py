@@ -225,3 +225,42 @@ def test_rows_leave_and_join_in_place_in_the_step_buffers(int8):
         assert layer.keys[3:, :, :3].eq(0).all() and layer.values[3:, :, :3].eq(0).all()
     assert not step.append_rows(cache, _random_cache(model, 1, 9))  # longer: the caller merges
     assert not step.append_rows(_random_cache(model, 2, 7), fresh)  # not in the buffers
+
+
+def test_a_row_decodes_to_the_same_bits_alone_and_left_padded_in_a_batch():
+    """The kernel's step gives a row the same logits alone as in a batch of rows of other
+    lengths, left padded to the longest (its products add up in the same order whatever the
+    batch; its attention counts positions back from the newest)."""
+    model = use_int8_weights(tiny_llama())
+    torch.manual_seed(11)
+    lengths = [37, 50, 29, 44, 61, 33]  # 6 rows: the batch takes the kernel's many-row products
+    layers = model.config.num_hidden_layers
+    prefixes = [[(4 * torch.randn(1, 2, length, 16), torch.randn(1, 2, length, 16))
+                 for _ in range(layers)] for length in lengths]
+    tokens = torch.randint(0, 300, (len(lengths), 12))
+
+    def decode(rows: list[int]) -> torch.Tensor:
+        width = max(lengths[row] for row in rows)  # alone: no padding
+        cache = DynamicCache(config=model.config)
+        for index in range(layers):
+            keys = torch.zeros(len(rows), 2, width, 16)
+            values = torch.zeros(len(rows), 2, width, 16)
+            for i, row in enumerate(rows):
+                keys[i, :, width - lengths[row]:] = prefixes[row][index][0][0]
+                values[i, :, width - lengths[row]:] = prefixes[row][index][1][0]
+            cache.update(keys, values, index)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            mask[i, width - lengths[row]:] = 1
+        positions = torch.tensor([[lengths[row]] for row in rows])
+        step, logits = FastDecodeStep(model), []
+        with torch.inference_mode():
+            for index in range(tokens.shape[1]):
+                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+                logits.append(step(tokens[rows, index:index + 1], mask, positions, cache))
+                positions = positions + 1
+        return torch.stack(logits, 1)
+
+    batched = decode(list(range(len(lengths))))
+    for row in range(len(lengths)):
+        assert torch.equal(decode([row])[0], batched[row])

@@ -223,30 +223,40 @@ static inline __m256 lane_sums(const __m256 v[8]) {
                          _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-/* count rows of head_dim float16 numbers (head_dim apart) as floats, into `to`; rows count to
- * `rows` - 1 become zeros. */
-static void to_float(const uint16_t *from, int64_t count, int64_t rows, int64_t head_dim,
+/* Rows first..first + count - 1 of head_dim float16 numbers each (from: row 0) as floats, into
+ * `to` (row 0 of `to` is row `first`); rows before row 0 become zeros. */
+static void to_float(const uint16_t *from, int64_t first, int64_t count, int64_t head_dim,
                      float *to) {
-    for (int64_t i = 0; i < count * head_dim; i += 8)
-        _mm256_storeu_ps(to + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(from + i))));
-    memset(to + count * head_dim, 0, sizeof(float) * (size_t)((rows - count) * head_dim));
+    int64_t skipped = first < 0 ? -first : 0;
+    memset(to, 0, sizeof(float) * (size_t)(skipped * head_dim));
+    for (int64_t i = skipped * head_dim; i < count * head_dim; i += 8)
+        _mm256_storeu_ps(to + i, _mm256_cvtph_ps(
+            _mm_loadu_si128((const __m128i *)(from + first * head_dim + i))));
 }
+
+/* Room attend needs for its scores: the positions 0..length, rounded up to a multiple of 8. */
+static inline int64_t score_room(int64_t length) { return (length + 1 + 7) / 8 * 8; }
 
 /* Softmax attention of the `heads` query heads that share one key/value head (head_dim
  * apart in queries and out), over positions 0..length of its keys and values (float16, as the
  * cache keeps them), skipping the positions whose mask is 0 (mask NULL: none); scores: heads x
- * (length + 1) floats of room; scratch: ATTEND_BLOCK x head_dim floats of room. Keys and
- * values are converted to float a block of positions at a time, into scratch, and each block
- * serves every head: 8 positions' scores at once for each head (their sums gathered in one
- * vector), then each head's output, 64 dimensions at a time, from the weighted values. */
-#define ATTEND_BLOCK 32 /* positions whose values are converted at a time (a multiple of 8) */
+ * score_room(length) floats of room; scratch: ATTEND_BLOCK x head_dim floats of room.
+ *
+ * Positions go by blocks of 8 counted back from the newest (the oldest block starts before
+ * position 0, with weight 0 there), so that a position falls in the same lane of a vector
+ * however many padding positions come before it: a row left padded in a batch gets the same
+ * bits as the row alone. Keys are converted to float a block at a time, into scratch, and the
+ * block's 8 scores of each head come out as one vector; each head's output, 64 dimensions at a
+ * time, adds up the weighted values in order of position, ATTEND_BLOCK positions converted at a
+ * time. */
+#define ATTEND_BLOCK 32 /* a multiple of 8 */
 static void attend(const float *queries, int64_t heads, const uint16_t *keys,
                    const uint16_t *values, int64_t length, const int64_t *mask, int64_t head_dim,
                    float scale, float *scores, float *out, float *scratch) {
-    int64_t positions = length + 1;
-    for (int64_t t0 = 0; t0 < positions; t0 += 8) {
-        int64_t count = positions - t0 < 8 ? positions - t0 : 8;
-        to_float(keys + t0 * head_dim, count, 8, head_dim, scratch);
+    int64_t positions = length + 1, room = score_room(length), lead = room - positions;
+    /* scores[h * room + lead + t]: position t's score, then its weight; the lead ones: none */
+    for (int64_t b = 0; b < room; b += 8) {
+        to_float(keys, b - lead, 8, head_dim, scratch);
         for (int64_t h = 0; h < heads; h++) {
             __m256 acc[8];
             for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
@@ -256,31 +266,37 @@ static void attend(const float *queries, int64_t heads, const uint16_t *keys,
                     acc[i] = _mm256_fmadd_ps(query, _mm256_loadu_ps(scratch + i * head_dim + d),
                                              acc[i]);
             }
-            float block[8];
-            _mm256_storeu_ps(block, _mm256_mul_ps(lane_sums(acc), _mm256_set1_ps(scale)));
-            for (int64_t i = 0; i < count; i++)
-                scores[h * positions + t0 + i] = mask && !mask[t0 + i] ? -INFINITY : block[i];
+            _mm256_storeu_ps(scores + h * room + b,
+                             _mm256_mul_ps(lane_sums(acc), _mm256_set1_ps(scale)));
         }
     }
-    for (int64_t h = 0; h < heads; h++) { /* the scores become softmax weights */
-        float *p = scores + h * positions, top = -INFINITY, total = 0.0f;
-        for (int64_t t = 0; t < positions; t++) top = fmaxf(top, p[t]);
-        int64_t t = 0;
-        for (; t + 8 <= positions; t += 8) { /* masked positions (-inf) weigh exactly 0 */
-            __m256 score = _mm256_loadu_ps(p + t);
+    for (int64_t h = 0; h < heads; h++) {
+        float *p = scores + h * room;
+        for (int64_t i = 0; i < lead; i++) p[i] = -INFINITY;
+        if (mask)
+            for (int64_t t = 0; t < positions; t++)
+                if (!mask[t]) p[lead + t] = -INFINITY;
+        __m256 top = _mm256_set1_ps(-INFINITY), total = _mm256_setzero_ps();
+        for (int64_t i = 0; i < room; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(p + i));
+        top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 1));
+        top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0x4e));
+        top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0xb1)); /* in every lane */
+        for (int64_t i = 0; i < room; i += 8) { /* masked positions (-inf) weigh exactly 0 */
+            __m256 score = _mm256_loadu_ps(p + i);
             __m256 kept = _mm256_cmp_ps(score, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-            _mm256_storeu_ps(p + t, _mm256_and_ps(exp8(_mm256_sub_ps(score, _mm256_set1_ps(top))),
-                                                  kept));
+            __m256 weight = _mm256_and_ps(exp8(_mm256_sub_ps(score, top)), kept);
+            _mm256_storeu_ps(p + i, weight);
+            total = _mm256_add_ps(total, weight);
         }
-        for (; t < positions; t++) p[t] = p[t] == -INFINITY ? 0.0f : expf(p[t] - top);
-        for (t = 0; t < positions; t++) total += p[t];
-        for (t = 0; t < positions; t++) p[t] /= total;
+        __m256 totals = _mm256_set1_ps(horizontal_sum(total));
+        for (int64_t i = 0; i < room; i += 8)
+            _mm256_storeu_ps(p + i, _mm256_div_ps(_mm256_loadu_ps(p + i), totals));
     }
     for (int64_t t0 = 0; t0 < positions; t0 += ATTEND_BLOCK) {
         int64_t count = positions - t0 < ATTEND_BLOCK ? positions - t0 : ATTEND_BLOCK;
-        to_float(values + t0 * head_dim, count, count, head_dim, scratch);
+        to_float(values + t0 * head_dim, 0, count, head_dim, scratch);
         for (int64_t h = 0; h < heads; h++) {
-            const float *p = scores + h * positions + t0;
+            const float *p = scores + h * room + lead + t0;
             for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
                 int64_t chunks = head_dim - d0 < 64 ? (head_dim - d0) / 8 : 8;
                 float *o = out + h * head_dim + d0;
@@ -316,7 +332,7 @@ void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, 
     float *qkv = checked_malloc(sizeof(float) * (size_t)(rows * n));
     float *attention = checked_malloc(sizeof(float) * (size_t)(rows * query_width));
     float *scores =
-        checked_malloc(sizeof(float) * (size_t)(rows * layer->query_heads * (length + 1)));
+        checked_malloc(sizeof(float) * (size_t)(rows * layer->query_heads * score_room(length)));
     float *update = checked_malloc(sizeof(float) * (size_t)(rows * d));
     float *gate_up = checked_malloc(sizeof(float) * (size_t)(rows * 2 * inner));
     #pragma omp parallel num_threads(threads)
@@ -348,7 +364,7 @@ void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, 
             }
             attend(queries, group, key_cache + cached, value_cache + cached, length,
                    mask ? mask + m * (length + 1) : NULL, head_dim, layer->attention_scale,
-                   scores + task * group * (length + 1),
+                   scores + task * group * score_room(length),
                    attention + m * query_width + head * group * head_dim, scratch);
         }
         free(scratch);
