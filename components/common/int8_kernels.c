@@ -318,21 +318,25 @@ static void attend(const float *queries, int64_t heads, const uint16_t *keys,
 
 /* One decoder layer for one new token per row, hidden (rows x hidden_size) updated in place:
  * h = rms_norm(hidden); q, k, v = projections of h, rotary embedding (cos, sin: rows x
- * head_dim) on q and k; k and v written, as float16, at position `length` of the caches (rows
- * x kv_heads x capacity x head_dim float16 numbers); hidden += output(attention of q over positions 0..length, masked by
- * mask: rows x (length + 1), 0 = padding, or NULL); h = rms_norm(hidden);
- * hidden += down(silu(gate(h)) * up(h)). */
-void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, const float *cos,
-                        const float *sin, uint16_t *key_cache, uint16_t *value_cache,
-                        int64_t capacity, int64_t length, const int64_t *mask, int threads) {
+ * head_dim) on q and k; row m's k and v written, as float16, at position lengths[m] of its
+ * caches keys[m] and values[m] (kv_heads x capacity x head_dim float16 numbers each); once every
+ * row's are written (rows may share caches: the tokens of a prompt, each at its position), row
+ * m's queries attend over positions 0..lengths[m] of its caches, masked by mask + m *
+ * mask_stride (0 = padding) unless mask is NULL; hidden += output(attention);
+ * h = rms_norm(hidden); hidden += down(silu(gate(h)) * up(h)). */
+static void decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows,
+                          const float *cos, const float *sin, uint16_t *const *keys,
+                          uint16_t *const *values, const int64_t *lengths, int64_t capacity,
+                          const int64_t *mask, int64_t mask_stride, int threads) {
     int64_t d = layer->hidden_size, head_dim = layer->head_dim, n = layer->qkv.n;
     int64_t query_width = layer->query_heads * head_dim, kv_width = layer->kv_heads * head_dim;
-    int64_t group = layer->query_heads / layer->kv_heads, inner = layer->inner;
+    int64_t group = layer->query_heads / layer->kv_heads, inner = layer->inner, longest = 0;
+    for (int64_t m = 0; m < rows; m++) longest = lengths[m] > longest ? lengths[m] : longest;
+    int64_t room = group * score_room(longest); /* scores of a task */
     float *normed = checked_malloc(sizeof(float) * (size_t)(rows * d));
     float *qkv = checked_malloc(sizeof(float) * (size_t)(rows * n));
     float *attention = checked_malloc(sizeof(float) * (size_t)(rows * query_width));
-    float *scores =
-        checked_malloc(sizeof(float) * (size_t)(rows * layer->query_heads * score_room(length)));
+    float *scores = checked_malloc(sizeof(float) * (size_t)(rows * layer->kv_heads * room));
     float *update = checked_malloc(sizeof(float) * (size_t)(rows * d));
     float *gate_up = checked_malloc(sizeof(float) * (size_t)(rows * 2 * inner));
     #pragma omp parallel num_threads(threads)
@@ -344,8 +348,8 @@ void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, 
         multiply(&layer->qkv, normed, d, rows, qkv, n);
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < rows * layer->kv_heads; task++) {
-            /* a key/value head and the query heads that share it: rotary embedding, the cache
-             * write, attention (one task: no barrier between them) */
+            /* a key/value head of a row and the query heads that share it: rotary embedding
+             * and the cache write */
             int64_t m = task / layer->kv_heads, head = task % layer->kv_heads;
             const float *row_cos = cos + m * head_dim, *row_sin = sin + m * head_dim;
             float *queries = qkv + m * n + head * group * head_dim;
@@ -353,18 +357,23 @@ void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, 
             for (int64_t h = 0; h < group; h++)
                 rotate(queries + h * head_dim, row_cos, row_sin, head_dim);
             rotate(key, row_cos, row_sin, head_dim);
-            int64_t cached = ((m * layer->kv_heads + head) * capacity) * head_dim;
+            int64_t at = (head * capacity + lengths[m]) * head_dim;
             for (int64_t i = 0; i < head_dim; i += 8) {
-                _mm_storeu_si128((__m128i *)(key_cache + cached + length * head_dim + i),
+                _mm_storeu_si128((__m128i *)(keys[m] + at + i),
                                  _mm256_cvtps_ph(_mm256_loadu_ps(key + i),
                                                  _MM_FROUND_TO_NEAREST_INT));
-                _mm_storeu_si128((__m128i *)(value_cache + cached + length * head_dim + i),
+                _mm_storeu_si128((__m128i *)(values[m] + at + i),
                                  _mm256_cvtps_ph(_mm256_loadu_ps(key + kv_width + i),
                                                  _MM_FROUND_TO_NEAREST_INT));
             }
-            attend(queries, group, key_cache + cached, value_cache + cached, length,
-                   mask ? mask + m * (length + 1) : NULL, head_dim, layer->attention_scale,
-                   scores + task * group * score_room(length),
+        }
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < rows * layer->kv_heads; task++) {
+            int64_t m = task / layer->kv_heads, head = task % layer->kv_heads;
+            int64_t cached = head * capacity * head_dim;
+            attend(qkv + m * n + head * group * head_dim, group, keys[m] + cached,
+                   values[m] + cached, lengths[m], mask ? mask + m * mask_stride : NULL,
+                   head_dim, layer->attention_scale, scores + task * room,
                    attention + m * query_width + head * group * head_dim, scratch);
         }
         free(scratch);
@@ -399,4 +408,37 @@ void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, 
     free(scores);
     free(update);
     free(gate_up);
+}
+
+/* decoder_layer for a decode step: row m's caches are rows m of key_cache and value_cache (rows x
+ * kv_heads x capacity x head_dim float16 numbers), its new token at position `length` of them;
+ * mask: rows x (length + 1), 0 = padding, or NULL. */
+void int8_decoder_layer(const DecoderLayer *layer, float *hidden, int64_t rows, const float *cos,
+                        const float *sin, uint16_t *key_cache, uint16_t *value_cache,
+                        int64_t capacity, int64_t length, const int64_t *mask, int threads) {
+    uint16_t **keys = checked_malloc(sizeof(uint16_t *) * (size_t)rows);
+    uint16_t **values = checked_malloc(sizeof(uint16_t *) * (size_t)rows);
+    int64_t *lengths = checked_malloc(sizeof(int64_t) * (size_t)rows);
+    for (int64_t m = 0; m < rows; m++) {
+        keys[m] = key_cache + m * layer->kv_heads * capacity * layer->head_dim;
+        values[m] = value_cache + m * layer->kv_heads * capacity * layer->head_dim;
+        lengths[m] = length;
+    }
+    decoder_layer(layer, hidden, rows, cos, sin, keys, values, lengths, capacity, mask,
+                  length + 1, threads);
+    free(keys);
+    free(values);
+    free(lengths);
+}
+
+/* decoder_layer for a prefill: the rows are prompts' tokens; keys[t] and values[t] are the
+ * caches of token t's prompt (kv_heads x capacity x head_dim float16 numbers, the prompt's
+ * reused start already in them), positions[t] its position there. Each token attends to its
+ * prompt's positions up to its own. */
+void int8_prefill_layer(const DecoderLayer *layer, float *hidden, int64_t tokens,
+                        const float *cos, const float *sin, uint16_t *const *keys,
+                        uint16_t *const *values, const int64_t *positions, int64_t capacity,
+                        int threads) {
+    decoder_layer(layer, hidden, tokens, cos, sin, keys, values, positions, capacity, NULL, 0,
+                  threads);
 }

@@ -54,6 +54,9 @@ KERNEL_SIGNATURES = {  # the C functions' parameter types, in order (see int8_ke
     #  threads)
     "int8_decoder_layer": [_POINTER, _POINTER, _INT64, _POINTER, _POINTER, _POINTER, _POINTER,
                            _INT64, _INT64, _POINTER, _INT],
+    # (DecoderLayer*, hidden, tokens, cos, sin, keys[], values[], positions, capacity, threads)
+    "int8_prefill_layer": [_POINTER, _POINTER, _INT64, _POINTER, _POINTER, _POINTER, _POINTER,
+                           _POINTER, _INT64, _INT],
 }
 
 

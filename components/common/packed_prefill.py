@@ -17,6 +17,7 @@ values, which the prefix cache keeps. Models: :func:`supports_fast_decode`'s.
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.common.fast_decode import rms_norm
+from components.common.fast_decode import int8_layer_weights, rms_norm
+from components.common.int8_linear import int8_kernels
 from components.common.prefix_cache import PrefixMatch
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [heads, length, dim]
@@ -49,6 +51,9 @@ class PackedPrefill:
 
         self.model = model
         self.apply_rotary = apply_rotary_pos_emb
+        # int8 weights the decode kernel takes: each layer is one call into it (its float16
+        # key/value cache, as decoding keeps it), instead of a dozen tensor operations
+        self.int8_layers = int8_layer_weights(model)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Sequence[int]],
@@ -69,6 +74,9 @@ class PackedPrefill:
         input_ids = torch.tensor([t for tokens in fresh for t in tokens], device=device)
         hidden = inner.embed_tokens(input_ids)  # [tokens, hidden_size]
         cos, sin = inner.rotary_emb(hidden[None], positions[None])
+        if self.int8_layers:
+            return self._in_kernel(prompts, matches, [len(tokens) for tokens in fresh],
+                                   positions, hidden, cos[0], sin[0])
         masks = [_causal_after(match.length, len(tokens), device)
                  for tokens, match in zip(fresh, matches)]
         prompt_layers: list[Layers] = [[] for _ in prompts]
@@ -99,11 +107,57 @@ class PackedPrefill:
             mlp = layer.mlp
             normed = rms_norm(layer.post_attention_layernorm, hidden)
             hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
-        last = torch.tensor([end - 1 for end in ends], device=device)
-        logits = self.model.lm_head(rms_norm(inner.norm, hidden[last]))
         cache, attention_mask = _left_padded_cache(prompt_layers, DynamicCache(
             config=self.model.config))
-        return PrefillResult(cache, attention_mask, logits, prompt_layers)
+        return PrefillResult(cache, attention_mask, self._logits(hidden, ends), prompt_layers)
+
+    def _logits(self, hidden: torch.Tensor, ends: list[int]) -> torch.Tensor:
+        """Each prompt's next-token logits, from the hidden state of its last token."""
+        last = torch.tensor([end - 1 for end in ends], device=hidden.device)
+        return self.model.lm_head(rms_norm(self.model.model.norm, hidden[last]))
+
+    def _in_kernel(self, prompts: Sequence[Sequence[int]], matches: Sequence[PrefixMatch],
+                   counts: list[int], positions: torch.Tensor, hidden: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor) -> PrefillResult:
+        """The prefill with int8 weights: each layer one ``int8_prefill_layer`` call over every
+        new token, writing each prompt's keys and values, in float16, right aligned in a cache
+        of the prompts left padded to the longest (the cache decoding takes as it is)."""
+        from transformers import DynamicCache
+
+        attention = self.model.model.layers[0].self_attn
+        kv_heads = attention.k_proj.out_features // attention.head_dim
+        lengths = [len(prompt) for prompt in prompts]
+        width, rows, head_dim = max(lengths), len(prompts), attention.head_dim
+        # where each token's prompt starts in a layer's cache, in bytes from its start
+        starts = torch.tensor([(row * kv_heads * width + width - length) * head_dim * 2
+                               for row, length in enumerate(lengths)])
+        token_starts = starts.repeat_interleave(torch.tensor(counts))
+        positions, hidden = positions.contiguous(), hidden.contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        cache, prompt_layers = DynamicCache(config=self.model.config), [[] for _ in prompts]
+        for index, (weights, _) in enumerate(self.int8_layers):
+            keys = torch.zeros((rows, kv_heads, width, head_dim), dtype=torch.float16)
+            values = torch.zeros_like(keys)
+            for row, (match, length) in enumerate(zip(matches, lengths)):
+                reused = match.layer(index)
+                if reused is not None:
+                    keys[row, :, width - length:width - length + match.length] = reused[0]
+                    values[row, :, width - length:width - length + match.length] = reused[1]
+            key_pointers = token_starts + keys.data_ptr()
+            value_pointers = token_starts + values.data_ptr()
+            int8_kernels().int8_prefill_layer(
+                ctypes.addressof(weights), hidden.data_ptr(), hidden.shape[0], cos.data_ptr(),
+                sin.data_ptr(), key_pointers.data_ptr(), value_pointers.data_ptr(),
+                positions.data_ptr(), width, torch.get_num_threads())
+            cache.update(keys, values, index)
+            for row, length in enumerate(lengths):  # copies: the prefix cache keeps them
+                prompt_layers[row].append((keys[row, :, width - length:].clone(),
+                                           values[row, :, width - length:].clone()))
+        attention_mask = torch.zeros((rows, width), dtype=torch.long)
+        for row, length in enumerate(lengths):
+            attention_mask[row, width - length:] = 1
+        ends = torch.tensor(counts).cumsum(0).tolist()
+        return PrefillResult(cache, attention_mask, self._logits(hidden, ends), prompt_layers)
 
 
 def _causal_after(reused: int, count: int, device: torch.device) -> torch.Tensor | None:
