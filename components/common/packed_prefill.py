@@ -10,10 +10,14 @@ values found in a ``PrefixCache`` (``components.common.prefix_cache``): then onl
 tokens are packed, at their positions after the reused ones.
 
 It computes what transformers' forward computes, from the same modules (``q_proj``...``down_proj``,
-whatever their kind: ``nn.Linear``, ``Int8Linear``, packed), up to float rounding. It leaves a
-``DynamicCache`` in the layout decoding expects (rows left padded to the longest prompt, a mask
-of the real positions), the next-token logits of every prompt, and every prompt's own keys and
-values, which the prefix cache keeps. Models: :func:`supports_fast_decode`'s.
+whatever their kind: ``nn.Linear``, ``Int8Linear``, packed), up to float rounding. With int8
+weights the decode kernel takes (``fast_decode.int8_layer_weights``: the endpoint's), each layer
+is instead one call of ``int8_prefill_layer`` over every new token (``int8_kernels.c``), and the
+keys and values are float16, as decoding keeps them: a prompt of 20 new tokens joins a running
+batch in about 90 ms instead of 130, most of the difference a dozen tensor operations a layer.
+It leaves a ``DynamicCache`` in the layout decoding expects (rows left padded to the longest
+prompt, a mask of the real positions), the next-token logits of every prompt, and every
+prompt's own keys and values, which the prefix cache keeps. Models: :func:`supports_fast_decode`'s.
 """
 from __future__ import annotations
 
