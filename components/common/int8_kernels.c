@@ -11,7 +11,8 @@
  * int8_linear: one linear layer. int8_decoder_layer: a whole Llama decoder layer for one new
  * token per row (RMSNorm, projections, rotary embedding, the key/value cache write, attention,
  * SiLU gate, residual adds) in one OpenMP region, so that a decode step costs one call per layer
- * instead of dozens of tensor operations. The key/value cache holds float16 numbers (as
+ * instead of dozens of tensor operations. int8_prefill_layer: the same layer for the new tokens
+ * of prompts, each attending to its own prompt's cache up to its position. The key/value cache holds float16 numbers (as
 llama.cpp's does by default): a decode step of many rows reads it all, and memory bandwidth
 decides that part of its speed.
  */
