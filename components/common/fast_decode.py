@@ -39,6 +39,7 @@ FAST_DECODE_MODEL_TYPES = ("llama",)
 CACHE_GROWTH = 64  # positions a cache buffer gains each time it is full
 ROW_GROWTH = 8  # rows a new cache buffer has room for, beyond the batch's, for rows to join
 KERNEL_HEAD_DIM_MULTIPLE = 8  # the kernel's attention works on 8 floats at a time
+KERNEL_CACHE_DTYPE = torch.float16  # the int8 kernel's keys and values (int8_kernels.c)
 
 
 def supports_fast_decode(model: nn.Module) -> bool:
@@ -123,7 +124,7 @@ class FastDecodeStep:
         self.int8_layers = int8_layer_weights(model)
         # the kernel keeps keys and values in float16 (half the memory a step of many rows
         # reads); the torch path in the model's own dtype
-        self.cache_dtype = torch.float16 if self.int8_layers else None
+        self.cache_dtype = KERNEL_CACHE_DTYPE if self.int8_layers else None
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor, cache) -> torch.Tensor:

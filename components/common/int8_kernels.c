@@ -12,9 +12,9 @@
  * token per row (RMSNorm, projections, rotary embedding, the key/value cache write, attention,
  * SiLU gate, residual adds) in one OpenMP region, so that a decode step costs one call per layer
  * instead of dozens of tensor operations. int8_prefill_layer: the same layer for the new tokens
- * of prompts, each attending to its own prompt's cache up to its position. The key/value cache holds float16 numbers (as
-llama.cpp's does by default): a decode step of many rows reads it all, and memory bandwidth
-decides that part of its speed.
+ * of prompts, each attending to its own prompt's cache up to its position. The key/value cache
+ * holds float16 numbers (as llama.cpp's does by default): a decode step of many rows reads it
+ * all, and memory bandwidth decides that part of its speed.
  */
 #include <immintrin.h>
 #include <math.h>

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.common.fast_decode import int8_layer_weights, rms_norm
+from components.common.fast_decode import KERNEL_CACHE_DTYPE, int8_layer_weights, rms_norm
 from components.common.int8_linear import int8_kernels
 from components.common.prefix_cache import PrefixMatch
 
@@ -79,8 +79,7 @@ class PackedPrefill:
         hidden = inner.embed_tokens(input_ids)  # [tokens, hidden_size]
         cos, sin = inner.rotary_emb(hidden[None], positions[None])
         if self.int8_layers:
-            return self._in_kernel(prompts, matches, [len(tokens) for tokens in fresh],
-                                   positions, hidden, cos[0], sin[0])
+            return self._in_kernel(prompts, matches, ends, positions, hidden, cos[0], sin[0])
         masks = [_causal_after(match.length, len(tokens), device)
                  for tokens, match in zip(fresh, matches)]
         prompt_layers: list[Layers] = [[] for _ in prompts]
@@ -121,7 +120,7 @@ class PackedPrefill:
         return self.model.lm_head(rms_norm(self.model.model.norm, hidden[last]))
 
     def _in_kernel(self, prompts: Sequence[Sequence[int]], matches: Sequence[PrefixMatch],
-                   counts: list[int], positions: torch.Tensor, hidden: torch.Tensor,
+                   ends: list[int], positions: torch.Tensor, hidden: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor) -> PrefillResult:
         """The prefill with int8 weights: each layer one ``int8_prefill_layer`` call over every
         new token, writing each prompt's keys and values, in float16, right aligned in a cache
@@ -133,14 +132,15 @@ class PackedPrefill:
         lengths = [len(prompt) for prompt in prompts]
         width, rows, head_dim = max(lengths), len(prompts), attention.head_dim
         # where each token's prompt starts in a layer's cache, in bytes from its start
-        starts = torch.tensor([(row * kv_heads * width + width - length) * head_dim * 2
-                               for row, length in enumerate(lengths)])
-        token_starts = starts.repeat_interleave(torch.tensor(counts))
+        starts = torch.tensor([(row * kv_heads * width + width - length) * head_dim
+                               * KERNEL_CACHE_DTYPE.itemsize for row, length in enumerate(lengths)])
+        token_starts = starts.repeat_interleave(
+            torch.tensor([length - match.length for length, match in zip(lengths, matches)]))
         positions, hidden = positions.contiguous(), hidden.contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
         cache, prompt_layers = DynamicCache(config=self.model.config), [[] for _ in prompts]
         for index, (weights, _) in enumerate(self.int8_layers):
-            keys = torch.zeros((rows, kv_heads, width, head_dim), dtype=torch.float16)
+            keys = torch.zeros((rows, kv_heads, width, head_dim), dtype=KERNEL_CACHE_DTYPE)
             values = torch.zeros_like(keys)
             for row, (match, length) in enumerate(zip(matches, lengths)):
                 reused = match.layer(index)
@@ -157,11 +157,8 @@ class PackedPrefill:
             for row, length in enumerate(lengths):  # copies: the prefix cache keeps them
                 prompt_layers[row].append((keys[row, :, width - length:].clone(),
                                            values[row, :, width - length:].clone()))
-        attention_mask = torch.zeros((rows, width), dtype=torch.long)
-        for row, length in enumerate(lengths):
-            attention_mask[row, width - length:] = 1
-        ends = torch.tensor(counts).cumsum(0).tolist()
-        return PrefillResult(cache, attention_mask, self._logits(hidden, ends), prompt_layers)
+        return PrefillResult(cache, _left_padding_mask(lengths, hidden.device),
+                             self._logits(hidden, ends), prompt_layers)
 
 
 def _causal_after(reused: int, count: int, device: torch.device) -> torch.Tensor | None:
@@ -181,11 +178,17 @@ def _left_padded_cache(prompt_layers: list[Layers], cache) -> tuple[object, torc
     for index in range(len(prompt_layers[0])):
         cache.update(_left_padded([layers[index][0] for layers in prompt_layers], width),
                      _left_padded([layers[index][1] for layers in prompt_layers], width), index)
-    attention_mask = torch.zeros((len(lengths), width), dtype=torch.long,
-                                 device=prompt_layers[0][0][0].device)
+    return cache, _left_padding_mask(lengths, prompt_layers[0][0][0].device)
+
+
+def _left_padding_mask(lengths: list[int], device: torch.device) -> torch.Tensor:
+    """The mask ``[rows, longest]`` of rows of ``lengths`` left padded to the longest: 0 for
+    padding, 1 for real positions."""
+    width = max(lengths)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long, device=device)
     for row, length in enumerate(lengths):
-        attention_mask[row, width - length:] = 1
-    return cache, attention_mask
+        mask[row, width - length:] = 1
+    return mask
 
 
 def _left_padded(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
