@@ -1,12 +1,12 @@
 """The pipeline templates: compiling them, and reading their parameters back from the YAML.
 
 Two templates per pipeline, from the same pipeline definitions: ``compiled/<name>.yaml`` (the
-portable template: the local runner executes it, open-source KFP runs it, the tuner asks for the
-accelerators of the machine ``accelerator_type`` names as task resources) and
-``compiled/vertex/<name>.yaml`` (Vertex AI Pipelines: the tuner runs as a Vertex CustomJob, the
-model goes to the Vertex Model Registry and a Vertex endpoint; what `tunepipe publish`
-uploads). Their root ``inputDefinitions`` are the source of truth for parameter names, types and
-defaults.
+portable template: the local runner executes it, open-source KFP runs it, the tuner's pod asks
+for ``accelerator_type``'s Kubernetes resources and node selector, the latter in the file's
+second YAML document, KFP's platform spec) and ``compiled/vertex/<name>.yaml`` (Vertex AI
+Pipelines: the tuner runs as a Vertex CustomJob, the model goes to the Vertex Model Registry and
+a Vertex endpoint; what `tunepipe publish` uploads). Their root ``inputDefinitions`` are the
+source of truth for parameter names, types and defaults.
 """
 from __future__ import annotations
 
@@ -118,9 +118,15 @@ def registry_template_note(template_uri: str) -> str | None:
             f"tunepipe's template of the same name, compiled/{name}.yaml")
 
 
+def pipeline_spec(path: Path) -> dict:
+    """A compiled template's pipeline spec: its first YAML document (a portable template's
+    second is KFP's platform spec, which holds the tuner's node selector)."""
+    return next(yaml.safe_load_all(path.read_text()))
+
+
 def read_template(path: Path) -> tuple[str, dict[str, TemplateParameter]]:
     """The pipeline name and parameters of a compiled template."""
-    spec = yaml.safe_load(path.read_text())
+    spec = pipeline_spec(path)
     declared = spec["root"].get("inputDefinitions", {}).get("parameters", {})
     parameters = {
         name: TemplateParameter(name, entry["parameterType"], entry.get("defaultValue"),

@@ -1,11 +1,13 @@
 """The targets a pipeline compiles for, and the tasks that differ on Vertex AI.
 
 ``portable``: the template the KFP local runner and open-source Kubeflow Pipelines run; every
-task is a container of the project's image, the tuner asks for the accelerators of the machine
-``accelerator_type`` names as task resources (a ``tuning-accelerator`` task looks them up at run
-time; the local runner ignores them), and upload_model and deploy_endpoint register and serve
-the model (inside their own task on the local runner; as a model artifact and a KServe
-InferenceService in a cluster).
+task is a container of the project's image, the tuner's pod asks for the Kubernetes resources and
+GKE node labels of ``accelerator_type`` (``CLUSTER_TUNING_ACCELERATORS``: GPU, 8
+``nvidia.com/gpu`` on an A100 80GB node; TPU, the 4 ``google.com/tpu`` chips of one TPU v3 host,
+since one pod cannot span Vertex's multi-host v3-64 slice; a ``tuning-accelerator`` task looks
+them up at run time; the local runner ignores them), and upload_model and deploy_endpoint
+register and serve the model (inside their own task on the local runner; as a model artifact and
+a KServe InferenceService in a cluster).
 ``vertex``: the template for Vertex AI Pipelines; the tuner runs as a Vertex CustomJob on the
 machine ``accelerator_type`` names, in that machine's region, and the selected checkpoint goes
 to the Vertex Model Registry and a Vertex endpoint served by the project's image
@@ -38,6 +40,28 @@ TUNING_MACHINES = {
 }
 SERVING_MACHINE = Machine("g2-standard-12", "NVIDIA_L4", 1)  # one replica per endpoint
 PIPELINE_LOCATION = "{{$.pipeline_google_cloud_location}}"  # Vertex fills in the job's region
+
+
+class PodAccelerators(NamedTuple):
+    """A pod's accelerators on Kubernetes: the device plugin's resource name and count, and the
+    node selector (GKE's node labels) of the nodes that have them."""
+
+    resource_name: str
+    resource_count: int
+    node_selector: dict
+
+
+# The portable template's tuner on a cluster, by accelerator_type: one KFP task is one pod on one
+# node. GPU: the 8 A100 80GB of Vertex's machine. TPU: one TPU v3 host (GKE's ct3-hightpu-4t: 4
+# chips, 8 TensorCores, a v3-8); Vertex's TPU_V3 x 64 is a 32-chip slice of 8 hosts, which one
+# pod cannot span: the multi-host slice is the Vertex template's.
+CLUSTER_TUNING_ACCELERATORS = {
+    "GPU": PodAccelerators("nvidia.com/gpu", 8,
+                           {"cloud.google.com/gke-accelerator": "nvidia-a100-80gb"}),
+    "TPU": PodAccelerators("google.com/tpu", 4,
+                           {"cloud.google.com/gke-tpu-accelerator": "tpu-v3-device",
+                            "cloud.google.com/gke-tpu-topology": "2x2"}),
+}
 
 
 def tune_as_custom_job(tune_inputs: dict, *, accelerator_type, project, encryption_spec_key_name,
@@ -74,45 +98,52 @@ def tune_as_custom_job(tune_inputs: dict, *, accelerator_type, project, encrypti
 
 @dsl.component(base_image=BASE_IMAGE)
 def tuning_accelerator(
-    accelerator: str, machines: dict,
-) -> NamedTuple("TuningAccelerator", accelerator_type=str, accelerator_count=str):
-    """The accelerator type and count of ``machines[accelerator]`` (``accelerator``: GPU or
-    TPU), both strings: KFP's driver reads a resource placeholder's value as a string."""
+    accelerator: str, cluster_accelerators: dict,
+) -> NamedTuple("TuningAccelerator", resource_name=str, resource_count=str, node_selector=dict):
+    """The Kubernetes resource name, count and node selector of
+    ``cluster_accelerators[accelerator]`` (``accelerator``: GPU or TPU); the count a string: KFP's
+    driver reads a resource placeholder's value as a string."""
     from collections import namedtuple
 
-    if accelerator not in machines:
-        raise ValueError(f"accelerator_type must be one of {', '.join(machines)}, "
+    if accelerator not in cluster_accelerators:
+        raise ValueError(f"accelerator_type must be one of {', '.join(cluster_accelerators)}, "
                          f"got {accelerator!r}")
-    machine = machines[accelerator]
-    return namedtuple("TuningAccelerator", ["accelerator_type", "accelerator_count"])(
-        machine["accelerator_type"], machine["accelerator_count"])
+    pod_accelerators = cluster_accelerators[accelerator]
+    return namedtuple("TuningAccelerator", ["resource_name", "resource_count", "node_selector"])(
+        pod_accelerators["resource_name"], pod_accelerators["resource_count"],
+        pod_accelerators["node_selector"])
 
 
 def tune_as_task(tune_inputs: dict, *, accelerator_type):
-    """The tune component as a task of the template, asking for the accelerators of
-    ``accelerator_type``'s machine as its resources; returns its tuned model.
+    """The tune component as a task of the template whose pod asks for ``accelerator_type``'s
+    ``CLUSTER_TUNING_ACCELERATORS``: resource limit and node selector; returns its tuned model.
 
-    A ``tuning_accelerator`` task maps accelerator_type to the accelerator type and count at run
-    time (the KFP local runner cannot join branch outputs, so no ``dsl.If`` and ``dsl.OneOf`` as
-    on Vertex); open-source KFP (2.4 and later) fills the tuner's resources in from its outputs.
-    KFP's compiler also gives the tuner task inputs named ``accelerator_type`` and
-    ``accelerator_count`` (the resource fields' names) holding those outputs, which is why the
-    tune component's own input is ``accelerator``: one named ``accelerator_type`` would be
-    replaced by the resource type.
+    A ``tuning_accelerator`` task maps accelerator_type to them at run time (the KFP local runner
+    cannot join branch outputs, so no ``dsl.If`` and ``dsl.OneOf`` as on Vertex); open-source KFP
+    (2.4 and later) fills the tuner's accelerator resource and node selector in from its outputs
+    when it creates the pod. KFP's compiler also gives the tuner task inputs named
+    ``accelerator_type`` and ``accelerator_count`` (the resource fields' names) holding those
+    outputs, which is why the tune component's own input is ``accelerator``: one named
+    ``accelerator_type`` would be replaced by the resource name.
     """
+    from kfp import kubernetes
+
     from components.tune.component import tune
 
-    machines = {accelerator: {"accelerator_type": machine.accelerator_type,
-                              "accelerator_count": str(machine.accelerator_count)}
-                for accelerator, machine in TUNING_MACHINES.items()}
-    machine_lookup = tuning_accelerator(accelerator=accelerator_type, machines=machines)
-    machine_lookup.set_display_name("Tuning Accelerator")
+    cluster_accelerators = {
+        accelerator: {**pod_accelerators._asdict(),
+                      "resource_count": str(pod_accelerators.resource_count)}
+        for accelerator, pod_accelerators in CLUSTER_TUNING_ACCELERATORS.items()}
+    lookup = tuning_accelerator(accelerator=accelerator_type,
+                                cluster_accelerators=cluster_accelerators)
+    lookup.set_display_name("Tuning Accelerator")
     tuner = tune(**tune_inputs).set_display_name("Tune").set_caching_options(False)
-    tuner.set_accelerator_type(machine_lookup.outputs["accelerator_type"]).set_accelerator_limit(
-        machine_lookup.outputs["accelerator_count"])
+    tuner.set_accelerator_type(lookup.outputs["resource_name"]).set_accelerator_limit(
+        lookup.outputs["resource_count"])
+    kubernetes.add_node_selector_json(tuner, node_selector_json=lookup.outputs["node_selector"])
     # Outputs used as resources make no dependency (kfp 2.17): without it the local runner and
     # KFP's DAG may start the tuner before the lookup has run.
-    tuner.after(machine_lookup)
+    tuner.after(lookup)
     return tuner.outputs["tuned_model"]
 
 

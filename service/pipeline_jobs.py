@@ -38,15 +38,22 @@ ECHOED_FIELDS = ("labels", "serviceAccount", "encryptionSpec", "network", "reser
 def _spec(template: Path) -> dict:
     """A template's pipeline spec as it travels in JSON (integers may come back as floats,
     which compare equal)."""
-    import yaml
+    from pipelines.templates import pipeline_spec
 
-    return json.loads(json.dumps(yaml.safe_load(template.read_text())))
+    return json.loads(json.dumps(pipeline_spec(template)))
 
 
-def trusted_template(body: dict) -> tuple[Path, dict]:
-    """The compiled template a request names (``templateUri`` or an inline ``pipelineSpec``
-    equal to a compiled template) and its spec as JSON; ApiError 400 for anything else."""
-    from pipelines.templates import COMPILED_DIR, template_path
+def trusted_template(body: dict) -> tuple[Path, dict, str | None]:
+    """The compiled template a request names (``templateUri``, or an inline ``pipelineSpec``
+    equal to ``compiled/<name>.yaml`` or to ``compiled/vertex/<name>.yaml``), its spec as JSON
+    and a note when the request's template is not the one that runs; ApiError 400 for anything
+    else.
+
+    A Vertex template runs as the portable template of the same pipeline: the two come from one
+    pipeline definition and take the same parameters (and the Vertex SDK cannot read a portable
+    template, whose second YAML document is KFP's platform spec).
+    """
+    from pipelines.templates import COMPILED_DIR, VERTEX_SUBDIR, template_path
 
     if "pipelineSpec" in body:
         spec = body["pipelineSpec"]
@@ -57,13 +64,16 @@ def trusted_template(body: dict) -> tuple[Path, dict]:
             known = ", ".join(path.stem for path in sorted(COMPILED_DIR.glob("*.yaml")))
             raise ApiError(400, f"pipelineSpec names the pipeline {name!r}, not one of "
                                 f"tunepipe's compiled templates ({known})")
-        compiled_spec = _spec(compiled)
-        if compiled_spec != spec:
-            raise ApiError(400, f"pipelineSpec differs from compiled/{name}.yaml: this server runs "
-                                "only its own compiled templates (a template holds the code its "
-                                f"tasks run); submit compiled/{name}.yaml unchanged, or send "
-                                f'"templateUri": "{name}"')
-        return compiled, compiled_spec
+        if spec == _spec(compiled):
+            return compiled, spec, None
+        vertex = COMPILED_DIR / VERTEX_SUBDIR / f"{name}.yaml"
+        if vertex.is_file() and spec == _spec(vertex):
+            return compiled, spec, (f"pipelineSpec is compiled/vertex/{name}.yaml: it runs here as "
+                                    f"compiled/{name}.yaml, the same pipeline's portable template")
+        raise ApiError(400, f"pipelineSpec differs from compiled/{name}.yaml and "
+                            f"compiled/vertex/{name}.yaml: this server runs only its own compiled "
+                            "templates (a template holds the code its tasks run); submit one of "
+                            f'them unchanged, or send "templateUri": "{name}"')
     uri = body.get("templateUri")
     if not isinstance(uri, str) or not uri:
         raise ApiError(400, "the request needs templateUri (a template name such as "
@@ -77,7 +87,7 @@ def trusted_template(body: dict) -> tuple[Path, dict]:
         raise ApiError(400, f"templateUri {uri!r} is a file outside {COMPILED_DIR}: this server "
                             "runs only its own compiled templates (a template holds the code its "
                             "tasks run)")
-    return path, _spec(path)
+    return path, _spec(path), None
 
 
 def location_problems(roots: AllowedRoots, values: dict,
@@ -108,12 +118,14 @@ class PipelineJobs(JobCollection):
         from pipelines.templates import ParameterError
 
         name = self.job_name(call, call.query.get("pipelineJobId") or new_job_id())
-        template, spec = trusted_template(call.body)
+        template, spec, note = trusted_template(call.body)
         try:
             request = request_from_body(call.body, SOURCE, str(template),
                                         str(self.store.folder(name) / OUTPUTS_DIR))
         except ParameterError as error:
             raise ApiError(400, str(error)) from None
+        if note:
+            request.notes = (*request.notes, note)
         problems = location_problems(self.roots, request.parameters, request.output_directory)
         if problems:
             raise ApiError(400, "\n".join(problems))

@@ -19,7 +19,7 @@ from components.deploy_endpoint.kserve import (PredictorSettings, deploy_inferen
                                                inference_service, service_name)
 from components.deploy_endpoint.kubernetes_api import ACCOUNT_DIR_ENV, API_URL_ENV
 from components.upload_model.component import upload_model
-from pipelines.templates import COMPILED_DIR
+from pipelines.templates import COMPILED_DIR, pipeline_spec
 from tests.fake_kubernetes import COLLECTION, FakeKubernetes
 
 NAMESPACE = "kubeflow"
@@ -289,7 +289,7 @@ def test_deploy_endpoint_creates_the_service_and_records_it(fake_api, tmp_path):
 
 
 def test_the_template_gives_deploy_endpoint_its_own_image():
-    spec = yaml.safe_load((COMPILED_DIR / "tune-large-model.yaml").read_text())
+    spec = pipeline_spec(COMPILED_DIR / "tune-large-model.yaml")
     task = spec["root"]["dag"]["tasks"]["deploy-endpoint"]
     image = task["inputs"]["parameters"]["serving_image"]["runtimeValue"]["constant"]
     assert image == spec["deploymentSpec"]["executors"]["exec-deploy-endpoint"]["container"][

@@ -76,7 +76,8 @@ def service(tmp_path_factory):
      "INVALID_ARGUMENT", "Unknown pipeline template"),
     ("POST", f"{PARENT}/pipelineJobs",
      {"pipelineSpec": {"pipelineInfo": {"name": "tune-large-model"}, "deploymentSpec": {}}},
-     400, "INVALID_ARGUMENT", "pipelineSpec differs from compiled/tune-large-model.yaml"),
+     400, "INVALID_ARGUMENT", "pipelineSpec differs from compiled/tune-large-model.yaml and "
+     "compiled/vertex/tune-large-model.yaml"),
 ])
 def test_refusals_are_answered_in_google_s_shape(service, method, path, body, code, status,
                                                  message):
@@ -263,7 +264,8 @@ def test_the_sdk_submits_a_pipeline_job_and_waits_for_it(service, sample_dir, ti
     aiplatform.init(project="my-project", location="us-central1", api_endpoint=service.url,
                     api_transport="rest", credentials=AnonymousCredentials())
     job = aiplatform.PipelineJob(
-        display_name="tiny-sdk-job", template_path=str(REPO / "compiled" / "tune-large-model.yaml"),
+        display_name="tiny-sdk-job",
+        template_path=str(REPO / "compiled" / "vertex" / "tune-large-model.yaml"),
         pipeline_root=str(tmp_path / "root"), job_id="tiny-sdk-job",
         parameter_values={"project": "my-project", "model_display_name": "tiny-sdk",
                           "dataset_uri": str(sample_dir / "support_intents_train.jsonl"),
@@ -278,6 +280,8 @@ def test_the_sdk_submits_a_pipeline_job_and_waits_for_it(service, sample_dir, ti
         assert get_model("tiny-sdk").version == 1
         assert get_endpoint("tiny-sdk").model_dir == str(get_model("tiny-sdk").path)
         assert any(p.name.startswith("tune-large-model") for p in (tmp_path / "root").iterdir())
+        assert ("note: pipelineSpec is compiled/vertex/tune-large-model.yaml: it runs here as "
+                "compiled/tune-large-model.yaml") in (service_dir() / job.resource_name / "log.txt").read_text()
     finally:
         stop_endpoint("tiny-sdk", missing_ok=True)
     listed = aiplatform.PipelineJob.list()

@@ -208,7 +208,11 @@ def test_kfp_submission_and_wait(cloud, capsys, states, status):
     (create,) = fake.creates()
     assert create.path == "/apis/v2beta1/runs"
     run = create.body
-    assert run["pipeline_spec"]["pipelineInfo"]["name"] == "tune-large-model"
+    # A template with a platform spec travels as both (the tuner's node selector is in it).
+    assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "tune-large-model"
+    executors = run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"][
+        "deploymentSpec"]["executors"]
+    assert "nodeSelector" in executors["exec-tune"]
     assert run["runtime_config"]["parameters"]["dataset_uri"] == cloud.uri("data/train.jsonl")
     assert run["runtime_config"]["pipeline_root"] == cloud.uri("kfp-root")
     assert run["service_account"] == "pipeline-runner"

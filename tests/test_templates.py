@@ -9,7 +9,8 @@ import yaml
 
 from pipelines.local_run import request_from_file
 from pipelines.templates import (COMPILED_DIR, IMAGE_ENV, VERTEX_SUBDIR, ParameterError,
-                                 bind_parameters, compile_all, read_template, template_path)
+                                 bind_parameters, compile_all, pipeline_spec, read_template,
+                                 template_path)
 from pipelines.vertex import tuning_accelerator
 
 SPEC_PARAMETERS = {  # SPEC.md's table for tune-large-model: name -> (type, default)
@@ -32,7 +33,8 @@ def test_compiled_templates_match_a_fresh_compile(tmp_path, monkeypatch):
     for fresh in fresh_templates:
         checked_in = COMPILED_DIR / fresh.relative_to(tmp_path)
         assert checked_in.exists(), f"{checked_in} is missing: run `make compile`"
-        assert yaml.safe_load(checked_in.read_text()) == yaml.safe_load(fresh.read_text()), \
+        assert list(yaml.safe_load_all(checked_in.read_text())) == \
+            list(yaml.safe_load_all(fresh.read_text())), \
             f"{checked_in} is stale: run `make compile` and commit it"
 
 
@@ -61,7 +63,7 @@ def test_distillation_parameters_are_vertex_s():
 
 
 def test_distillation_runs_the_teacher_between_validation_and_transform():
-    spec = yaml.safe_load(template_path("distillation").read_text())
+    spec = pipeline_spec(template_path("distillation"))
     tasks = spec["root"]["dag"]["tasks"]
     teacher = tasks["generate-rationales"]
     assert teacher["dependentTasks"] == ["validate-dataset"]
@@ -77,24 +79,30 @@ def test_distillation_runs_the_teacher_between_validation_and_transform():
         "componentInputParameter": "student_model_reference"}
 
 
-PORTABLE_TUNER_ACCELERATORS = {  # accelerator_type -> (accelerator type, count) of the tune task
-    "GPU": ("NVIDIA_A100_80GB", "8"),
-    "TPU": ("TPU_V3", "64"),
+# accelerator_type -> what the portable tune task's pod asks for on a cluster: the resource
+# limit, and the node selector (GKE's labels); TPU: one v3 host, since a pod is on one node.
+PORTABLE_TUNER_ACCELERATORS = {
+    "GPU": ("nvidia.com/gpu", "8", {"cloud.google.com/gke-accelerator": "nvidia-a100-80gb"}),
+    "TPU": ("google.com/tpu", "4", {"cloud.google.com/gke-tpu-accelerator": "tpu-v3-device",
+                                    "cloud.google.com/gke-tpu-topology": "2x2"}),
 }
 INPUT_PLACEHOLDER = re.compile(r"\{\{\$\.inputs\.parameters\['(?P<name>[^']+)'\]\}\}")
 
 
 @pytest.mark.parametrize("name", ["tune-large-model", "tune-large-chat-model", "distillation"])
-def test_the_portable_tuner_asks_for_the_accelerator_type_s_machine(name):
-    spec = yaml.safe_load(template_path(name).read_text())
+def test_the_portable_tuner_asks_for_the_accelerator_type_s_kubernetes_resources(name):
+    spec, platform = yaml.safe_load_all(template_path(name).read_text())
     tasks = spec["root"]["dag"]["tasks"]
     lookup = tasks["tuning-accelerator"]["inputs"]["parameters"]
     assert lookup["accelerator"] == {"componentInputParameter": "accelerator_type"}
-    machines = lookup["machines"]["runtimeValue"]["constant"]
+    cluster_accelerators = lookup["cluster_accelerators"]["runtimeValue"]["constant"]
     for accelerator_type, expected in PORTABLE_TUNER_ACCELERATORS.items():
-        assert tuple(tuning_accelerator.python_func(accelerator_type, machines)) == expected
+        assert tuple(tuning_accelerator.python_func(accelerator_type, cluster_accelerators)) == \
+            expected
     with pytest.raises(ValueError, match="accelerator_type must be one of GPU, TPU, got 'gpu'"):
-        tuning_accelerator.python_func("gpu", machines)
+        tuning_accelerator.python_func("gpu", cluster_accelerators)
+    outputs = spec["components"]["comp-tuning-accelerator"]["outputDefinitions"]["parameters"]
+    assert outputs["node_selector"] == {"parameterType": "STRUCT"}  # KFP's driver reads a struct
 
     tuner = tasks["tune"]
     assert "tuning-accelerator" in tuner["dependentTasks"]
@@ -102,11 +110,13 @@ def test_the_portable_tuner_asks_for_the_accelerator_type_s_machine(name):
         "componentInputParameter": "accelerator_type"}  # the batch size rule
     executor = spec["components"][tuner["componentRef"]["name"]]["executorLabel"]
     resources = spec["deploymentSpec"]["executors"][executor]["container"]["resources"]
-    for field, output in (("resourceType", "accelerator_type"),
-                          ("resourceCount", "accelerator_count")):
+    for field, output in (("resourceType", "resource_name"), ("resourceCount", "resource_count")):
         placeholder = INPUT_PLACEHOLDER.fullmatch(resources["accelerator"][field])
         assert tuner["inputs"]["parameters"][placeholder["name"]] == {"taskOutputParameter": {
             "producerTask": "tuning-accelerator", "outputParameterKey": output}}
+    assert platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][executor] == {
+        "nodeSelector": {"nodeSelectorJson": {"taskOutputParameter": {
+            "producerTask": "tuning-accelerator", "outputParameterKey": "node_selector"}}}}
 
 
 def test_unknown_and_mistyped_parameters_are_all_named():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipelines.templates import COMPILED_DIR, VERTEX_SUBDIR, compile_all, template_path
+from pipelines.templates import (COMPILED_DIR, VERTEX_SUBDIR, compile_all, pipeline_spec,
+                                 template_path)
 
 PIPELINES = ("tune-large-model", "tune-large-chat-model")
 BRANCHES = {  # accelerator_type -> (machine_type, accelerator_type, count, region)
@@ -76,7 +77,7 @@ def test_the_model_goes_to_the_vertex_registry_and_an_endpoint(name):
 
 def test_vertex_and_portable_templates_take_the_same_parameters():
     for name in PIPELINES:
-        portable = yaml.safe_load(template_path(name).read_text())
+        portable = pipeline_spec(template_path(name))
         assert _vertex_template(name)["root"]["inputDefinitions"] == \
             portable["root"]["inputDefinitions"]
 
