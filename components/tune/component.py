@@ -25,7 +25,8 @@ def tune(
     """Tunes a LoRA adapter (or every weight) of the base model for ``train_steps`` steps.
 
     Uses every local GPU (one torchrun process per GPU when there are several), else one GPU or
-    the CPU. A retried task resumes from the last checkpoint already in ``tuned_model``.
+    the CPU; on a cloud machine, the accelerator or a clear error (never the CPU instead). A
+    retried task resumes from the last checkpoint already in ``tuned_model``.
 
     Args:
         tokenized_dataset: transform's output: ``train/`` and optionally ``eval/`` token datasets.
@@ -53,10 +54,11 @@ def tune(
     from components.common.model_catalog import resolve_model
     from components.common.token_dataset import TokenDataset
     from components.tune import settings
-    from components.tune.launch import tune_on_local_devices
+    from components.tune.launch import check_cloud_accelerator, tune_on_local_devices
     from components.tune.trainer import TuneConfig
     from components.tune.training_log import LOSS_CURVE
 
+    check_cloud_accelerator(accelerator)
     model = resolve_model(large_model_reference)
     train_dir = os.path.join(tokenized_dataset.path, "train")
     batch_size = settings.batch_size(settings.context_class(model, max_context_length),

@@ -4,9 +4,16 @@ With one device (a CPU, one GPU) the tuner runs in the calling process. With sev
 component launches ``python -m torch.distributed.run --standalone --nproc-per-node N -m
 components.tune.cli ...`` (one process per GPU, DDP or FSDP) and reads the result back from the
 tune output, so a pipeline step on an 8-GPU machine uses all eight.
+
+On a cloud machine (a Kubeflow Pipelines task pod, or a Vertex AI CustomJob) the machine was
+chosen for ``accelerator_type``, so :func:`check_cloud_accelerator` refuses to tune on the CPU
+there: a GPU task that sees no CUDA device, or a TPU task whose image has no torch_xla, fails at
+once with what to fix instead of training for hours on the host's CPU. Local runs are not
+checked: there ``accelerator_type`` only sets the batch size.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,9 +23,39 @@ from pathlib import Path
 
 import torch
 
+from components.common.cluster import in_kfp_cluster
 from components.common.model_loading import TUNED_MODEL_METADATA
 from components.tune.checkpoints import read_index
 from components.tune.trainer import TuneConfig, TuneResult, tune
+
+
+VERTEX_JOB_ENV = "CLOUD_ML_JOB_ID"  # set by Vertex AI in a CustomJob's containers
+
+
+def on_cloud_machine() -> bool:
+    """True in a Kubeflow Pipelines task pod or a Vertex AI CustomJob."""
+    return in_kfp_cluster() or bool(os.environ.get(VERTEX_JOB_ENV))
+
+
+def check_cloud_accelerator(accelerator: str) -> None:
+    """On a cloud machine, makes sure the tuner will use the ``accelerator`` (GPU or TPU) it was
+    given: a TPU task gets ``PJRT_DEVICE=TPU`` when unset; RuntimeError, saying what to fix,
+    when the device is not usable. Does nothing elsewhere."""
+    if not on_cloud_machine():
+        return
+    if accelerator == "GPU" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"accelerator_type GPU, but this task sees no CUDA GPU (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda or 'no: a CPU build'}): the image needs torch's "
+            "CUDA build (the Dockerfile's default) and the node the NVIDIA driver and device "
+            "plugin; refusing to tune on the CPU")
+    if accelerator == "TPU":
+        if importlib.util.find_spec("torch_xla") is None:
+            raise RuntimeError(
+                "accelerator_type TPU, but this image has no torch_xla: build the TPU image "
+                "(make image VARIANT=tpu IMAGE=REF) and compile the templates for it "
+                "(tunepipe compile --image REF); refusing to tune on the CPU")
+        os.environ.setdefault("PJRT_DEVICE", "TPU")
 
 
 def local_processes() -> int:
