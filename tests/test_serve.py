@@ -129,7 +129,9 @@ def test_binding_beyond_loopback_needs_a_token(monkeypatch):
 
 
 def test_serve_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path):
-    env = {**os.environ, "TUNEPIPE_HOME": str(tmp_path)}
+    # PYTHONFAULTHANDLER: a server that does not stop is sent SIGABRT, which prints every
+    # thread's stack into this test's captured stderr, to show where it hangs.
+    env = {**os.environ, "TUNEPIPE_HOME": str(tmp_path), "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--port", "0"],
                                cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     try:
@@ -138,7 +140,14 @@ def test_serve_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path):
         url = ready.split()[-1]
         assert call(url, "GET", f"{PARENT}/pipelineJobs") == (200, {"pipelineJobs": []})
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0
+        try:
+            status = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            process.wait(timeout=10)
+            pytest.fail("tunepipe serve did not stop within 30 s of SIGINT: its threads' stacks "
+                        "are in the captured stderr")
+        assert status == 0
         assert process.stdout.read().splitlines()[-1] == "tunepipe serve: stopped"
     finally:
         if process.poll() is None:
