@@ -132,8 +132,11 @@ def test_serve_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path):
     # PYTHONFAULTHANDLER: a server that does not stop is sent SIGABRT, which prints every
     # thread's stack into this test's captured stderr, to show where it hangs.
     env = {**os.environ, "TUNEPIPE_HOME": str(tmp_path), "PYTHONFAULTHANDLER": "1"}
+    # Started as from a terminal, with Ctrl-C's default action: a test run launched in the
+    # background by a script inherits SIGINT ignored, and Python keeps an inherited ignore.
     process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--port", "0"],
-                               cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         ready = process.stdout.readline()
         assert ready.startswith("tunepipe serve: listening on http://127.0.0.1:"), ready
