@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipelines.local_run import RunRequest
-from pipelines.templates import COMPILED_DIR, ParameterError
+from pipelines.templates import COMPILED_DIR, VERTEX_SUBDIR, ParameterError
 
-VERTEX_TEMPLATES = COMPILED_DIR / "vertex"
+VERTEX_TEMPLATES = COMPILED_DIR / VERTEX_SUBDIR
 POLL_SECONDS = 30.0
 VERTEX_DONE = {"PIPELINE_STATE_SUCCEEDED", "PIPELINE_STATE_FAILED", "PIPELINE_STATE_CANCELLED"}
 KFP_DONE = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED"}

@@ -53,7 +53,8 @@ def trusted_template(body: dict) -> tuple[Path, dict, str | None]:
     pipeline definition and take the same parameters (and the Vertex SDK cannot read a portable
     template, whose second YAML document is KFP's platform spec).
     """
-    from pipelines.templates import COMPILED_DIR, VERTEX_SUBDIR, template_path
+    from pipelines.submit import vertex_template
+    from pipelines.templates import COMPILED_DIR, template_path
 
     if "pipelineSpec" in body:
         spec = body["pipelineSpec"]
@@ -66,8 +67,8 @@ def trusted_template(body: dict) -> tuple[Path, dict, str | None]:
                                 f"tunepipe's compiled templates ({known})")
         if spec == _spec(compiled):
             return compiled, spec, None
-        vertex = COMPILED_DIR / VERTEX_SUBDIR / f"{name}.yaml"
-        if vertex.is_file() and spec == _spec(vertex):
+        vertex = vertex_template(compiled)
+        if vertex != compiled and spec == _spec(vertex):
             return compiled, spec, (f"pipelineSpec is compiled/vertex/{name}.yaml: it runs here as "
                                     f"compiled/{name}.yaml, the same pipeline's portable template")
         raise ApiError(400, f"pipelineSpec differs from compiled/{name}.yaml and "
