@@ -20,8 +20,9 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_XLA_VERSION=2.9.0
 ENV HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 WORKDIR /opt/tunepipe
-# A C compiler: an endpoint served on a CPU builds its int8 kernels at start
-# (components/common/int8_linear.py); without one it serves float weights, several times slower to decode.
+# A C compiler: on a CPU, tunepipe builds its C kernels on first use (components/common/c_kernels.py):
+# the int8 decoding of an endpoint and the float32 training attention; without one it keeps PyTorch's
+# paths, several times slower to decode and slower to train.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 # torch first so the project does not pick another build; the embedded model with --no-deps.

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from components.common import generation, int8_linear
+from components.common import c_kernels, generation, int8_linear
 from components.common.fast_decode import (CACHE_GROWTH, FastDecodeStep, supports_fast_decode,
                                             swap_remove_order)
 from components.common.int8_linear import (Int8Linear, int8_unavailable_reason, serving_weights,
@@ -174,7 +174,7 @@ def test_serving_weights_follow_the_setting(monkeypatch):
 def test_without_a_compiler_auto_serves_float_and_int8_is_an_error(monkeypatch, tmp_path):
     monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path))  # no kernel built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    int8_linear.int8_kernels.cache_clear()
+    c_kernels.load_kernels.cache_clear()
     try:
         model = tiny_llama()
         monkeypatch.setenv(int8_linear.SERVING_WEIGHTS_ENV, "auto")
@@ -184,7 +184,7 @@ def test_without_a_compiler_auto_serves_float_and_int8_is_an_error(monkeypatch, 
         with pytest.raises(ValueError, match="TUNEPIPE_SERVING_WEIGHTS=int8, but"):
             serving_weights(model)
     finally:
-        int8_linear.int8_kernels.cache_clear()
+        c_kernels.load_kernels.cache_clear()
 
 
 def _random_cache(model, rows: int, length: int) -> DynamicCache:

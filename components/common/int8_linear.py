@@ -26,87 +26,39 @@ README, "Decoding speed", has the measurements).
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from components.common.paths import cache_dir
+from components.common.c_kernels import INT, INT64, POINTER, load_kernels, unavailable_reason
 
 SERVING_WEIGHTS_ENV = "TUNEPIPE_SERVING_WEIGHTS"
 SERVING_WEIGHTS = ("auto", "int8", "float")
-KERNEL_SOURCE = Path(__file__).with_name("int8_kernels.c")
-COMPILER_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 WEIGHT_BLOCK = 32  # weights of a row share a scale by blocks of 32 (in_features: a multiple)
 ROW_GROUP = 4  # output rows the kernel computes together (out_features padded to a multiple)
-_POINTER, _INT64, _FLOAT, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-KERNEL_SIGNATURES = {  # the C functions' parameter types, in order (see int8_kernels.c)
-    "int8_linear": [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER, _INT64, _INT],
+KERNEL_SIGNATURES = (  # the C functions' parameter types, in order (see int8_kernels.c)
+    ("int8_linear", (POINTER, INT64, INT64, POINTER, POINTER, POINTER, POINTER, INT64, INT)),
     # (DecoderLayer*, hidden, rows, cos, sin, key_cache, value_cache, capacity, length, mask,
     #  threads)
-    "int8_decoder_layer": [_POINTER, _POINTER, _INT64, _POINTER, _POINTER, _POINTER, _POINTER,
-                           _INT64, _INT64, _POINTER, _INT],
+    ("int8_decoder_layer", (POINTER, POINTER, INT64, POINTER, POINTER, POINTER, POINTER, INT64,
+                            INT64, POINTER, INT)),
     # (DecoderLayer*, hidden, tokens, cos, sin, keys[], values[], positions, capacity, threads)
-    "int8_prefill_layer": [_POINTER, _POINTER, _INT64, _POINTER, _POINTER, _POINTER, _POINTER,
-                           _POINTER, _INT64, _INT],
-}
+    ("int8_prefill_layer", (POINTER, POINTER, INT64, POINTER, POINTER, POINTER, POINTER, POINTER,
+                            INT64, INT)),
+)
 
 
-class Int8KernelUnavailable(RuntimeError):
-    """The int8 kernel cannot run here (no AVX2, no C compiler, or the build failed)."""
-
-
-@functools.lru_cache(maxsize=None)
 def int8_kernels() -> ctypes.CDLL:
     """The kernel library (``int8_kernels.c``), built on first use. Raises
-    ``Int8KernelUnavailable``."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise Int8KernelUnavailable(f"the int8 kernel is for x86-64 CPUs, not {platform.machine()}")
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        raise Int8KernelUnavailable(f"the int8 kernel needs AVX2 (this CPU: {capability})")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise Int8KernelUnavailable("no C compiler to build the int8 kernel (set $CC)")
-    source = KERNEL_SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(COMPILER_FLAGS).encode()).hexdigest()[:16]
-    library = cache_dir() / "kernels" / f"int8_kernels-{digest}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-            built = Path(scratch) / library.name
-            try:
-                result = subprocess.run([compiler, *COMPILER_FLAGS, str(KERNEL_SOURCE), "-o",
-                                         str(built), "-lm"], capture_output=True, text=True)
-            except OSError as error:
-                raise Int8KernelUnavailable(f"cannot run the C compiler {compiler}: "
-                                            f"{error.strerror}") from None
-            if result.returncode:
-                raise Int8KernelUnavailable(f"building the int8 kernel with {compiler} failed: "
-                                            f"{result.stderr.strip()[-500:]}")
-            os.replace(built, library)  # atomic: a concurrent build never loads half a file
-    loaded = ctypes.CDLL(str(library))
-    for name, argument_types in KERNEL_SIGNATURES.items():
-        getattr(loaded, name).argtypes = argument_types
-        getattr(loaded, name).restype = None
-    return loaded
+    ``KernelUnavailable``."""
+    return load_kernels("int8_kernels.c", KERNEL_SIGNATURES)
 
 
 def int8_unavailable_reason() -> str | None:
     """Why the int8 kernel cannot run here, or None when it can (building it if need be)."""
-    try:
-        int8_kernels()
-    except (Int8KernelUnavailable, OSError) as error:  # OSError: the library does not load
-        return str(error)
-    return None
+    return unavailable_reason(int8_kernels)
 
 
 class Int8Linear(nn.Module):
@@ -205,8 +157,8 @@ def serving_weights(model: nn.Module) -> ServingWeights:
 class Int8Matrix(ctypes.Structure):
     """An ``Int8Linear``'s buffers as ``int8_kernels.c`` takes them (its ``Int8Matrix``)."""
 
-    _fields_ = [("weight", _POINTER), ("scale", _POINTER), ("bias", _POINTER), ("n", _INT64),
-                ("k", _INT64)]
+    _fields_ = [("weight", POINTER), ("scale", POINTER), ("bias", POINTER), ("n", INT64),
+                ("k", INT64)]
 
     @classmethod
     def of(cls, linear: Int8Linear) -> "Int8Matrix":

@@ -13,9 +13,11 @@ through ``model(...).logits``:
 
 - **Packing.** A micro-batch is one row: its examples concatenated, with position ids that
   restart at 0 for every example, so no padding token is ever computed. Attention stays within
-  each example: the registered attention function ``tunepipe_packed`` runs causal
-  ``scaled_dot_product_attention`` on each example's span of the row (no block-diagonal mask over
-  the whole row, whose cost would grow with the square of the row length).
+  each example: the registered attention function ``tunepipe_packed`` computes causal attention
+  on each example's span of the row (no block-diagonal mask over the whole row, whose cost would
+  grow with the square of the row length): in float32 on an AVX2 CPU with the C kernels of
+  ``components.common.fast_attention`` (the whole row in one call), else with
+  ``scaled_dot_product_attention`` on each example.
 - **Target-only logits.** The LM head (hidden size x vocabulary: 576 x 49,152 for SmolLM2, a
   third of its per-token FLOPs) and the cross-entropy run only at the positions whose next
   token is a target, through the model's own ``logits_to_keep`` argument (so any logit
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from components.common.fast_attention import fast_attention_applies, packed_causal_attention_fp32
 from components.common.token_metrics import IGNORE_INDEX, TokenScores
 
 PACKED_ATTENTION = "tunepipe_packed"
@@ -296,6 +299,8 @@ def packed_causal_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     one example). Returns ``([1, tokens, heads, head_dim], None)``.
     """
     lengths = packed_lengths.tolist() if packed_lengths is not None else [query.shape[2]]
+    if fast_attention_applies(query, key, value, dropout):
+        return packed_causal_attention_fp32(query, key, value, lengths, scaling), None
     if len(lengths) == 1:
         output = _causal_attention(query, key, value, dropout, scaling)
         return output.transpose(1, 2).contiguous(), None

@@ -1,0 +1,347 @@
+/* Causal self-attention of packed rows in float32 on x86 CPUs with AVX2, forward and backward
+ * (components/common/fast_attention.py builds this file and calls it).
+ *
+ * A row holds several examples one after another (their lengths in `lengths`); each token
+ * attends to the tokens of its own example up to itself. Queries are [tokens, heads, dim],
+ * keys and values [tokens, kv_heads, dim] (heads sharing a key and value: grouped-query
+ * attention, head h reads kv head h / (heads / kv_heads)), all contiguous.
+ *
+ * The work is cut into (example, head, block of QUERY_BLOCK queries); a block's queries see
+ * the keys up to its last query, so little of the masked upper triangle is computed. Each
+ * block takes a few small matrix products (`gemm`: 6 x 16 register tiles, AVX2 FMA) over a
+ * strip of scores it keeps in the thread's scratch (at most QUERY_BLOCK x the example's
+ * length), and an exact softmax over it (no online rescaling: a strip holds every key the
+ * block sees). Forward: S = scale Q K^T, P = softmax(S) (masked), O = P V, and the log-sum-exp
+ * of each row for the backward. Backward: P again from S and the log-sum-exp, dP = dO V^T,
+ * dS = P (dP - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO; the key and value
+ * gradients of the blocks of one thread add up in its own buffer, summed at the end.
+ */
+#include "avx2_math.h"
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define QUERY_BLOCK 48 /* queries per work item: a multiple of the tile's 6 rows */
+#define TILE_ROWS 6
+#define TILE_COLS 16
+
+static void *checked_malloc(size_t bytes) {
+    void *memory = malloc(bytes ? bytes : 1);
+    if (!memory) abort();
+    return memory;
+}
+
+static inline __m256i tail_mask(int64_t count) { /* the first count (0..8) lanes */
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)count), lanes);
+}
+
+/* C[rows x 16 (or `cols` < 16)] = (accumulate ? C : 0) + alpha A B for `rows` <= 6, where
+ * A[i][k] = a[i * a_row + k * a_col] and B is row-major (ldb). `rows` and `full` are constants
+ * where this is inlined, so each shape compiles to its own loop. */
+static inline __attribute__((always_inline)) void tile(
+        const int rows, const int full, int64_t cols, int64_t depth, float alpha,
+        const float *a, int64_t a_row, int64_t a_col, const float *b, int64_t ldb,
+        float *c, int64_t ldc, int accumulate) {
+    __m256 acc[TILE_ROWS][2];
+    __m256i mask0 = tail_mask(cols < 8 ? cols : 8), mask1 = tail_mask(cols > 8 ? cols - 8 : 0);
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < depth; k++) {
+        const float *b_row = b + k * ldb;
+        __m256 b0 = full ? _mm256_loadu_ps(b_row) : _mm256_maskload_ps(b_row, mask0);
+        __m256 b1 = full ? _mm256_loadu_ps(b_row + 8) : _mm256_maskload_ps(b_row + 8, mask1);
+        const float *a_k = a + k * a_col;
+        for (int r = 0; r < rows; r++) {
+            __m256 a_value = _mm256_broadcast_ss(a_k + r * a_row);
+            acc[r][0] = _mm256_fmadd_ps(a_value, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a_value, b1, acc[r][1]);
+        }
+    }
+    __m256 scale = _mm256_set1_ps(alpha);
+    for (int r = 0; r < rows; r++) {
+        float *c_row = c + r * ldc;
+        __m256 v0 = _mm256_mul_ps(acc[r][0], scale), v1 = _mm256_mul_ps(acc[r][1], scale);
+        if (full) {
+            if (accumulate) {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(c_row));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(c_row + 8));
+            }
+            _mm256_storeu_ps(c_row, v0);
+            _mm256_storeu_ps(c_row + 8, v1);
+        } else {
+            if (accumulate) {
+                v0 = _mm256_add_ps(v0, _mm256_maskload_ps(c_row, mask0));
+                v1 = _mm256_add_ps(v1, _mm256_maskload_ps(c_row + 8, mask1));
+            }
+            _mm256_maskstore_ps(c_row, mask0, v0);
+            _mm256_maskstore_ps(c_row + 8, mask1, v1);
+        }
+    }
+}
+
+#define TILE_CASE(R) case R: \
+    if (full) tile(R, 1, cols, depth, alpha, a_tile, a_row, a_col, b_tile, ldb, c_tile, ldc, accumulate); \
+    else tile(R, 0, cols, depth, alpha, a_tile, a_row, a_col, b_tile, ldb, c_tile, ldc, accumulate); \
+    break;
+
+/* C[m x n] = (accumulate ? C : 0) + alpha A[m x depth] B[depth x n] (A strided as in `tile`). */
+static void gemm(int64_t m, int64_t n, int64_t depth, float alpha,
+                 const float *a, int64_t a_row, int64_t a_col, const float *b, int64_t ldb,
+                 float *c, int64_t ldc, int accumulate) {
+    for (int64_t j = 0; j < n; j += TILE_COLS) {
+        int64_t cols = n - j < TILE_COLS ? n - j : TILE_COLS;
+        int full = cols == TILE_COLS;
+        for (int64_t i = 0; i < m; i += TILE_ROWS) {
+            int rows = (int)(m - i < TILE_ROWS ? m - i : TILE_ROWS);
+            const float *a_tile = a + i * a_row;
+            const float *b_tile = b + j;
+            float *c_tile = c + i * ldc + j;
+            switch (rows) {
+                TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6)
+            }
+        }
+    }
+}
+
+/* The transposes of the examples' keys (or values): out[e's offset * kv_heads * dim + (g * dim +
+ * d) * length + t] = x[(start + t) * kv_heads * dim + g * dim + d], so that a score strip's
+ * product reads a key's dims down a column. */
+static void transpose_heads(const float *x, float *out, const int64_t *starts,
+                            const int64_t *lengths, int64_t examples, int64_t kv_heads,
+                            int64_t dim) {
+    #pragma omp for schedule(dynamic) collapse(2)
+    for (int64_t e = 0; e < examples; e++)
+        for (int64_t g = 0; g < kv_heads; g++) {
+            int64_t length = lengths[e], start = starts[e];
+            float *o = out + start * kv_heads * dim + g * dim * length;
+            for (int64_t t = 0; t < length; t++)
+                for (int64_t d = 0; d < dim; d++)
+                    o[d * length + t] = x[(start + t) * kv_heads * dim + g * dim + d];
+        }
+}
+
+typedef struct {
+    int64_t example, head, first; /* first query of the block */
+} WorkItem;
+
+/* Every (example, head, query block), the costliest (most keys) first. */
+static WorkItem *work_items(const int64_t *lengths, int64_t examples, int64_t heads,
+                            int64_t *count) {
+    int64_t n = 0;
+    for (int64_t e = 0; e < examples; e++)
+        n += heads * ((lengths[e] + QUERY_BLOCK - 1) / QUERY_BLOCK);
+    WorkItem *items = checked_malloc(n * sizeof(WorkItem));
+    int64_t i = 0;
+    for (int64_t e = 0; e < examples; e++)
+        for (int64_t first = 0; first < lengths[e]; first += QUERY_BLOCK)
+            for (int64_t h = 0; h < heads; h++) items[i++] = (WorkItem){e, h, first};
+    /* sort by keys seen (first + block), descending: dynamic scheduling then balances */
+    for (int64_t a = 1; a < n; a++) {
+        WorkItem item = items[a];
+        int64_t b = a;
+        while (b > 0 && items[b - 1].first < item.first) { items[b] = items[b - 1]; b--; }
+        items[b] = item;
+    }
+    *count = n;
+    return items;
+}
+
+/* Scores of a block: strip[r][j] = scale q_r . k_j for its `rows` queries (row `first` + r of
+ * the example) and the `keys` keys it sees. */
+static void block_scores(const float *q, int64_t q_row, const float *k_transposed,
+                         int64_t length, int64_t rows, int64_t keys, int64_t dim, float scale,
+                         float *strip) {
+    gemm(rows, keys, dim, scale, q, q_row, 1, k_transposed, length, strip, keys, 0);
+}
+
+/* Softmax probabilities of a block's scores, in place: row r keeps keys 0..first + r (the
+ * others become 0). With lse (forward) each row's log-sum-exp is written there; with
+ * given_lse (backward) the probabilities are exp(score - given_lse[r]). */
+static void block_probabilities(float *strip, int64_t rows, int64_t keys, int64_t first,
+                                float *lse, int64_t lse_stride, const float *given_lse) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *s = strip + r * keys;
+        int64_t seen = first + r + 1;
+        float shift;
+        if (given_lse) {
+            shift = given_lse[r * lse_stride];
+        } else {
+            __m256 top = _mm256_set1_ps(-INFINITY);
+            int64_t j = 0;
+            for (; j + 8 <= seen; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + j));
+            float top_value = -INFINITY;
+            float lanes[8];
+            _mm256_storeu_ps(lanes, top);
+            for (int l = 0; l < 8; l++) top_value = lanes[l] > top_value ? lanes[l] : top_value;
+            for (; j < seen; j++) top_value = s[j] > top_value ? s[j] : top_value;
+            shift = top_value;
+        }
+        __m256 shift8 = _mm256_set1_ps(shift), total = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 8 <= seen; j += 8) {
+            __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift8));
+            total = _mm256_add_ps(total, p);
+            _mm256_storeu_ps(s + j, p);
+        }
+        if (j < seen) {
+            __m256i mask = tail_mask(seen - j);
+            __m256 p = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_maskload_ps(s + j, mask), shift8)),
+                                     _mm256_castsi256_ps(mask));
+            total = _mm256_add_ps(total, p);
+            _mm256_maskstore_ps(s + j, mask, p);
+            j = seen;
+        }
+        memset(s + seen, 0, (keys - seen) * sizeof(float));
+        if (!given_lse) {
+            float sum = horizontal_sum(total);
+            __m256 inverse = _mm256_set1_ps(1.0f / sum);
+            for (int64_t i = 0; i + 8 <= seen; i += 8)
+                _mm256_storeu_ps(s + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), inverse));
+            for (int64_t i = seen & ~(int64_t)7; i < seen; i++) s[i] /= sum;
+            lse[r * lse_stride] = shift + logf(sum);
+        }
+    }
+}
+
+static void example_starts(const int64_t *lengths, int64_t examples, int64_t *starts) {
+    int64_t start = 0;
+    for (int64_t e = 0; e < examples; e++) { starts[e] = start; start += lengths[e]; }
+}
+
+/* output = attention(query, key, value) [tokens, heads, dim]; lse [tokens, heads]. */
+void causal_attention_forward(const float *query, const float *key, const float *value,
+                              const int64_t *lengths, int64_t examples, int64_t heads,
+                              int64_t kv_heads, int64_t dim, float scale, float *output,
+                              float *lse, int threads) {
+    int64_t *starts = checked_malloc(examples * sizeof(int64_t)), tokens = 0, longest = 0;
+    example_starts(lengths, examples, starts);
+    for (int64_t e = 0; e < examples; e++) {
+        tokens += lengths[e];
+        longest = lengths[e] > longest ? lengths[e] : longest;
+    }
+    float *k_transposed = checked_malloc(tokens * kv_heads * dim * sizeof(float));
+    int64_t count, group = heads / kv_heads, q_row = heads * dim, kv_row = kv_heads * dim;
+    WorkItem *items = work_items(lengths, examples, heads, &count);
+    #pragma omp parallel num_threads(threads)
+    {
+        transpose_heads(key, k_transposed, starts, lengths, examples, kv_heads, dim);
+        float *strip = checked_malloc(QUERY_BLOCK * longest * sizeof(float));
+        #pragma omp for schedule(dynamic)
+        for (int64_t i = 0; i < count; i++) {
+            WorkItem w = items[i];
+            int64_t length = lengths[w.example], start = starts[w.example];
+            int64_t rows = length - w.first < QUERY_BLOCK ? length - w.first : QUERY_BLOCK;
+            int64_t keys = w.first + rows, g = w.head / group;
+            const float *q = query + (start + w.first) * q_row + w.head * dim;
+            block_scores(q, q_row, k_transposed + start * kv_row + g * dim * length, length,
+                         rows, keys, dim, scale, strip);
+            block_probabilities(strip, rows, keys, w.first,
+                                lse + (start + w.first) * heads + w.head, heads, NULL);
+            gemm(rows, dim, keys, 1.0f, strip, keys, 1, value + start * kv_row + g * dim, kv_row,
+                 output + (start + w.first) * q_row + w.head * dim, q_row, 0);
+        }
+        free(strip);
+    }
+    free(items);
+    free(k_transposed);
+    free(starts);
+}
+
+/* The gradients of causal_attention_forward's inputs, given its output and lse and the
+ * gradient of its output. */
+void causal_attention_backward(const float *query, const float *key, const float *value,
+                               const float *output, const float *lse, const float *d_output,
+                               const int64_t *lengths, int64_t examples, int64_t heads,
+                               int64_t kv_heads, int64_t dim, float scale, float *d_query,
+                               float *d_key, float *d_value, int threads) {
+    int64_t *starts = checked_malloc(examples * sizeof(int64_t)), tokens = 0, longest = 0;
+    example_starts(lengths, examples, starts);
+    for (int64_t e = 0; e < examples; e++) {
+        tokens += lengths[e];
+        longest = lengths[e] > longest ? lengths[e] : longest;
+    }
+    int64_t count, group = heads / kv_heads, q_row = heads * dim, kv_row = kv_heads * dim;
+    int64_t kv_size = tokens * kv_row;
+    float *k_transposed = checked_malloc(kv_size * sizeof(float));
+    float *v_transposed = checked_malloc(kv_size * sizeof(float));
+    float *row_dot = checked_malloc(tokens * heads * sizeof(float)); /* rowsum(dO O) */
+    if (threads < 1) threads = 1;
+    /* each thread's key and value gradients; thread 0 writes d_key and d_value directly */
+    float *partial = checked_malloc((size_t)(threads > 1 ? threads - 1 : 0) * 2 * kv_size
+                                    * sizeof(float));
+    WorkItem *items = work_items(lengths, examples, heads, &count);
+    #pragma omp parallel num_threads(threads)
+    {
+        int thread = omp_get_thread_num(), team = omp_get_num_threads();
+        float *my_d_key = thread ? partial + (thread - 1) * 2 * kv_size : d_key;
+        float *my_d_value = thread ? my_d_key + kv_size : d_value;
+        memset(my_d_key, 0, kv_size * sizeof(float));
+        memset(my_d_value, 0, kv_size * sizeof(float));
+        transpose_heads(key, k_transposed, starts, lengths, examples, kv_heads, dim);
+        transpose_heads(value, v_transposed, starts, lengths, examples, kv_heads, dim);
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < tokens * heads; t++) {
+            const float *o = output + t * dim, *d_o = d_output + t * dim;
+            __m256 sum = _mm256_setzero_ps();
+            int64_t d = 0;
+            for (; d + 8 <= dim; d += 8)
+                sum = _mm256_fmadd_ps(_mm256_loadu_ps(o + d), _mm256_loadu_ps(d_o + d), sum);
+            float total = horizontal_sum(sum);
+            for (; d < dim; d++) total += o[d] * d_o[d];
+            row_dot[t] = total;
+        }
+        float *probabilities = checked_malloc(QUERY_BLOCK * longest * sizeof(float));
+        float *d_scores = checked_malloc(QUERY_BLOCK * longest * sizeof(float));
+        #pragma omp for schedule(dynamic)
+        for (int64_t i = 0; i < count; i++) {
+            WorkItem w = items[i];
+            int64_t length = lengths[w.example], start = starts[w.example];
+            int64_t rows = length - w.first < QUERY_BLOCK ? length - w.first : QUERY_BLOCK;
+            int64_t keys = w.first + rows, g = w.head / group;
+            int64_t q_offset = (start + w.first) * q_row + w.head * dim;
+            int64_t kv_offset = start * kv_row + g * dim;
+            int64_t transposed_offset = start * kv_row + g * dim * length;
+            const float *q = query + q_offset, *d_o = d_output + q_offset;
+            block_scores(q, q_row, k_transposed + transposed_offset, length, rows, keys, dim,
+                         scale, probabilities);
+            block_probabilities(probabilities, rows, keys, w.first, NULL, heads,
+                                lse + (start + w.first) * heads + w.head);
+            /* dP = dO V^T, then dS = P (dP - rowsum(dO O)) */
+            gemm(rows, keys, dim, 1.0f, d_o, q_row, 1, v_transposed + transposed_offset, length,
+                 d_scores, keys, 0);
+            for (int64_t r = 0; r < rows; r++) {
+                float dot_value = row_dot[(start + w.first + r) * heads + w.head];
+                __m256 dot = _mm256_set1_ps(dot_value);
+                float *p = probabilities + r * keys, *ds = d_scores + r * keys;
+                int64_t j = 0;
+                for (; j + 8 <= keys; j += 8)
+                    _mm256_storeu_ps(ds + j, _mm256_mul_ps(_mm256_loadu_ps(p + j),
+                                     _mm256_sub_ps(_mm256_loadu_ps(ds + j), dot)));
+                for (; j < keys; j++) ds[j] = p[j] * (ds[j] - dot_value);
+            }
+            gemm(rows, dim, keys, scale, d_scores, keys, 1, key + kv_offset, kv_row,
+                 d_query + q_offset, q_row, 0);
+            gemm(keys, dim, rows, scale, d_scores, 1, keys, q, q_row,
+                 my_d_key + kv_offset, kv_row, 1);
+            gemm(keys, dim, rows, 1.0f, probabilities, 1, keys, d_o, q_row,
+                 my_d_value + kv_offset, kv_row, 1);
+        }
+        free(probabilities);
+        free(d_scores);
+        #pragma omp barrier
+        #pragma omp for schedule(static)
+        for (int64_t x = 0; x < kv_size; x++)
+            for (int t = 1; t < team; t++) {
+                d_key[x] += partial[(t - 1) * 2 * kv_size + x];
+                d_value[x] += partial[(t - 1) * 2 * kv_size + kv_size + x];
+            }
+    }
+    free(partial);
+    free(items);
+    free(row_dot);
+    free(v_transposed);
+    free(k_transposed);
+    free(starts);
+}

@@ -1,0 +1,97 @@
+"""The C causal attention of packed rows (components/common/fast_attention.py) against PyTorch's
+scaled_dot_product_attention on each example: outputs and the gradients of query, key and value."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from components.common import c_kernels, fast_attention, packing
+from components.common.fast_attention import (fast_attention_applies,
+                                              fast_attention_unavailable_reason,
+                                              packed_causal_attention_fp32)
+
+
+def _row(lengths, heads, kv_heads, dim, seed=0):
+    """query [1, heads, tokens, dim] and key/value [1, kv_heads, tokens, dim], laid out as a
+    transformers attention layer makes them (a transpose of [1, tokens, heads, dim])."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = sum(lengths)
+    return [torch.randn(1, tokens, h, dim, generator=generator).transpose(1, 2).requires_grad_()
+            for h in (heads, kv_heads, kv_heads)]
+
+
+def _reference(query, key, value, lengths, scale=None):
+    pieces = [F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                             enable_gqa=True).transpose(1, 2)
+              for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2),
+                                 value.split(lengths, 2))]
+    return torch.cat(pieces, dim=1)
+
+
+def test_the_kernels_build_on_this_machine():
+    assert fast_attention_unavailable_reason() is None
+
+
+@pytest.mark.parametrize("lengths, heads, kv_heads, dim", [
+    ([5], 2, 1, 8),  # less than a register tile
+    ([1, 7, 50, 13], 4, 2, 16),  # a one-token example; grouped heads
+    ([100, 61, 300], 9, 3, 64),  # SmolLM2's heads; several query blocks per example
+    ([49, 48, 47, 97], 3, 3, 20),  # a dim that is not a multiple of 8; block edges
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_and_its_gradients_match_sdpa(lengths, heads, kv_heads, dim, threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        query, key, value = _row(lengths, heads, kv_heads, dim)
+        grad = torch.randn(1, sum(lengths), heads, dim, generator=torch.Generator().manual_seed(1))
+        output = packed_causal_attention_fp32(query, key, value, lengths)
+        gradients = torch.autograd.grad(output, (query, key, value), grad)
+        expected = _reference(query, key, value, lengths)
+        expected_gradients = torch.autograd.grad(expected, (query, key, value), grad)
+    finally:
+        torch.set_num_threads(previous)
+    assert output.shape == expected.shape == (1, sum(lengths), heads, dim)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip("qkv", gradients, expected_gradients):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"gradient of {name}")
+
+
+def test_an_explicit_scale_is_applied():
+    lengths = [30, 20]
+    query, key, value = _row(lengths, 2, 1, 16)
+    output = packed_causal_attention_fp32(query, key, value, lengths, scale=0.5)
+    torch.testing.assert_close(output, _reference(query, key, value, lengths, scale=0.5),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_lengths_that_do_not_cover_the_row_are_an_error():
+    query, key, value = _row([10, 10], 2, 1, 8)
+    with pytest.raises(ValueError, match=r"lengths \[10, 9\] do not add up to the row's 20"):
+        packed_causal_attention_fp32(query, key, value, [10, 9])
+
+
+def test_it_applies_to_float32_cpu_attention_without_dropout_only():
+    query, key, value = _row([8], 2, 1, 8)
+    assert fast_attention_applies(query, key, value, 0.0)
+    assert not fast_attention_applies(query, key, value, 0.1)
+    assert not fast_attention_applies(*(t.bfloat16() for t in (query, key, value)), 0.0)
+    _, three_keys, three_values = _row([8], 2, 3, 8)  # 2 query heads cannot share 3 keys
+    assert not fast_attention_applies(query, three_keys, three_values, 0.0)
+
+
+def test_without_a_compiler_packed_attention_falls_back_to_sdpa(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path))  # no kernel built there yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    c_kernels.load_kernels.cache_clear()
+    try:
+        assert "no-such-compiler" in fast_attention.fast_attention_unavailable_reason()
+        lengths = [12, 20]
+        query, key, value = _row(lengths, 4, 2, 8)
+        assert not fast_attention_applies(query, key, value, 0.0)
+        output, _ = packing.packed_causal_attention(None, query, key, value, None,
+                                                    packed_lengths=torch.tensor(lengths))
+    finally:
+        c_kernels.load_kernels.cache_clear()
+    torch.testing.assert_close(output, _reference(query, key, value, lengths))
