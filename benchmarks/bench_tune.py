@@ -17,8 +17,8 @@ a float32 machine compares float32 with float32, and a bf16 machine bf16 with bf
   with per-example attention, logits only at target positions, fused LoRA layers; in bf16 a
   bf16 frozen base with float32 adapters under bf16 autocast, in float32 everything in
   float32); its decoder layers are compiled as ``compile="auto"`` decides for a long run
-  (``--compile long-run``, the default: compiled on a bf16 CPU, where runs of 200+ steps
-  compile, not in float32, where no run does; ``--compile auto|on|off`` passes a mode as is),
+  (``--compile long-run``, the default: compiled, as runs of 200+ steps on a CPU are;
+  ``--compile auto|on|off`` passes a mode as is),
   in the tuner's warm-up before the first step, not timed, and printed;
 - baseline: ``transformers.Trainer`` with PEFT, in its best configuration for this kind of CPU
   that we found (``BASELINE_VARIANTS``; ``--baseline`` picks another of the same dtype, all are
@@ -228,12 +228,10 @@ def _turn(step: int) -> None:
         sys.exit(0)
 
 
-def _compile_mode(requested: str, dtype: str) -> str:
-    """The tuner's compile mode: ``long-run`` is what ``auto`` picks for a long run in ``dtype``
-    (compiled in bf16, not in float32: components.tune.acceleration), the others as given."""
-    if requested != "long-run":
-        return requested
-    return "on" if dtype == "bfloat16" else "off"
+def _compile_mode(requested: str) -> str:
+    """The tuner's compile mode: ``long-run`` is what ``auto`` picks for a long run on a CPU
+    (compiled, in either precision: components.tune.acceleration), the others as given."""
+    return "on" if requested == "long-run" else requested
 
 
 def worker_ours(args) -> dict:
@@ -244,7 +242,7 @@ def worker_ours(args) -> dict:
     config = TuneConfig(train_steps=args.steps + 1, learning_rate=LEARNING_RATE,
                         batch_size=args.batch_size, adapter_size=LORA_RANK,
                         enable_early_stopping=False,  # precision "auto"
-                        compile=_compile_mode(args.compile, args.dtype))
+                        compile=_compile_mode(args.compile))
     output = Path(args.work) / "ours"
     result = tune(resolve_model("text-bison@002").to_dict(), Path(args.work) / "train", None,
                   output, config, on_step_end=_turn)

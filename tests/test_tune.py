@@ -375,7 +375,10 @@ def test_compile_auto_only_where_it_was_measured_to_pay():
     bf16_cpu, fp32_cpu = Runtime("cpu", torch.bfloat16), Runtime("cpu", torch.float32)
     assert wants_compile("auto", big, bf16_cpu, True, COMPILE_MIN_STEPS)
     assert not wants_compile("auto", big, bf16_cpu, True, COMPILE_MIN_STEPS - 1)
-    assert not wants_compile("auto", big, fp32_cpu, True, 10 * COMPILE_MIN_STEPS)
+    assert wants_compile("auto", big, fp32_cpu, True, COMPILE_MIN_STEPS)
+    assert not wants_compile("auto", big, fp32_cpu, True, COMPILE_MIN_STEPS - 1)
+    assert not wants_compile("auto", big, Runtime("cuda", torch.bfloat16), True,
+                             10 * COMPILE_MIN_STEPS)
     assert not wants_compile("auto", small, bf16_cpu, True, 10 * COMPILE_MIN_STEPS)
     assert not wants_compile("auto", big, bf16_cpu, False, 10 * COMPILE_MIN_STEPS)
     assert wants_compile("on", small, fp32_cpu, False, 1)

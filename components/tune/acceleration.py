@@ -13,22 +13,24 @@
   The packed attention stays outside the compiled graphs. The trainer compiles in a warm-up
   before the first step (its own phase in the log).
 
-When compiling pays (``compile="auto"``, :func:`wants_compile`), measured with
-``benchmarks/bench_compile.py`` (the embedded SmolLM2-135M, LoRA rank 8, batch 8 of the sample
-data, 2 cores, empty Inductor cache):
+When compiling pays (``compile="auto"``, :func:`wants_compile`), measured on the embedded
+SmolLM2-135M, LoRA rank 8, a batch of 8 examples, 2 cores, empty Inductor cache:
 
-- AVX2 CPU (AMD EPYC, no AMX), float32: warm-up 55.6-55.7 s; then, in two runs, 4.12 s/step
-  compiled against 4.02 eager, and 4.25 against 4.98; with the merged float32 LoRA layers,
-  2.56 against 2.91 after a 32.9 s warm-up. The float32 matrix products are nearly the whole
-  step, and the gain (-2% to +17%, within this machine's run-to-run drift) would repay the
-  warm-up after 76-93 steps at best, never at worst.
+- AVX2 CPU (AMD EPYC, no AMX), float32, with the C attention kernel
+  (``components.common.fast_attention``), eager and compiled models taking turns in one process
+  on the same batches of ``benchmarks/bench_tune.py``'s job (``benchmarks/bench_compile.py``):
+  a warm-up of 51 s, then a step's forward and backward in 14.86 s compiled against 15.48 eager
+  (medians of 8 pairs, 4% faster): it pays after 83 steps. Two such comparisons by hand, on the
+  first batch only (2318 tokens), gave 5% and 7% after a 46 s warm-up. (Before the attention
+  kernel the element-wise work was a smaller share of the step, and two sequential runs measured
+  -2% to +17%, within the machine's drift.)
 - AMX CPU, bfloat16 (measured by the earlier ``bench_tune`` work on such a machine, not re-run
   since): compiled steps about a third faster (about 1.0 -> 0.67 s/step) for a warm-up of 30 s
   (Inductor cache warm) to about a minute (cold): it pays after 100 to 180 steps.
 
-So ``auto`` compiles only on a CPU computing in bf16, for runs of at least
-``COMPILE_MIN_STEPS`` (200) steps, and never in float32 on CPU (an uncertain gain does not
-justify a certain minute): it never makes a run slower, even with a cold cache.
+So ``auto`` compiles on a CPU, in either precision, for runs of at least ``COMPILE_MIN_STEPS``
+(200) steps: past every break-even measured, so it does not make a run slower even with a cold
+cache.
 """
 from __future__ import annotations
 
@@ -85,7 +87,7 @@ class _LoraLinearFunction(torch.autograd.Function):
             x, weight, lora_a, lora_b = ctx.saved_tensors
             d_x = (d_y @ torch.addmm(weight, lora_b, lora_a, alpha=scaling)
                    if ctx.needs_input_grad[0] else None)
-            d_low_rank = d_y @ lora_b  # [n, r]
+            d_low_rank = F.linear(d_y, lora_b.t().contiguous())  # [n, r]
             d_a = (d_low_rank.t() @ x).mul_(scaling)
             d_b = (F.linear(x, lora_a).t() @ d_y).t().mul_(scaling)
             return d_x, None, None, d_a, d_b, None
@@ -133,15 +135,14 @@ def lora_config(rank: int, target_modules):
 
 def wants_compile(mode: str, model: torch.nn.Module, runtime, packed: bool, steps: int) -> bool:
     """Whether to compile: ``on``/``off``, or ``auto``: only where it was measured to pay for its
-    warm-up within the run (see the module doc): a CPU computing in bfloat16 with a C++
-    compiler, a packed model of at least ``COMPILE_MIN_PARAMETERS`` parameters, and at least
-    ``COMPILE_MIN_STEPS`` steps. CUDA and XLA runs compile only when asked."""
+    warm-up within the run (see the module doc): a CPU with a C++ compiler, a packed model of at
+    least ``COMPILE_MIN_PARAMETERS`` parameters, and at least ``COMPILE_MIN_STEPS`` steps. CUDA and XLA runs compile only when asked."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
     if mode != "auto":
         return mode == "on"
     parameters = sum(p.numel() for p in model.parameters())
-    return (runtime.device.type == "cpu" and runtime.dtype == torch.bfloat16 and packed
+    return (runtime.device.type == "cpu" and packed
             and parameters >= COMPILE_MIN_PARAMETERS and steps >= COMPILE_MIN_STEPS
             and (shutil.which("c++") or shutil.which("g++")) is not None)
 
