@@ -84,14 +84,17 @@ def test_it_applies_to_float32_cpu_attention_without_dropout_only():
 def test_without_a_compiler_packed_attention_falls_back_to_sdpa(monkeypatch, tmp_path):
     monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path))  # no kernel built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    c_kernels.load_kernels.cache_clear()
+    c_kernels.forget_kernels()
     try:
-        assert "no-such-compiler" in fast_attention.fast_attention_unavailable_reason()
+        reason = fast_attention.fast_attention_unavailable_reason()
+        assert "no-such-compiler" in reason
+        monkeypatch.delenv("CC")  # a refusal is remembered: no build attempt per attention call
+        assert fast_attention.fast_attention_unavailable_reason() == reason
         lengths = [12, 20]
         query, key, value = _row(lengths, 4, 2, 8)
         assert not fast_attention_applies(query, key, value, 0.0)
         output, _ = packing.packed_causal_attention(None, query, key, value, None,
                                                     packed_lengths=torch.tensor(lengths))
     finally:
-        c_kernels.load_kernels.cache_clear()
+        c_kernels.forget_kernels()
     torch.testing.assert_close(output, _reference(query, key, value, lengths))

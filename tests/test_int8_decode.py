@@ -174,7 +174,7 @@ def test_serving_weights_follow_the_setting(monkeypatch):
 def test_without_a_compiler_auto_serves_float_and_int8_is_an_error(monkeypatch, tmp_path):
     monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path))  # no kernel built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    c_kernels.load_kernels.cache_clear()
+    c_kernels.forget_kernels()
     try:
         model = tiny_llama()
         monkeypatch.setenv(int8_linear.SERVING_WEIGHTS_ENV, "auto")
@@ -184,7 +184,7 @@ def test_without_a_compiler_auto_serves_float_and_int8_is_an_error(monkeypatch, 
         with pytest.raises(ValueError, match="TUNEPIPE_SERVING_WEIGHTS=int8, but"):
             serving_weights(model)
     finally:
-        c_kernels.load_kernels.cache_clear()
+        c_kernels.forget_kernels()
 
 
 def _random_cache(model, rows: int, length: int) -> DynamicCache:

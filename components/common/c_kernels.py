@@ -32,11 +32,32 @@ class KernelUnavailable(RuntimeError):
     """A C kernel cannot run here (no AVX2, no C compiler, or the build failed)."""
 
 
-@functools.lru_cache(maxsize=None)
 def load_kernels(source_name: str, signatures: tuple[tuple[str, tuple], ...]) -> ctypes.CDLL:
     """The library built from ``components/common/<source_name>``, its functions typed by
     ``signatures`` (``(name, argument types)`` pairs; they return nothing). Raises
-    ``KernelUnavailable``."""
+    ``KernelUnavailable``. Built or refused once per process (:func:`forget_kernels`)."""
+    library = _built(source_name, signatures)
+    if isinstance(library, KernelUnavailable):
+        raise library
+    return library
+
+
+def forget_kernels() -> None:
+    """Forgets the libraries loaded and the refusals (for tests that change the compiler)."""
+    _built.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _built(source_name: str, signatures) -> ctypes.CDLL | KernelUnavailable:
+    try:
+        return _build_and_load(source_name, signatures)
+    except KernelUnavailable as error:
+        return error
+    except OSError as error:  # the library does not load
+        return KernelUnavailable(f"cannot load {source_name}'s library: {error}")
+
+
+def _build_and_load(source_name: str, signatures) -> ctypes.CDLL:
     what = Path(source_name).stem.replace("_", " ")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise KernelUnavailable(f"the {what} are for x86-64 CPUs, not {platform.machine()}")
@@ -76,6 +97,6 @@ def unavailable_reason(loader) -> str | None:
     the library if need be)."""
     try:
         loader()
-    except (KernelUnavailable, OSError) as error:  # OSError: the library does not load
+    except KernelUnavailable as error:
         return str(error)
     return None
