@@ -20,8 +20,10 @@ SmolLM2-135M, LoRA rank 8, a batch of 8 examples, 2 cores, empty Inductor cache:
   (``components.common.fast_attention``), eager and compiled models taking turns in one process
   on the same batches of ``benchmarks/bench_tune.py``'s job (``benchmarks/bench_compile.py``):
   a warm-up of 51 s, then a step's forward and backward in 14.86 s compiled against 15.48 eager
-  (medians of 8 pairs, 4% faster): it pays after 83 steps. Two such comparisons by hand, on the
-  first batch only (2318 tokens), gave 5% and 7% after a 46 s warm-up. (Before the attention
+  (medians of 8 pairs, 4% faster): it pays after 83 steps. Two more runs: 16.53 against 18.24 s
+  after 55.6 s (10%, pays after 33 steps), 17.13 against 21.91 s after 58.6 s (5 pairs, 28%,
+  after 12). Two such comparisons by hand, on the first batch only (2318 tokens), gave 5% and
+  7% after a 46 s warm-up. (Before the attention
   kernel the element-wise work was a smaller share of the step, and two sequential runs measured
   -2% to +17%, within the machine's drift.)
 - AMX CPU, bfloat16 (measured by the earlier ``bench_tune`` work on such a machine, not re-run
