@@ -126,6 +126,20 @@ typedef struct {
     int64_t example, head, first; /* first query of the block */
 } WorkItem;
 
+typedef struct {
+    int64_t start, length; /* the example's first token in the row, its length */
+    int64_t rows, keys; /* the block's queries, and the keys they see (0 .. first + rows) */
+    int64_t kv_head;
+} Block;
+
+static inline Block block_of(WorkItem w, const int64_t *starts, const int64_t *lengths,
+                             int64_t group) {
+    Block b = {starts[w.example], lengths[w.example], 0, 0, w.head / group};
+    b.rows = b.length - w.first < QUERY_BLOCK ? b.length - w.first : QUERY_BLOCK;
+    b.keys = w.first + b.rows;
+    return b;
+}
+
 /* Every (example, head, query block), the costliest (most keys) first. */
 static WorkItem *work_items(const int64_t *lengths, int64_t examples, int64_t heads,
                             int64_t *count) {
@@ -205,9 +219,18 @@ static void block_probabilities(float *strip, int64_t rows, int64_t keys, int64_
     }
 }
 
-static void example_starts(const int64_t *lengths, int64_t examples, int64_t *starts) {
-    int64_t start = 0;
-    for (int64_t e = 0; e < examples; e++) { starts[e] = start; start += lengths[e]; }
+/* Each example's first token in the row (a new array), the row's tokens and its longest
+ * example. */
+static int64_t *example_starts(const int64_t *lengths, int64_t examples, int64_t *tokens,
+                               int64_t *longest) {
+    int64_t *starts = checked_malloc(examples * sizeof(int64_t));
+    *tokens = *longest = 0;
+    for (int64_t e = 0; e < examples; e++) {
+        starts[e] = *tokens;
+        *tokens += lengths[e];
+        *longest = lengths[e] > *longest ? lengths[e] : *longest;
+    }
+    return starts;
 }
 
 /* output = attention(query, key, value) [tokens, heads, dim]; lse [tokens, heads]. */
@@ -215,12 +238,7 @@ void causal_attention_forward(const float *query, const float *key, const float 
                               const int64_t *lengths, int64_t examples, int64_t heads,
                               int64_t kv_heads, int64_t dim, float scale, float *output,
                               float *lse, int threads) {
-    int64_t *starts = checked_malloc(examples * sizeof(int64_t)), tokens = 0, longest = 0;
-    example_starts(lengths, examples, starts);
-    for (int64_t e = 0; e < examples; e++) {
-        tokens += lengths[e];
-        longest = lengths[e] > longest ? lengths[e] : longest;
-    }
+    int64_t tokens, longest, *starts = example_starts(lengths, examples, &tokens, &longest);
     float *k_transposed = checked_malloc(tokens * kv_heads * dim * sizeof(float));
     int64_t count, group = heads / kv_heads, q_row = heads * dim, kv_row = kv_heads * dim;
     WorkItem *items = work_items(lengths, examples, heads, &count);
@@ -231,16 +249,15 @@ void causal_attention_forward(const float *query, const float *key, const float 
         #pragma omp for schedule(dynamic)
         for (int64_t i = 0; i < count; i++) {
             WorkItem w = items[i];
-            int64_t length = lengths[w.example], start = starts[w.example];
-            int64_t rows = length - w.first < QUERY_BLOCK ? length - w.first : QUERY_BLOCK;
-            int64_t keys = w.first + rows, g = w.head / group;
-            const float *q = query + (start + w.first) * q_row + w.head * dim;
-            block_scores(q, q_row, k_transposed + start * kv_row + g * dim * length, length,
-                         rows, keys, dim, scale, strip);
-            block_probabilities(strip, rows, keys, w.first,
-                                lse + (start + w.first) * heads + w.head, heads, NULL);
-            gemm(rows, dim, keys, 1.0f, strip, keys, 1, value + start * kv_row + g * dim, kv_row,
-                 output + (start + w.first) * q_row + w.head * dim, q_row, 0);
+            Block b = block_of(w, starts, lengths, group);
+            const float *q = query + (b.start + w.first) * q_row + w.head * dim;
+            block_scores(q, q_row, k_transposed + b.start * kv_row + b.kv_head * dim * b.length,
+                         b.length, b.rows, b.keys, dim, scale, strip);
+            block_probabilities(strip, b.rows, b.keys, w.first,
+                                lse + (b.start + w.first) * heads + w.head, heads, NULL);
+            gemm(b.rows, dim, b.keys, 1.0f, strip, b.keys, 1,
+                 value + b.start * kv_row + b.kv_head * dim, kv_row,
+                 output + (b.start + w.first) * q_row + w.head * dim, q_row, 0);
         }
         free(strip);
     }
@@ -256,12 +273,7 @@ void causal_attention_backward(const float *query, const float *key, const float
                                const int64_t *lengths, int64_t examples, int64_t heads,
                                int64_t kv_heads, int64_t dim, float scale, float *d_query,
                                float *d_key, float *d_value, int threads) {
-    int64_t *starts = checked_malloc(examples * sizeof(int64_t)), tokens = 0, longest = 0;
-    example_starts(lengths, examples, starts);
-    for (int64_t e = 0; e < examples; e++) {
-        tokens += lengths[e];
-        longest = lengths[e] > longest ? lengths[e] : longest;
-    }
+    int64_t tokens, longest, *starts = example_starts(lengths, examples, &tokens, &longest);
     int64_t count, group = heads / kv_heads, q_row = heads * dim, kv_row = kv_heads * dim;
     int64_t kv_size = tokens * kv_row;
     float *k_transposed = checked_malloc(kv_size * sizeof(float));
@@ -297,12 +309,11 @@ void causal_attention_backward(const float *query, const float *key, const float
         #pragma omp for schedule(dynamic)
         for (int64_t i = 0; i < count; i++) {
             WorkItem w = items[i];
-            int64_t length = lengths[w.example], start = starts[w.example];
-            int64_t rows = length - w.first < QUERY_BLOCK ? length - w.first : QUERY_BLOCK;
-            int64_t keys = w.first + rows, g = w.head / group;
+            Block b = block_of(w, starts, lengths, group);
+            int64_t length = b.length, start = b.start, rows = b.rows, keys = b.keys;
             int64_t q_offset = (start + w.first) * q_row + w.head * dim;
-            int64_t kv_offset = start * kv_row + g * dim;
-            int64_t transposed_offset = start * kv_row + g * dim * length;
+            int64_t kv_offset = start * kv_row + b.kv_head * dim;
+            int64_t transposed_offset = start * kv_row + b.kv_head * dim * length;
             const float *q = query + q_offset, *d_o = d_output + q_offset;
             block_scores(q, q_row, k_transposed + transposed_offset, length, rows, keys, dim,
                          scale, probabilities);
