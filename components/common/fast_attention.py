@@ -2,7 +2,7 @@
 
 A packed row holds several examples one after another, each attending within itself
 (``components.common.packing``). PyTorch's CPU flash-attention kernel, called once per
-example, ran at 25-40 GFLOP/s on the short examples of tuning (SmolLM2's 9 heads of 64
+example, ran at 22-40 GFLOP/s on the short examples of tuning (SmolLM2's 9 heads of 64
 dimensions, 100-600 tokens, 2-core AVX2 CPU), its backward slowest: the attention took about a
 fifth of a float32 training step. ``attention_kernels.c`` takes the whole row in one call, cut
 into (example, head, 48 queries) blocks that see only the keys up to their last query, each a
