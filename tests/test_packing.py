@@ -95,7 +95,7 @@ def test_packed_loss_and_gradients_equal_the_straightforward_computation(tiny_mo
     for batch in micro_batches:
         micro_loss, micro_correct = packed_loss(model, batch)
         (micro_loss / total_targets).backward()
-        loss += float(micro_loss)
+        loss += float(micro_loss.detach())
         correct += int(micro_correct)
     grads = _grads(model)
 
