@@ -94,9 +94,10 @@ test: install
 
 # Every benchmark side by side with its peer, in the dtype this machine trains in; the last line
 # of each names the CPU capability and dtype (sized for 20 minutes on a 2-core AVX2 CPU). The
-# serving and distillation benchmarks (about 4 and 5.5 minutes more) run on their own:
-# $(PY) benchmarks/bench_serve.py, $(PY) benchmarks/bench_distill.py
-ON_THEIR_OWN := benchmarks/bench_serve.py benchmarks/bench_distill.py
+# serving, distillation and shared-prefix benchmarks (about 4, 5.5 and 2 minutes more) run on
+# their own: $(PY) benchmarks/bench_serve.py, bench_distill.py, bench_shared_prefix.py
+ON_THEIR_OWN := benchmarks/bench_serve.py benchmarks/bench_distill.py \
+                benchmarks/bench_shared_prefix.py
 BENCHMARKS := $(filter-out $(ON_THEIR_OWN),$(sort $(wildcard benchmarks/bench_*.py)))
 bench: install
 	@for b in $(BENCHMARKS); do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -98,3 +98,68 @@ def test_without_a_compiler_packed_attention_falls_back_to_sdpa(monkeypatch, tmp
     finally:
         c_kernels.forget_kernels()
     torch.testing.assert_close(output, _reference(query, key, value, lengths))
+
+
+def _reference_after_prefix(query, key, value, lengths):
+    """The first segment causal; every other attends to all of it, then causally to itself."""
+    queries, keys, values = (t.split(lengths, 2) for t in (query, key, value))
+    pieces = [F.scaled_dot_product_attention(queries[0], keys[0], values[0], is_causal=True,
+                                             enable_gqa=True)]
+    for q, k, v in zip(queries[1:], keys[1:], values[1:]):
+        count, prefix = q.shape[2], lengths[0]
+        mask = torch.arange(prefix + count)[None] <= prefix + torch.arange(count)[:, None]
+        pieces.append(F.scaled_dot_product_attention(q, torch.cat([keys[0], k], 2),
+                                                     torch.cat([values[0], v], 2),
+                                                     attn_mask=mask, enable_gqa=True))
+    return torch.cat([piece.transpose(1, 2) for piece in pieces], dim=1)
+
+
+@pytest.mark.parametrize("lengths, heads, kv_heads, dim", [
+    ([3, 1, 2], 2, 1, 8),  # segments shorter than a register tile
+    ([54, 24, 30, 1, 20], 9, 3, 64),  # the sample prompts' shape: a 54-token instruction
+    ([70, 49, 96], 3, 3, 20),  # prefix and rests across query blocks; dim not a multiple of 8
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_shared_prefix_is_attended_by_every_example_and_gets_all_their_gradients(
+        lengths, heads, kv_heads, dim, threads, monkeypatch):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        query, key, value = _row(lengths, heads, kv_heads, dim, seed=2)
+        grad = torch.randn(1, sum(lengths), heads, dim, generator=torch.Generator().manual_seed(3))
+        output = packed_causal_attention_fp32(query, key, value, lengths, shared_prefix=True)
+        gradients = torch.autograd.grad(output, (query, key, value), grad)
+        expected = _reference_after_prefix(query, key, value, lengths)
+        expected_gradients = torch.autograd.grad(expected, (query, key, value), grad)
+        # packed attention's fallback (SDPA per example) computes the same
+        monkeypatch.setattr(packing, "fast_attention_applies", lambda *unused: False)
+        fallback, _ = packing.packed_causal_attention(
+            None, query, key, value, None, packed_lengths=torch.tensor(lengths),
+            packed_shared_prefix=torch.tensor(lengths[0]))
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip("qkv", gradients, expected_gradients):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"gradient of {name}")
+    torch.testing.assert_close(fallback, expected, rtol=1e-5, atol=1e-5)
+    # not the attention without the prefix: the examples' outputs do depend on it
+    assert not torch.allclose(output, _reference(query, key, value, lengths), atol=1e-3)
+
+
+def test_the_gradients_repeat_exactly_from_call_to_call():
+    # each thread sums its blocks' key and value gradients; a resumed run must repeat an
+    # uninterrupted one bit for bit, so which thread takes which block must not vary
+    lengths = [54, 24, 30, 17, 20, 26, 31, 22, 25]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        query, key, value = _row(lengths, 9, 3, 64, seed=4)
+        grad = torch.randn(1, sum(lengths), 9, 64, generator=torch.Generator().manual_seed(5))
+        runs = [torch.autograd.grad(packed_causal_attention_fp32(query, key, value, lengths,
+                                                                 shared_prefix=True),
+                                    (query, key, value), grad) for _ in range(8)]
+    finally:
+        torch.set_num_threads(previous)
+    for run in runs[1:]:
+        for name, got, first in zip("qkv", run, runs[0]):
+            assert torch.equal(got, first), f"gradient of {name}"

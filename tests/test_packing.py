@@ -10,21 +10,28 @@ import torch
 from components.common.model_loading import load_base_model
 from tests.reference_scoring import collate, score_dataset, score_logits
 from components.tune.acceleration import FusedLoraLinear, lora_config
-from components.common.packing import (score_examples, SHORT_EXAMPLE_TOKENS, num_targets, pack_examples, packed_loss, row_groups,
-                                     score_packed, token_loss, use_packed_attention)
+from components.common import packing
+from components.common.packing import (MIN_SHARED_PREFIX_TOKENS, SHORT_EXAMPLE_TOKENS,
+                                       num_targets, pack_examples, packed_loss, row_groups,
+                                       score_examples, score_packed, shared_prefix_length,
+                                       token_loss, use_packed_attention)
 
 
-def _examples(seed: int = 0, count: int = 5, vocab: int = 1000,
-              long: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+def _examples(seed: int = 0, count: int = 5, vocab: int = 1000, long: bool = False,
+              instruction: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """Examples of varied lengths: a prompt (mask 0) then an answer (mask 1), like transform's.
-    ``long``: the second is longer than ``SHORT_EXAMPLE_TOKENS`` (the flash-attention path)."""
+    ``long``: the second is longer than ``SHORT_EXAMPLE_TOKENS`` (the flash-attention path);
+    ``instruction``: every prompt starts with the same this many tokens (one template's)."""
     rng = np.random.default_rng(seed)
+    start = rng.integers(5, vocab, instruction)
     examples = []
     for number in range(count):
         prompt, answer = int(rng.integers(3, 30)), int(rng.integers(1, 12))
         if long and number == 1:
             prompt = SHORT_EXAMPLE_TOKENS + 20
-        ids = rng.integers(5, vocab, prompt + answer).astype(np.uint32)
+        ids = rng.integers(5, vocab, prompt + answer)
+        ids = np.r_[start, ids].astype(np.uint32)
+        prompt += instruction
         examples.append((ids, np.r_[np.zeros(prompt), np.ones(answer)].astype(np.uint8)))
     return examples
 
@@ -74,22 +81,27 @@ def _straightforward(model, examples, pad_token_id: int):
     return float(loss_sum.detach()), scores, _grads(model)
 
 
-@pytest.mark.parametrize("max_tokens, long", [
-    (10_000, False),  # one packed row
-    (40, False),  # several micro-batches
-    (10_000, True),  # one example long enough for the flash-attention backward
+@pytest.mark.parametrize("max_tokens, long, instruction, kernel", [
+    (10_000, False, 0, True),  # one packed row
+    (40, False, 0, True),  # several micro-batches
+    (10_000, True, 0, True),  # one example long enough for the flash-attention backward
+    (10_000, False, 20, True),  # one template's prompts: their start held once in the row
+    (10_000, False, 20, False),  # the same through PyTorch's attention (bf16, CUDA, no compiler)
 ])
-def test_packed_loss_and_gradients_equal_the_straightforward_computation(tiny_model_dir, max_tokens,
-                                                                       long):
+def test_packed_loss_and_gradients_equal_the_straightforward_computation(
+        tiny_model_dir, max_tokens, long, instruction, kernel, monkeypatch):
     model, packs = _lora_model(tiny_model_dir)
     assert packs, "the tiny Llama must use packed attention"
-    examples = _examples(long=long)
+    if not kernel:
+        monkeypatch.setattr(packing, "fast_attention_applies", lambda *unused: False)
+    examples = _examples(long=long, instruction=instruction)
     expected_loss, expected_scores, expected_grads = _straightforward(model, examples, 2)
 
     total_targets = sum(num_targets(e) for e in examples)
     assert total_targets == expected_scores.num_predictions
     micro_batches = pack_examples(examples, max_tokens)
     assert (len(micro_batches) == 1) == (max_tokens == 10_000)
+    assert [b.shared_prefix for b in micro_batches] == [instruction] * len(micro_batches)
     assert any(len(e[0]) > SHORT_EXAMPLE_TOKENS for e in examples) == long
     loss, correct = 0.0, 0
     for batch in micro_batches:
@@ -163,6 +175,48 @@ def test_packing_keeps_order_and_targets():
     masked[starts] = False  # an example's first token has nothing before it
     assert sorted(batch.target_positions.numpy() + 1) == list(np.flatnonzero(masked))
 
+
+
+def _example(tokens, first_target: int) -> tuple[np.ndarray, np.ndarray]:
+    """An example of ``tokens`` whose targets are its tokens from ``first_target`` on."""
+    mask = np.zeros(len(tokens), np.uint8)
+    mask[first_target:] = 1
+    return np.asarray(tokens, np.uint32), mask
+
+
+def test_a_row_holds_its_examples_common_start_once_before_the_first_target():
+    start = list(range(100, 130))  # 30 tokens of one template
+    examples = [_example(start + [5, 6, 7], 31), _example(start + [8, 9], 30),
+                _example(start + [5, 6, 7, 1], 32)]
+    # the longest start every target is predicted after: token 30 is example 1's first target,
+    # predicted from position 29, which must be in every example's own part
+    assert shared_prefix_length(examples) == 29
+    (batch,) = pack_examples(examples, max_tokens=10_000)
+    ids, positions = batch.input_ids[0].tolist(), batch.position_ids[0].tolist()
+    assert batch.shared_prefix == 29 and batch.segments == [(0, 29), (29, 33), (33, 36), (36, 41)]
+    assert ids == start[:29] + [129, 5, 6, 7] + [129, 8, 9] + [129, 5, 6, 7, 1]
+    assert positions == list(range(29)) + [29, 30, 31, 32] + [29, 30, 31] + [29, 30, 31, 32, 33]
+    # the same targets as without sharing, each predicted from its example's own part
+    assert batch.targets.tolist() == [6, 7, 8, 9, 7, 1]
+    assert (torch.tensor(ids)[batch.target_positions + 1] == batch.targets).all()
+    assert batch.num_tokens == 41 and batch.num_targets == 6
+
+
+def test_no_shared_start_under_the_minimum_for_one_example_or_without_packing():
+    start = list(range(100, 100 + MIN_SHARED_PREFIX_TOKENS))
+    two = [_example(start + [5, 6], len(start) + 1), _example(start + [7, 8], len(start) + 1)]
+    assert shared_prefix_length(two) == MIN_SHARED_PREFIX_TOKENS
+    early_target = [two[0], _example(start + [7, 8], MIN_SHARED_PREFIX_TOKENS - 1)]
+    assert shared_prefix_length(early_target) == 0  # 14 tokens before that target: too few
+    assert shared_prefix_length(two[:1]) == 0
+    different = [two[0], _example([1] + start[1:] + [7, 8], len(start) + 1)]
+    assert shared_prefix_length(different) == 0
+    assert all(b.shared_prefix == 0 for b in pack_examples(two, 10_000, pack=False))
+    # an example with no targets (a process's padding) still keeps a token of its own
+    same = [_example(start + [5, 6], 0)[0], np.zeros(len(start) + 2, np.uint8)]
+    assert shared_prefix_length([two[0], tuple(same)]) == MIN_SHARED_PREFIX_TOKENS
+    assert shared_prefix_length([two[0], (np.asarray(start, np.uint32),
+                                          np.zeros(len(start), np.uint8))]) == 0
 
 def test_targets_carry_their_task_and_the_loss_sums_each_task():
     # Loss-mask values are tasks (distillation: 1 label, 2 rationale).

@@ -14,7 +14,14 @@
  * block sees). Forward: S = scale Q K^T, P = softmax(S) (masked), O = P V, and the log-sum-exp
  * of each row for the backward. Backward: P again from S and the log-sum-exp, dP = dO V^T,
  * dS = P (dP - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO; the key and value
- * gradients of the blocks of one thread add up in its own buffer, summed at the end.
+ * gradients of the blocks of one thread add up in its own buffer, summed at the end; the blocks
+ * go to the threads in a fixed round robin, so the sums, and a run, repeat exactly.
+ *
+ * A shared prefix (`prefix` > 0 tokens): the row's first example is a prefix that every other
+ * example continues (examples that start with the same tokens, stored once). Its tokens attend
+ * causally within it; every other example's tokens attend to all of it, then to their own
+ * tokens up to themselves. A block's strip then holds the prefix's keys first, then its own;
+ * the prefix's key and value gradients add up over every example that sees it.
  */
 #include "avx2_math.h"
 #include <math.h>
@@ -124,25 +131,30 @@ static void transpose_heads(const float *x, float *out, const int64_t *starts,
 
 typedef struct {
     int64_t example, head, first; /* first query of the block */
+    int64_t cost; /* the keys its last query sees */
 } WorkItem;
 
 typedef struct {
     int64_t start, length; /* the example's first token in the row, its length */
-    int64_t rows, keys; /* the block's queries, and the keys they see (0 .. first + rows) */
+    int64_t rows, keys; /* the block's queries, and the example's own keys they see (0 .. first + rows) */
+    int64_t shared; /* the shared prefix's keys they see before their own (0: none) */
+    int64_t width; /* a row of its strip: shared + keys */
     int64_t kv_head;
 } Block;
 
 static inline Block block_of(WorkItem w, const int64_t *starts, const int64_t *lengths,
-                             int64_t group) {
-    Block b = {starts[w.example], lengths[w.example], 0, 0, w.head / group};
+                             int64_t group, int64_t prefix) {
+    Block b = {starts[w.example], lengths[w.example], 0, 0, w.example ? prefix : 0, 0,
+               w.head / group};
     b.rows = b.length - w.first < QUERY_BLOCK ? b.length - w.first : QUERY_BLOCK;
     b.keys = w.first + b.rows;
+    b.width = b.shared + b.keys;
     return b;
 }
 
 /* Every (example, head, query block), the costliest (most keys) first. */
 static WorkItem *work_items(const int64_t *lengths, int64_t examples, int64_t heads,
-                            int64_t *count) {
+                            int64_t prefix, int64_t *count) {
     int64_t n = 0;
     for (int64_t e = 0; e < examples; e++)
         n += heads * ((lengths[e] + QUERY_BLOCK - 1) / QUERY_BLOCK);
@@ -150,28 +162,60 @@ static WorkItem *work_items(const int64_t *lengths, int64_t examples, int64_t he
     int64_t i = 0;
     for (int64_t e = 0; e < examples; e++)
         for (int64_t first = 0; first < lengths[e]; first += QUERY_BLOCK)
-            for (int64_t h = 0; h < heads; h++) items[i++] = (WorkItem){e, h, first};
-    /* sort by keys seen (first + block), descending: dynamic scheduling then balances */
+            for (int64_t h = 0; h < heads; h++)
+                items[i++] = (WorkItem){e, h, first, (e ? prefix : 0) + first};
+    /* sort by keys seen, descending: dynamic scheduling then balances */
     for (int64_t a = 1; a < n; a++) {
         WorkItem item = items[a];
         int64_t b = a;
-        while (b > 0 && items[b - 1].first < item.first) { items[b] = items[b - 1]; b--; }
+        while (b > 0 && items[b - 1].cost < item.cost) { items[b] = items[b - 1]; b--; }
         items[b] = item;
     }
     *count = n;
     return items;
 }
 
-/* Scores of a block: strip[r][j] = scale q_r . k_j for its `rows` queries (row `first` + r of
- * the example) and the `keys` keys it sees. */
-static void block_scores(const float *q, int64_t q_row, const float *k_transposed,
-                         int64_t length, int64_t rows, int64_t keys, int64_t dim, float scale,
-                         float *strip) {
-    gemm(rows, keys, dim, scale, q, q_row, 1, k_transposed, length, strip, keys, 0);
+/* strip[r][j] = alpha a_r . x_j for a block's `rows` rows a_r (of queries, or of output
+ * gradients) and the keys (or values) x_j it sees: the shared prefix's first (from
+ * `prefix_transposed`, a column per token of the prefix), then the example's own (from
+ * `own_transposed`, a column per token of the example). */
+static void block_products(Block b, const float *a, int64_t a_row, const float *prefix_transposed,
+                           const float *own_transposed, int64_t dim, float alpha, float *strip) {
+    if (b.shared)
+        gemm(b.rows, b.shared, dim, alpha, a, a_row, 1, prefix_transposed, b.shared, strip,
+             b.width, 0);
+    gemm(b.rows, b.keys, dim, alpha, a, a_row, 1, own_transposed, b.length, strip + b.shared,
+         b.width, 0);
+}
+
+/* out[rows x dim] = (accumulate ? out : 0) + alpha strip x for a block's strip (probabilities,
+ * or score gradients) and the rows x_j of the keys (or values) it sees, the shared prefix's
+ * first. */
+static void block_strip_times(Block b, const float *strip, const float *prefix_rows,
+                              const float *own_rows, int64_t kv_row, int64_t dim, float alpha,
+                              float *out, int64_t out_row, int accumulate) {
+    if (b.shared)
+        gemm(b.rows, dim, b.shared, alpha, strip, b.width, 1, prefix_rows, kv_row, out,
+             out_row, accumulate);
+    gemm(b.rows, dim, b.keys, alpha, strip + b.shared, b.width, 1, own_rows, kv_row, out,
+         out_row, accumulate || b.shared);
+}
+
+/* d_x[j] += alpha strip^T a for the keys (or values) a block sees, the shared prefix's first:
+ * the gradients of keys (from score gradients and queries) or of values (from probabilities
+ * and output gradients). */
+static void block_strip_transposed_times(Block b, const float *strip, const float *a,
+                                         int64_t a_row, int64_t dim, float alpha,
+                                         float *d_prefix_rows, float *d_own_rows,
+                                         int64_t kv_row) {
+    if (b.shared)
+        gemm(b.shared, dim, b.rows, alpha, strip, 1, b.width, a, a_row, d_prefix_rows, kv_row, 1);
+    gemm(b.keys, dim, b.rows, alpha, strip + b.shared, 1, b.width, a, a_row, d_own_rows, kv_row,
+         1);
 }
 
 /* Softmax probabilities of a block's scores, in place: row r keeps keys 0..first + r (the
- * others become 0). With lse (forward) each row's log-sum-exp is written there; with
+ * others become 0; `first` counts a shared prefix's keys too). With lse (forward) each row's log-sum-exp is written there; with
  * given_lse (backward) the probabilities are exp(score - given_lse[r]). */
 static void block_probabilities(float *strip, int64_t rows, int64_t keys, int64_t first,
                                 float *lse, int64_t lse_stride, const float *given_lse) {
@@ -235,29 +279,30 @@ static int64_t *example_starts(const int64_t *lengths, int64_t examples, int64_t
 
 /* output = attention(query, key, value) [tokens, heads, dim]; lse [tokens, heads]. */
 void causal_attention_forward(const float *query, const float *key, const float *value,
-                              const int64_t *lengths, int64_t examples, int64_t heads,
-                              int64_t kv_heads, int64_t dim, float scale, float *output,
-                              float *lse, int threads) {
+                              const int64_t *lengths, int64_t examples, int64_t prefix,
+                              int64_t heads, int64_t kv_heads, int64_t dim, float scale,
+                              float *output, float *lse, int threads) {
     int64_t tokens, longest, *starts = example_starts(lengths, examples, &tokens, &longest);
     float *k_transposed = checked_malloc(tokens * kv_heads * dim * sizeof(float));
     int64_t count, group = heads / kv_heads, q_row = heads * dim, kv_row = kv_heads * dim;
-    WorkItem *items = work_items(lengths, examples, heads, &count);
+    WorkItem *items = work_items(lengths, examples, heads, prefix, &count);
     #pragma omp parallel num_threads(threads)
     {
         transpose_heads(key, k_transposed, starts, lengths, examples, kv_heads, dim);
-        float *strip = checked_malloc(QUERY_BLOCK * longest * sizeof(float));
+        float *strip = checked_malloc(QUERY_BLOCK * (prefix + longest) * sizeof(float));
         #pragma omp for schedule(dynamic)
         for (int64_t i = 0; i < count; i++) {
             WorkItem w = items[i];
-            Block b = block_of(w, starts, lengths, group);
-            const float *q = query + (b.start + w.first) * q_row + w.head * dim;
-            block_scores(q, q_row, k_transposed + b.start * kv_row + b.kv_head * dim * b.length,
-                         b.length, b.rows, b.keys, dim, scale, strip);
-            block_probabilities(strip, b.rows, b.keys, w.first,
+            Block b = block_of(w, starts, lengths, group, prefix);
+            int64_t q_offset = (b.start + w.first) * q_row + w.head * dim;
+            block_products(b, query + q_offset, q_row, k_transposed + b.kv_head * dim * prefix,
+                           k_transposed + b.start * kv_row + b.kv_head * dim * b.length, dim,
+                           scale, strip);
+            block_probabilities(strip, b.rows, b.width, b.shared + w.first,
                                 lse + (b.start + w.first) * heads + w.head, heads, NULL);
-            gemm(b.rows, dim, b.keys, 1.0f, strip, b.keys, 1,
-                 value + b.start * kv_row + b.kv_head * dim, kv_row,
-                 output + (b.start + w.first) * q_row + w.head * dim, q_row, 0);
+            block_strip_times(b, strip, value + b.kv_head * dim,
+                              value + b.start * kv_row + b.kv_head * dim, kv_row, dim, 1.0f,
+                              output + q_offset, q_row, 0);
         }
         free(strip);
     }
@@ -270,9 +315,9 @@ void causal_attention_forward(const float *query, const float *key, const float 
  * gradient of its output. */
 void causal_attention_backward(const float *query, const float *key, const float *value,
                                const float *output, const float *lse, const float *d_output,
-                               const int64_t *lengths, int64_t examples, int64_t heads,
-                               int64_t kv_heads, int64_t dim, float scale, float *d_query,
-                               float *d_key, float *d_value, int threads) {
+                               const int64_t *lengths, int64_t examples, int64_t prefix,
+                               int64_t heads, int64_t kv_heads, int64_t dim, float scale,
+                               float *d_query, float *d_key, float *d_value, int threads) {
     int64_t tokens, longest, *starts = example_starts(lengths, examples, &tokens, &longest);
     int64_t count, group = heads / kv_heads, q_row = heads * dim, kv_row = kv_heads * dim;
     int64_t kv_size = tokens * kv_row;
@@ -283,7 +328,7 @@ void causal_attention_backward(const float *query, const float *key, const float
     /* each thread's key and value gradients; thread 0 writes d_key and d_value directly */
     float *partial = checked_malloc((size_t)(threads > 1 ? threads - 1 : 0) * 2 * kv_size
                                     * sizeof(float));
-    WorkItem *items = work_items(lengths, examples, heads, &count);
+    WorkItem *items = work_items(lengths, examples, heads, prefix, &count);
     #pragma omp parallel num_threads(threads)
     {
         int thread = omp_get_thread_num(), team = omp_get_num_threads();
@@ -304,40 +349,44 @@ void causal_attention_backward(const float *query, const float *key, const float
             for (; d < dim; d++) total += o[d] * d_o[d];
             row_dot[t] = total;
         }
-        float *probabilities = checked_malloc(QUERY_BLOCK * longest * sizeof(float));
-        float *d_scores = checked_malloc(QUERY_BLOCK * longest * sizeof(float));
-        #pragma omp for schedule(dynamic)
+        float *probabilities = checked_malloc(QUERY_BLOCK * (prefix + longest) * sizeof(float));
+        float *d_scores = checked_malloc(QUERY_BLOCK * (prefix + longest) * sizeof(float));
+        /* round robin over the items (sorted by cost: balanced), the same every call: each
+         * thread adds the same items into its gradient buffers in the same order, so the
+         * gradients are the same from run to run (a resumed run repeats an uninterrupted one) */
+        #pragma omp for schedule(static, 1)
         for (int64_t i = 0; i < count; i++) {
             WorkItem w = items[i];
-            Block b = block_of(w, starts, lengths, group);
-            int64_t length = b.length, start = b.start, rows = b.rows, keys = b.keys;
-            int64_t q_offset = (start + w.first) * q_row + w.head * dim;
-            int64_t kv_offset = start * kv_row + b.kv_head * dim;
-            int64_t transposed_offset = start * kv_row + b.kv_head * dim * length;
+            Block b = block_of(w, starts, lengths, group, prefix);
+            int64_t q_offset = (b.start + w.first) * q_row + w.head * dim;
+            int64_t prefix_offset = b.kv_head * dim, kv_offset = b.start * kv_row + prefix_offset;
+            int64_t prefix_transposed = b.kv_head * dim * prefix;
+            int64_t own_transposed = b.start * kv_row + b.kv_head * dim * b.length;
             const float *q = query + q_offset, *d_o = d_output + q_offset;
-            block_scores(q, q_row, k_transposed + transposed_offset, length, rows, keys, dim,
-                         scale, probabilities);
-            block_probabilities(probabilities, rows, keys, w.first, NULL, heads,
-                                lse + (start + w.first) * heads + w.head);
+            block_products(b, q, q_row, k_transposed + prefix_transposed,
+                           k_transposed + own_transposed, dim, scale, probabilities);
+            block_probabilities(probabilities, b.rows, b.width, b.shared + w.first, NULL, heads,
+                                lse + (b.start + w.first) * heads + w.head);
             /* dP = dO V^T, then dS = P (dP - rowsum(dO O)) */
-            gemm(rows, keys, dim, 1.0f, d_o, q_row, 1, v_transposed + transposed_offset, length,
-                 d_scores, keys, 0);
-            for (int64_t r = 0; r < rows; r++) {
-                float dot_value = row_dot[(start + w.first + r) * heads + w.head];
+            block_products(b, d_o, q_row, v_transposed + prefix_transposed,
+                           v_transposed + own_transposed, dim, 1.0f, d_scores);
+            for (int64_t r = 0; r < b.rows; r++) {
+                float dot_value = row_dot[(b.start + w.first + r) * heads + w.head];
                 __m256 dot = _mm256_set1_ps(dot_value);
-                float *p = probabilities + r * keys, *ds = d_scores + r * keys;
+                float *p = probabilities + r * b.width, *ds = d_scores + r * b.width;
                 int64_t j = 0;
-                for (; j + 8 <= keys; j += 8)
+                for (; j + 8 <= b.width; j += 8)
                     _mm256_storeu_ps(ds + j, _mm256_mul_ps(_mm256_loadu_ps(p + j),
                                      _mm256_sub_ps(_mm256_loadu_ps(ds + j), dot)));
-                for (; j < keys; j++) ds[j] = p[j] * (ds[j] - dot_value);
+                for (; j < b.width; j++) ds[j] = p[j] * (ds[j] - dot_value);
             }
-            gemm(rows, dim, keys, scale, d_scores, keys, 1, key + kv_offset, kv_row,
-                 d_query + q_offset, q_row, 0);
-            gemm(keys, dim, rows, scale, d_scores, 1, keys, q, q_row,
-                 my_d_key + kv_offset, kv_row, 1);
-            gemm(keys, dim, rows, 1.0f, probabilities, 1, keys, d_o, q_row,
-                 my_d_value + kv_offset, kv_row, 1);
+            block_strip_times(b, d_scores, key + prefix_offset, key + kv_offset, kv_row, dim,
+                              scale, d_query + q_offset, q_row, 0);
+            block_strip_transposed_times(b, d_scores, q, q_row, dim, scale,
+                                         my_d_key + prefix_offset, my_d_key + kv_offset, kv_row);
+            block_strip_transposed_times(b, probabilities, d_o, q_row, dim, 1.0f,
+                                         my_d_value + prefix_offset, my_d_value + kv_offset,
+                                         kv_row);
         }
         free(probabilities);
         free(d_scores);

@@ -6,7 +6,9 @@ example, ran at 22-40 GFLOP/s on the short examples of tuning (SmolLM2's 9 heads
 dimensions, 100-600 tokens, 2-core AVX2 CPU), its backward slowest: the attention took about a
 fifth of a float32 training step. ``attention_kernels.c`` takes the whole row in one call, cut
 into (example, head, 48 queries) blocks that see only the keys up to their last query, each a
-few small matrix products on AVX2 register tiles and an exact softmax (see the C file).
+few small matrix products on AVX2 register tiles and an exact softmax (see the C file). A row
+may start with a shared prefix that all its other examples continue (``shared_prefix``; see
+``components.common.packing``).
 :func:`packed_causal_attention_fp32` is the autograd function; the results equal
 ``scaled_dot_product_attention``'s up to float rounding.
 
@@ -22,14 +24,15 @@ import torch
 from components.common.c_kernels import FLOAT, INT, INT64, POINTER, load_kernels, unavailable_reason
 
 KERNEL_SIGNATURES = (  # the C functions' parameter types, in order (see attention_kernels.c)
-    # (query, key, value, lengths, examples, heads, kv_heads, dim, scale, output, lse, threads)
+    # (query, key, value, lengths, examples, prefix, heads, kv_heads, dim, scale, output, lse,
+    #  threads)
     ("causal_attention_forward", (POINTER, POINTER, POINTER, POINTER, INT64, INT64, INT64, INT64,
-                                  FLOAT, POINTER, POINTER, INT)),
-    # (query, key, value, output, lse, d_output, lengths, examples, heads, kv_heads, dim, scale,
-    #  d_query, d_key, d_value, threads)
+                                  INT64, FLOAT, POINTER, POINTER, INT)),
+    # (query, key, value, output, lse, d_output, lengths, examples, prefix, heads, kv_heads, dim,
+    #  scale, d_query, d_key, d_value, threads)
     ("causal_attention_backward", (POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, POINTER,
-                                   INT64, INT64, INT64, INT64, FLOAT, POINTER, POINTER, POINTER,
-                                   INT)),
+                                   INT64, INT64, INT64, INT64, INT64, FLOAT, POINTER, POINTER,
+                                   POINTER, INT)),
 )
 
 
@@ -55,19 +58,20 @@ def fast_attention_applies(query: torch.Tensor, key: torch.Tensor, value: torch.
 
 
 class _PackedCausalAttention(torch.autograd.Function):
-    """Causal attention within each example of a row: tensors ``[tokens, heads, dim]``."""
+    """Causal attention within each example of a row (after its shared prefix, if any):
+    tensors ``[tokens, heads, dim]``."""
 
     @staticmethod
-    def forward(ctx, query, key, value, lengths, scale: float):
+    def forward(ctx, query, key, value, lengths, shared_prefix: int, scale: float):
         tokens, heads, dim = query.shape
         output = torch.empty_like(query)
         lse = torch.empty(tokens, heads, dtype=torch.float32)
         attention_kernels().causal_attention_forward(
             query.data_ptr(), key.data_ptr(), value.data_ptr(), lengths.data_ptr(),
-            lengths.numel(), heads, key.shape[1], dim, scale, output.data_ptr(), lse.data_ptr(),
-            torch.get_num_threads())
+            lengths.numel(), shared_prefix, heads, key.shape[1], dim, scale, output.data_ptr(),
+            lse.data_ptr(), torch.get_num_threads())
         ctx.save_for_backward(query, key, value, output, lse, lengths)
-        ctx.scale = scale
+        ctx.shared_prefix, ctx.scale = shared_prefix, scale
         return output
 
     @staticmethod
@@ -78,19 +82,22 @@ class _PackedCausalAttention(torch.autograd.Function):
         tokens, heads, dim = query.shape
         attention_kernels().causal_attention_backward(
             query.data_ptr(), key.data_ptr(), value.data_ptr(), output.data_ptr(), lse.data_ptr(),
-            d_output.data_ptr(), lengths.data_ptr(), lengths.numel(), heads, key.shape[1], dim,
-            ctx.scale, d_query.data_ptr(), d_key.data_ptr(), d_value.data_ptr(),
+            d_output.data_ptr(), lengths.data_ptr(), lengths.numel(), ctx.shared_prefix, heads,
+            key.shape[1], dim, ctx.scale, d_query.data_ptr(), d_key.data_ptr(), d_value.data_ptr(),
             torch.get_num_threads())
-        return d_query, d_key, d_value, None, None
+        return d_query, d_key, d_value, None, None, None
 
 
 def packed_causal_attention_fp32(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                 lengths: list[int], scale: float | None = None) -> torch.Tensor:
+                                 lengths: list[int], scale: float | None = None,
+                                 shared_prefix: bool = False) -> torch.Tensor:
     """Causal attention within each example of a packed row, in float32 on the CPU.
 
     ``query`` is ``[1, heads, tokens, dim]``, ``key``/``value`` ``[1, kv_heads, tokens, dim]``
     (``heads`` a multiple of ``kv_heads``), ``lengths`` the examples' lengths in order (summing
-    to ``tokens``). Returns ``[1, tokens, heads, dim]``, differentiable in all three inputs.
+    to ``tokens``). With ``shared_prefix`` the first "example" is a prefix that every other one
+    continues: each of their tokens attends to all of it before its own tokens. Returns
+    ``[1, tokens, heads, dim]``, differentiable in all three inputs.
     """
     dim = query.shape[-1]
     scale = scale if scale is not None else dim ** -0.5
@@ -99,4 +106,5 @@ def packed_causal_attention_fp32(query: torch.Tensor, key: torch.Tensor, value: 
     if int(lengths_tensor.sum()) != query.shape[2]:
         raise ValueError(f"example lengths {lengths} do not add up to the row's "
                          f"{query.shape[2]} tokens")
-    return _PackedCausalAttention.apply(*as_rows, lengths_tensor, float(scale))[None]
+    prefix = lengths[0] if shared_prefix else 0
+    return _PackedCausalAttention.apply(*as_rows, lengths_tensor, prefix, float(scale))[None]

@@ -31,6 +31,7 @@ from torch import nn
 
 from components.common.fast_decode import KERNEL_CACHE_DTYPE, int8_layer_weights, rms_norm
 from components.common.int8_linear import int8_kernels
+from components.common.packing import causal_mask_after
 from components.common.prefix_cache import PrefixMatch
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [heads, length, dim]
@@ -80,7 +81,7 @@ class PackedPrefill:
         cos, sin = inner.rotary_emb(hidden[None], positions[None])
         if self.int8_layers:
             return self._in_kernel(prompts, matches, ends, positions, hidden, cos[0], sin[0])
-        masks = [_causal_after(match.length, len(tokens), device)
+        masks = [causal_mask_after(match.length, len(tokens), device)
                  for tokens, match in zip(fresh, matches)]
         prompt_layers: list[Layers] = [[] for _ in prompts]
         for index, layer in enumerate(inner.layers):
@@ -159,15 +160,6 @@ class PackedPrefill:
                                            values[row, :, width - length:].clone()))
         return PrefillResult(cache, _left_padding_mask(lengths, hidden.device),
                              self._logits(hidden, ends), prompt_layers)
-
-
-def _causal_after(reused: int, count: int, device: torch.device) -> torch.Tensor | None:
-    """The attention mask of ``count`` new tokens after ``reused`` cached ones: each sees the
-    cached tokens and the new ones up to itself (None where that is plain causal)."""
-    if not reused:
-        return None
-    return (torch.arange(reused + count, device=device)[None]
-            <= reused + torch.arange(count, device=device)[:, None])
 
 
 def _left_padded_cache(prompt_layers: list[Layers], cache) -> tuple[object, torch.Tensor]:

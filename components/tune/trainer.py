@@ -9,7 +9,8 @@ Semantics (SPEC.md):
   examples, the assistant turns of chat examples including their end-of-turn token; transform
   writes the masks), summed over the step's whole batch and divided by the batch's number of
   target tokens (``components.common.token_metrics``). :mod:`components.common.packing` computes
-  exactly that without padding and with logits only at target positions.
+  exactly that without padding, with logits only at target positions, and with the prompt
+  start that a row's examples share (one template's instruction) computed once per row.
 - A multi-task dataset (its meta lists weighted ``tasks``: distilling step-by-step's label and
   rationale tasks, :mod:`components.common.distillation_tasks`; a target's loss-mask value is
   its task) is trained on ``sum over tasks t of weight_t x (summed cross-entropy of t's targets)
