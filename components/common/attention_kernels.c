@@ -136,7 +136,8 @@ typedef struct {
 
 typedef struct {
     int64_t start, length; /* the example's first token in the row, its length */
-    int64_t rows, keys; /* the block's queries, and the example's own keys they see (0 .. first + rows) */
+    int64_t rows; /* the block's queries */
+    int64_t keys; /* the example's own keys they see: 0 .. first + rows */
     int64_t shared; /* the shared prefix's keys they see before their own (0: none) */
     int64_t width; /* a row of its strip: shared + keys */
     int64_t kv_head;
@@ -215,8 +216,9 @@ static void block_strip_transposed_times(Block b, const float *strip, const floa
 }
 
 /* Softmax probabilities of a block's scores, in place: row r keeps keys 0..first + r (the
- * others become 0; `first` counts a shared prefix's keys too). With lse (forward) each row's log-sum-exp is written there; with
- * given_lse (backward) the probabilities are exp(score - given_lse[r]). */
+ * others become 0; `first` counts a shared prefix's keys too). With lse (forward) each row's
+ * log-sum-exp is written there; with given_lse (backward) the probabilities are
+ * exp(score - given_lse[r]). */
 static void block_probabilities(float *strip, int64_t rows, int64_t keys, int64_t first,
                                 float *lse, int64_t lse_stride, const float *given_lse) {
     for (int64_t r = 0; r < rows; r++) {

@@ -27,8 +27,9 @@ through ``model(...).logits``:
   same in every example, and with no dropout (tunepipe's LoRA has none, nor has the attention
   of Llama-family models) the loss, the scores and every gradient are the ones of the full
   examples, up to float rounding (the start's gradients are summed over the examples instead of
-  computed once each; with attention dropout, one mask over the start serves the whole row). Training and scoring
-  then compute fewer tokens: 54 + 8 x 24 instead of 8 x 78 for a sample step.
+  computed once each; with attention dropout, one mask over the start serves the whole row).
+  Training and scoring then compute fewer tokens: 54 + 8 x 24 instead of 8 x 78 for a sample
+  step (``benchmarks/bench_shared_prefix.py``: steps about twice as fast).
 - **Target-only logits.** The LM head (hidden size x vocabulary: 576 x 49,152 for SmolLM2, a
   third of its per-token FLOPs) and the cross-entropy run only at the positions whose next
   token is a target, through the model's own ``logits_to_keep`` argument (so any logit
@@ -62,7 +63,7 @@ class PackedBatch:
     """One micro-batch: a row of concatenated examples and the positions the loss is on."""
 
     input_ids: torch.Tensor  # [1, tokens]
-    position_ids: torch.Tensor  # [1, tokens], restarting at 0 for every example
+    position_ids: torch.Tensor  # [1, tokens]: each example's own (0, 1, ...; after a shared prefix)
     segments: list[tuple[int, int]] | None  # (start, end) of every example; None: one example
     # (with a shared prefix the first segment is the prefix, the others the examples' rest)
     target_positions: torch.Tensor  # [n]: positions whose next token is a target
