@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from components.common import model_catalog
 from components.common.model_catalog import (UnknownModelError, VERTEX_ALIASES, context_class_of,
                                              resolve_model)
 
@@ -42,3 +43,23 @@ def test_unknown_reference_lists_the_known_ones(tmp_path):
 def test_context_class_comes_from_the_name():
     assert context_class_of("text-bison-32k@002") == "32k"
     assert context_class_of("text-bison@002") == "8k"
+
+
+def test_memoized_shares_one_result_per_arguments_within_the_block_only():
+    import types
+
+    calls = []
+
+    def parse(path, mode="r"):
+        calls.append((path, mode))
+        return object()
+
+    module = types.SimpleNamespace(parse=parse)
+    with model_catalog._memoized(module, "parse"):
+        first = module.parse(Path("/models/a.gguf"))
+        assert module.parse("/models/a.gguf") is first  # a path and its string are one file
+        assert module.parse("/models/a.gguf", mode="r+") is not first
+        assert module.parse("/models/b.gguf") is not first
+    assert calls == [(Path("/models/a.gguf"), "r"), ("/models/a.gguf", "r+"),
+                     ("/models/b.gguf", "r")]
+    assert module.parse is parse  # restored

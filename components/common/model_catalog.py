@@ -181,40 +181,43 @@ def _converted_gguf(gguf_path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _one_gguf_parse():
-    """Within it, ``gguf.GGUFReader`` parses each file once: transformers reads a GGUF file's
-    metadata for the tokenizer, the config and the weights, and a parse costs about 6 s for the
-    embedded model (most of it the vocabulary, in Python). The reader is read-only (the tensors
-    are memory-mapped), so sharing it changes nothing else."""
-    import gguf
+def _memoized(module, name: str):
+    """Within it, ``module.<name>`` (a function or class) is called once per distinct arguments
+    and its result shared. For transformers' reading of a GGUF file, which imports these from
+    ``gguf`` at each call: it parses the file (``GGUFReader``, about 6 s for the embedded model,
+    most of it the vocabulary, in Python) for the tokenizer, the config and the weights, and
+    builds the same tensor-name map (``get_tensor_name_map``) once per module of the model (397
+    times for SmolLM2). Both results are only read (a reader's tensors are memory-mapped), so
+    sharing them changes nothing else."""
+    original = getattr(module, name)
+    results: dict[tuple, object] = {}
 
-    parse = gguf.GGUFReader
-    readers: dict[tuple, object] = {}
+    def once(*args, **kwargs):
+        key = (tuple(os.fspath(a) if isinstance(a, os.PathLike) else a for a in args),
+               tuple(sorted(kwargs.items())))
+        if key not in results:
+            results[key] = original(*args, **kwargs)
+        return results[key]
 
-    def shared_reader(path, *args, **kwargs):
-        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
-        if key not in readers:
-            readers[key] = parse(path, *args, **kwargs)
-        return readers[key]
-
-    gguf.GGUFReader = shared_reader
+    setattr(module, name, once)
     try:
         yield
     finally:
-        gguf.GGUFReader = parse
+        setattr(module, name, original)
 
 
 def _convert_gguf_once(gguf_path: Path, target: Path) -> Path:
     """Dequantizes a GGUF file into a safetensors checkpoint folder, atomically, once."""
     if (target / "config.json").exists():
         return target
+    import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"Converting {gguf_path.name} into {target} (once; later runs reuse it)", flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        with _one_gguf_parse():
+        with _memoized(gguf, "GGUFReader"), _memoized(gguf, "get_tensor_name_map"):
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
             model = AutoModelForCausalLM.from_pretrained(gguf_path.parent,
                                                          gguf_file=gguf_path.name)
