@@ -23,9 +23,8 @@ SmolLM2-135M, LoRA rank 8, a batch of 8 examples, 2 cores, empty Inductor cache:
   (medians of 8 pairs, 4% faster): it pays after 83 steps. Two more runs: 16.53 against 18.24 s
   after 55.6 s (10%, pays after 33 steps), 17.13 against 21.91 s after 58.6 s (5 pairs, 28%,
   after 12). Two such comparisons by hand, on the first batch only (2318 tokens), gave 5% and
-  7% after a 46 s warm-up. (Before the attention
-  kernel the element-wise work was a smaller share of the step, and two sequential runs measured
-  -2% to +17%, within the machine's drift.)
+  7% after a 46 s warm-up. (Before the attention kernel the element-wise work was a smaller
+  share of the step, and two sequential runs measured -2% to +17%, within the machine's drift.)
 - AMX CPU, bfloat16 (measured by the earlier ``bench_tune`` work on such a machine, not re-run
   since): compiled steps about a third faster (about 1.0 -> 0.67 s/step) for a warm-up of 30 s
   (Inductor cache warm) to about a minute (cold): it pays after 100 to 180 steps.
@@ -138,7 +137,8 @@ def lora_config(rank: int, target_modules):
 def wants_compile(mode: str, model: torch.nn.Module, runtime, packed: bool, steps: int) -> bool:
     """Whether to compile: ``on``/``off``, or ``auto``: only where it was measured to pay for its
     warm-up within the run (see the module doc): a CPU with a C++ compiler, a packed model of at
-    least ``COMPILE_MIN_PARAMETERS`` parameters, and at least ``COMPILE_MIN_STEPS`` steps. CUDA and XLA runs compile only when asked."""
+    least ``COMPILE_MIN_PARAMETERS`` parameters, and at least ``COMPILE_MIN_STEPS`` steps. CUDA
+    and XLA runs compile only when asked."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
     if mode != "auto":
