@@ -394,7 +394,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     given = {"host": args.host, "port": args.port, "token": args.token,
              "max_body_bytes": args.max_body_bytes}
-    return run(ServeConfig(allow_roots=args.allow_root,
+    return run(ServeConfig(allow_roots=args.allow_root, allow_origins=args.allow_origin,
                            **{name: value for name, value in given.items() if value is not None}))
 
 
@@ -499,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-root", action="append", default=[], metavar="FOLDER",
                        help="a folder whose files requests may name (repeatable; the tunepipe "
                             "home and the current directory always are)")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="a web page origin (e.g. http://127.0.0.1:3000) whose requests are "
+                            "answered, with CORS headers (repeatable; by default requests from "
+                            "web pages other than the server's own are refused)")
     serve.add_argument("--max-body-bytes", type=int,
                        help="larger request bodies are refused (413); default 16 MiB")
     serve.set_defaults(handler=cmd_serve)

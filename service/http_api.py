@@ -1,52 +1,67 @@
-"""The HTTP layer: Vertex-style REST routes, errors in Google's JSON shape, the bearer token and
-the body size limit.
+"""The HTTP layer: Vertex-style REST routes, errors in Google's JSON shape, the bearer token,
+on the hardened server of :mod:`components.common.http_server` (body, connection and load limits;
+requests from web pages refused).
 
 A route is a method and a path template such as ``{parent}/pipelineJobs/{id}:cancel``, where
 ``{parent}`` stands for ``/v1/projects/{project}/locations/{location}`` (``/v1beta1`` alike) and
-``{id}`` for one path segment (percent-decoded). Every refusal is answered as Google APIs answer
-one, ``{"error": {"code": 404, "message": "...", "status": "NOT_FOUND"}}``:
+``{id}`` for one path segment (percent-decoded). ``HEAD`` is answered as ``GET`` without the body.
+Every refusal is answered as Google APIs answer one,
+``{"error": {"code": 404, "message": "...", "status": "NOT_FOUND"}}``:
 
     400 INVALID_ARGUMENT  malformed JSON (with the parser's reason), a body that is not an object,
-                          unknown fields or query parameters (named), bad values
+                          unknown fields or query parameters (named), bad values, JSON nested too
+                          deep, integers too long, NUL characters or lone surrogates
     401 UNAUTHENTICATED   the server has a token and the request lacks it
+    403 PERMISSION_DENIED a request a web page made (foreign Origin or Host)
     404 NOT_FOUND         no such path, or no such resource
     405 UNIMPLEMENTED     a known path with another method (the ``Allow`` header lists them)
+    408 DEADLINE_EXCEEDED the request's headers took too long
     409 ALREADY_EXISTS    a resource ID that is taken
     411 INVALID_ARGUMENT  a body without Content-Length (chunked bodies are not read)
     413 INVALID_ARGUMENT  a body over the size limit (it is not read)
+    415 INVALID_ARGUMENT  a body that is not ``Content-Type: application/json``
+    503 UNAVAILABLE       too many connections or requests at once (``Retry-After``)
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import re
-import sys
-import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from typing import Callable
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
-STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND",
-                405: "UNIMPLEMENTED", 409: "ALREADY_EXISTS", 411: "INVALID_ARGUMENT",
-                413: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
+from components.common.http_server import (App, HttpError, Limits, RequestGuard, read_json_body,
+                                           request_headers, send_json)
+
+STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                404: "NOT_FOUND", 405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED",
+                409: "ALREADY_EXISTS", 411: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT",
+                415: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
+UNREAD_BODY_CODES = (401, 411, 413, 415)  # answered before the body is read: the connection
+# closes rather than reading what may follow
 PARENT = (r"/(?P<version>v1|v1beta1)/projects/(?P<project>[^/:]+)"
           r"/locations/(?P<location>[^/:]+)")
 ALWAYS_ALLOWED_QUERY = frozenset({"$alt", "alt"})  # Google's REST clients send $alt=json;...
 
 
-class ApiError(Exception):
+class ApiError(HttpError):
     """A refused request: its HTTP status, message and Google status name."""
 
     def __init__(self, code: int, message: str, status: str | None = None,
                  headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.code, self.message = code, message
+        super().__init__(code, message, headers)
         self.status = status or STATUS_NAMES.get(code, "UNKNOWN")
-        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message, "status": self.status}}
+
+
+def error_body(error: HttpError) -> dict:
+    """Any refusal in Google's error shape."""
+    status = error.status if isinstance(error, ApiError) else None
+    return ApiError(error.code, error.message, status).body()
 
 
 @dataclass
@@ -91,7 +106,11 @@ def find_route(routes: list[Route], method: str, path: str) -> tuple[Route, dict
         if not match:
             continue
         if candidate.method == method:
-            return candidate, {k: unquote(v) for k, v in match.groupdict().items()}
+            params = {k: unquote(v) for k, v in match.groupdict().items()}
+            for name, value in params.items():
+                if not value.isprintable():
+                    raise ApiError(400, f"the path's {name} {value!r} has control characters")
+            return candidate, params
         allowed.append(candidate.method)
     if allowed:
         methods = sorted(set(allowed))
@@ -105,6 +124,9 @@ def find_route(routes: list[Route], method: str, path: str) -> tuple[Route, dict
 def parse_query(text: str, allowed: frozenset[str]) -> dict[str, str]:
     """The query parameters (the last value of each); ApiError 400 naming unknown ones."""
     query = {name: values[-1] for name, values in parse_qs(text, keep_blank_values=True).items()}
+    for name, value in query.items():
+        if not (name + value).isprintable():
+            raise ApiError(400, f"the query parameter {name!r} has control characters")
     unknown = sorted(set(query) - allowed - ALWAYS_ALLOWED_QUERY)
     if unknown:
         takes = f"; this call takes {sorted(allowed)}" if allowed else "; this call takes none"
@@ -112,16 +134,10 @@ def parse_query(text: str, allowed: frozenset[str]) -> dict[str, str]:
     return query
 
 
-def parse_body(raw: bytes) -> dict:
-    """The JSON object of a request body (an empty body is ``{}``); ApiError 400 otherwise."""
-    if not raw.strip():
+def body_object(body: object) -> dict:
+    """The request body as a JSON object (no body: ``{}``); ApiError 400 for another value."""
+    if body is None:
         return {}
-    try:
-        body = json.loads(raw)
-    except UnicodeDecodeError as error:
-        raise ApiError(400, f"the request body is not UTF-8: {error}") from None
-    except json.JSONDecodeError as error:
-        raise ApiError(400, f"the request body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}")
     return body
@@ -142,64 +158,48 @@ def authorized(header: str, token: str) -> bool:
                                                               token.encode())
 
 
-def make_handler(routes: list[Route], token: str | None, max_body_bytes: int):
-    """The request handler class: checks the token and the body size, routes, answers JSON."""
+def make_app(routes: list[Route], token: str | None, limits: Limits,
+             guard: RequestGuard) -> App:
+    """The ASGI app: refuses web pages' requests and requests without the token, reads the
+    body, routes, runs the handler on a worker thread and answers JSON."""
+    workers = ThreadPoolExecutor(max_workers=limits.max_in_flight,
+                                 thread_name_prefix="tunepipe-request")
 
-    class Handler(BaseHTTPRequestHandler):
-        def _reply(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
+    async def app(scope: dict, receive: Callable, send: Callable) -> None:
+        headers = request_headers(scope)
+        method = scope["method"]
+        cors: dict[str, str] = {}
+        try:
+            guard.check(headers, scope["server"][1])
+            cors = guard.cors_headers(headers)
+            if method == "OPTIONS":
+                if cors:  # a preflight from a page the operator allows
+                    await send_json(send, 200, {}, cors)
+                    return
+                raise ApiError(405, "OPTIONS is answered only to web pages the server allows "
+                                    "(tunepipe serve --allow-origin ORIGIN)")
+            if token is not None and not authorized(headers.get("authorization", ""), token):
+                raise ApiError(401, "this server needs a bearer token: send the header "
+                                    "'Authorization: Bearer TOKEN' with the token tunepipe serve "
+                                    "was given",
+                               headers={"WWW-Authenticate": 'Bearer realm="tunepipe"'})
+            body = None
+            if method in ("POST", "PUT", "PATCH"):
+                body = await read_json_body(receive, headers, limits)
+            path = scope["raw_path"].decode("latin-1")
+            found, params = find_route(routes, "GET" if method == "HEAD" else method, path)
+            query = parse_query(scope["query_string"].decode("latin-1"), found.query)
+            call = Call(params, query, body_object(body))
+            payload = await asyncio.get_running_loop().run_in_executor(workers, found.handler,
+                                                                       call)
+        except HttpError as error:
+            extra = {"Connection": "close"} if error.code in UNREAD_BODY_CODES else {}
+            await send_json(send, error.code, error_body(error), {**error.headers, **cors,
+                                                                  **extra})
+            return
+        await send_json(send, 200, payload, cors)
 
-        def _body(self) -> bytes:
-            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                raise ApiError(411, "send the body with a Content-Length header (chunked "
-                                    "transfer encoding is not read)")
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                raise ApiError(400, "Content-Length is not a number") from None
-            if length > max_body_bytes:
-                raise ApiError(413, f"the request body has {length} bytes; the limit is "
-                                    f"{max_body_bytes} (tunepipe serve --max-body-bytes)")
-            return self.rfile.read(length) if length > 0 else b""
-
-        def _handle(self) -> None:
-            try:
-                if token is not None and not authorized(self.headers.get("Authorization", ""),
-                                                        token):
-                    raise ApiError(401, "this server needs a bearer token: send the header "
-                                        "'Authorization: Bearer TOKEN' with the token "
-                                        "tunepipe serve was given",
-                                   headers={"WWW-Authenticate": 'Bearer realm="tunepipe"'})
-                raw = self._body()
-                target = urlsplit(self.path)
-                found, params = find_route(routes, self.command, target.path)
-                query = parse_query(target.query, found.query)
-                body = parse_body(raw) if self.command in ("POST", "PUT", "PATCH") else {}
-                payload = found.handler(Call(params, query, body))
-            except ApiError as error:
-                if error.code in (401, 411, 413):
-                    self.close_connection = True  # the body was left unread
-                self._reply(error.code, error.body(), error.headers)
-                return
-            except Exception as error:  # noqa: BLE001 (a bug must still answer in JSON)
-                traceback.print_exc(file=sys.stderr)
-                self._reply(500, ApiError(500, f"{type(error).__name__}: {error}").body())
-                return
-            self._reply(200, payload)
-
-        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle  # noqa: N815
-
-        def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's name)
-            sys.stderr.write(f"{self.address_string()} {format % args}\n")
-
-    return Handler
+    return app
 
 
 DEFAULT_PAGE_SIZE = 100

@@ -2,21 +2,22 @@
 
 Safe by default: it binds 127.0.0.1; binding any other address needs a bearer token
 (``--token`` or ``$TUNEPIPE_SERVE_TOKEN``), and once a token is set every request must carry it.
-Request bodies over ``max_body_bytes`` are refused unread.
+Bound to loopback, it answers only requests whose ``Host`` is its loopback address; requests from
+web pages are refused unless their origin is one the operator allows (``--allow-origin``).
+Request bodies over ``max_body_bytes`` are refused unread; connections, slow clients and load
+are bounded as :mod:`components.common.http_server` says.
 """
 from __future__ import annotations
 
 import ipaddress
 import os
 import signal
-import socket
 import sys
-import threading
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 
+from components.common.http_server import HttpServer, Limits, RequestGuard
 from service.endpoints import Endpoints
-from service.http_api import Route, make_handler
+from service.http_api import Route, error_body, make_app
 from service.jobs import JobRunner
 from service.local_paths import AllowedRoots
 from service.models import Models
@@ -38,6 +39,7 @@ class ServeConfig:
     port: int = DEFAULT_PORT
     token: str | None = None
     allow_roots: list[str] = field(default_factory=list)
+    allow_origins: list[str] = field(default_factory=list)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
@@ -49,14 +51,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
 
 
 class Service:
@@ -75,34 +69,29 @@ class Service:
                 TuningJobs(RecordStore(TUNING_JOBS), self.runner, self.roots)]
         routes: list[Route] = [r for collection in jobs for r in collection.routes()]
         routes += Models().routes() + Endpoints().routes()
-        server_class = _Server6 if ":" in config.host else _Server
-        self.httpd = server_class((config.host, config.port),
-                                  make_handler(routes, token, config.max_body_bytes))
+        limits = Limits(max_body_bytes=config.max_body_bytes,
+                        max_body_setting="tunepipe serve --max-body-bytes")
+        guard = RequestGuard.of(is_loopback(config.host), config.allow_origins)
+        self.http = HttpServer(make_app(routes, token, limits, guard), config.host, config.port,
+                               limits, error_body)
         self.runner.start([collection.kind for collection in jobs])
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return self.http.url
 
     def serve_forever(self) -> None:
-        """Serves on the calling thread until :meth:`close` (from another thread) or an
-        interrupt."""
-        self.httpd.serve_forever()
+        """Serves on the calling thread until :meth:`close` (from another thread), SIGINT or
+        SIGTERM."""
+        self.http.serve_forever()
 
     def close(self) -> None:
         """Stops serving and stops the runner (a running job ends FAILED)."""
-        if self._thread:
-            self.httpd.shutdown()
-            self._thread.join()
-        self.httpd.server_close()
+        self.http.stop()
         self.runner.stop()
 
     def __enter__(self) -> Service:
-        self._thread = threading.Thread(target=self.serve_forever, name="tunepipe-serve",
-                                        daemon=True)
-        self._thread.start()
+        self.http.start()
         return self
 
     def __exit__(self, *exc) -> None:
