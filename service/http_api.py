@@ -19,7 +19,9 @@ Every refusal is answered as Google APIs answer one,
     409 ALREADY_EXISTS    a resource ID that is taken
     411 INVALID_ARGUMENT  a body without Content-Length (chunked bodies are not read)
     413 INVALID_ARGUMENT  a body over the size limit (it is not read)
+    414 INVALID_ARGUMENT  a URL over 8 KiB
     415 INVALID_ARGUMENT  a body that is not ``Content-Type: application/json``
+    431 INVALID_ARGUMENT  headers over 16 KiB
     503 UNAVAILABLE       too many connections or requests at once (``Retry-After``)
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ from components.common.http_server import (App, HttpError, Limits, RequestGuard,
 STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
                 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED",
                 409: "ALREADY_EXISTS", 411: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT",
-                415: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
+                414: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT", 431: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
 UNREAD_BODY_CODES = (401, 411, 413, 415)  # answered before the body is read: the connection
 # closes rather than reading what may follow
 PARENT = (r"/(?P<version>v1|v1beta1)/projects/(?P<project>[^/:]+)"

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.request
-from http.server import ThreadingHTTPServer
 
 import pytest
 
@@ -47,7 +45,8 @@ def test_registry_versions_each_upload(tuned_checkpoint):
 
 
 @pytest.mark.parametrize("body, message", [
-    (b"not json", "not valid JSON"),
+    (b"[1]", "request must be"),
+    (b'{"instances": [{"prompt": "nul \\u0000"}]}', "NUL character"),
     (b'{"instances": []}', '"instances"'),
     (b'{"instances": [{"prompt": ""}]}', "instances[0].prompt"),
     (b'{"instances": [{"prompt": "hi"}], "parameters": {"temprature": 1}}', "unknown parameters ['temprature']"),
@@ -56,13 +55,13 @@ def test_registry_versions_each_upload(tuned_checkpoint):
 ])
 def test_bad_predict_requests_are_explained(body, message):
     with pytest.raises(RequestError) as error:
-        parse_predict_request(body)
+        parse_predict_request(json.loads(body))
     assert message in str(error.value)
 
 
 def test_predict_request_defaults_and_overrides():
     request = parse_predict_request(
-        b'{"instances": [{"prompt": "a"}, {"prompt": "b"}], "parameters": {"temperature": 0.5}}')
+        {"instances": [{"prompt": "a"}, {"prompt": "b"}], "parameters": {"temperature": 0.5}})
     assert not request.chat
     assert request.conversations == [[{"role": "user", "content": "a"}],
                                      [{"role": "user", "content": "b"}]]
@@ -87,7 +86,8 @@ def test_endpoint_serves_predictions_over_http_until_stopped(tuned_checkpoint):
         assert again["predictions"][0] == reply["predictions"][0]
         request = urllib.request.Request(
             endpoint.url + "/v1/projects/p/locations/us-central1/endpoints/intents-endpoint:predict",
-            data=json.dumps({"instances": [{"prompt": "hi"}], "parameters": {"topK": -1}}).encode())
+            data=json.dumps({"instances": [{"prompt": "hi"}], "parameters": {"topK": -1}}).encode(),
+            headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(request, timeout=60)
         assert error.value.code == 400 and "topK" in error.value.read().decode()
@@ -304,7 +304,7 @@ def _labelled(tokenizer, conversation: list[dict]) -> str:
 
 
 def test_a_distilled_student_is_asked_for_labels_only(distilled_student, tokenizer, monkeypatch):
-    from components.deploy_endpoint.server import Predictor, make_handler
+    from components.deploy_endpoint.server import Predictor, serve_in_thread
 
     predictor = Predictor("intents-student", str(distilled_student.path))
     assert predictor.input_prefix == "[label] "  # the tuner's metadata, kept by the registry
@@ -315,9 +315,8 @@ def test_a_distilled_student_is_asked_for_labels_only(distilled_student, tokeniz
         return prompts[-len(conversations):]
 
     monkeypatch.setattr(predictor, "prompts", spy)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(predictor))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    server = serve_in_thread(predictor)
+    url = server.url
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                 {"role": "user", "content": "Reset my password"}]
@@ -329,8 +328,7 @@ def test_a_distilled_student_is_asked_for_labels_only(distilled_student, tokeniz
         status, reply = post(url + "/v1/chat/completions", {
             "model": "intents-student", "messages": messages, "max_tokens": 2})
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
         predictor.worker.close()
     assert text[0] == chat[0] == status == 200
     assert prompts == [_labelled(tokenizer, [{"role": "user", "content": "Where is my parcel?"}]),

@@ -19,7 +19,7 @@ import torch
 from components.common.generation import DecodeBatch, SamplingParams, generate_detailed
 from components.common.model_loading import (FULL_MODEL_DIR, TUNED_MODEL_METADATA,
                                              load_base_model, load_tokenizer)
-from components.deploy_endpoint.server import EndpointServer, Predictor, make_handler
+from components.deploy_endpoint.server import Predictor, serve_in_thread
 
 NAME = "load-test"
 MESSAGES = ["Where is my parcel?", "Reset my password", "Hi",
@@ -49,13 +49,11 @@ def model_dir(tmp_path_factory, tiny_model_dir):
 @contextmanager
 def serving(predictor: Predictor):
     """The predictor behind a loopback server; yields its (host, port)."""
-    server = EndpointServer(("127.0.0.1", 0), make_handler(predictor))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_in_thread(predictor)
     try:
-        yield server.server_address
+        yield server.host, server.port
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
         predictor.worker.close()
 
 

@@ -60,7 +60,9 @@ class Limits:
     max_connections: int = 4096
     max_in_flight: int = 64
     backlog: int = 2048
-    max_header_bytes: int = 16 * 2**10  # the request line and headers
+    max_header_bytes: int = 16 * 2**10  # the headers, and what h11 buffers of an unfinished
+    # request line and headers
+    max_url_bytes: int = 8 * 2**10
 
 
 class HttpError(Exception):
@@ -348,7 +350,10 @@ def bounded_app(app: App, limits: Limits, error_body: ErrorBody,
             await send(message)
 
         client = (scope.get("client") or ("-",))[0]
-        if in_flight >= limits.max_in_flight:
+        too_large = _too_large(scope, limits)
+        if too_large:
+            await send_json(send_logged, too_large.code, error_body(too_large))
+        elif in_flight >= limits.max_in_flight:
             error = HttpError(503, f"the server is answering {limits.max_in_flight} requests; "
                                    "try again shortly",
                               {"Retry-After": str(RETRY_AFTER_SECONDS)})
@@ -370,6 +375,18 @@ def bounded_app(app: App, limits: Limits, error_body: ErrorBody,
         log(f'{client} "{scope["method"]} {path}" {status or "-"}')
 
     return bounded
+
+
+def _too_large(scope: dict, limits: Limits) -> HttpError | None:
+    """HttpError 414 or 431 for a URL or headers over the limits, else None."""
+    url_bytes = len(scope["raw_path"]) + len(scope["query_string"])
+    if url_bytes > limits.max_url_bytes:
+        return HttpError(414, f"the URL has {url_bytes} bytes; at most {limits.max_url_bytes}")
+    header_bytes = sum(len(name) + len(value) for name, value in scope["headers"])
+    if header_bytes > limits.max_header_bytes:
+        return HttpError(431, f"the headers have {header_bytes} bytes; at most "
+                              f"{limits.max_header_bytes}")
+    return None
 
 
 def listening_socket(host: str, port: int, backlog: int) -> socket.socket:

@@ -38,6 +38,10 @@ student answers with the label, without a rationale.
 A bad request is answered 400 with what was expected: ``{"error": "..."}`` on ``/predict``,
 ``{"error": {"message": "...", "type": "invalid_request_error"}}`` on the OpenAI routes.
 
+The server is :mod:`components.common.http_server`'s: bodies, slow clients, connections and
+requests at once are bounded, and requests from web pages are refused (403; a body that is not
+``Content-Type: application/json``: 415), on loopback a ``Host`` other than its own too.
+
 Requests are generated together: every route queues its request to one generation worker, which
 decodes all of them in one batch that requests join and leave between decode steps
 (``components.deploy_endpoint.batching``; ``--max-batch-rows``, ``--no-batching``). A request
@@ -59,17 +63,20 @@ model's name is ``--name`` or else ``AIP_DEPLOYED_MODEL_ID``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Callable
 
+from components.common.http_server import (App, HttpError, HttpServer, Limits, RequestGuard,
+                                           check_json_value, read_json_body, request_headers,
+                                           send_json)
 from components.common.prompts import chat_messages
 
 if TYPE_CHECKING:
@@ -81,6 +88,7 @@ OPENAI_PARAMETER_NAMES = {"temperature": "temperature", "max_tokens": "maxOutput
                           "top_p": "topP"}
 MAX_OUTPUT_TOKENS_LIMIT = 1024
 RETRY_AFTER_SECONDS = 1  # what a 503 (queue full) tells the client to wait
+LIMITS = Limits()
 PARAMETER_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "temperature": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 2, "a number in [0, 2]"),
     "maxOutputTokens": (lambda v: isinstance(v, int) and 1 <= v <= MAX_OUTPUT_TOKENS_LIMIT,
@@ -124,13 +132,14 @@ class ChatCompletionRequest:
     seed: int
 
 
-def _load_json_object(body: bytes, shape: str) -> dict:
-    try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(f"request body is not valid JSON: {error}") from None
+def _json_object(request: Any, shape: str) -> dict:
+    """The request's JSON object (raises unless it is one; values as the server checks them)."""
     if not isinstance(request, dict):
         raise RequestError(f"request must be {shape}")
+    try:
+        check_json_value(request)
+    except HttpError as error:
+        raise RequestError(error.message) from None
     return request
 
 
@@ -194,9 +203,10 @@ def _vertex_chat_conversation(instance: dict, where: str) -> Conversation:
     return conversation + turns
 
 
-def parse_predict_request(body: bytes) -> PredictRequest:
-    """The conversations and generation parameters of a Vertex-style predict request body."""
-    request = _load_json_object(body, f"{TEXT_SHAPE} or {CHAT_SHAPE}")
+def parse_predict_request(body: Any) -> PredictRequest:
+    """The conversations and generation parameters of a Vertex-style predict request (its JSON
+    body)."""
+    request = _json_object(body, f"{TEXT_SHAPE} or {CHAT_SHAPE}")
     instances = request.get("instances")
     if not isinstance(instances, list) or not instances:
         raise RequestError(f"request must be {TEXT_SHAPE} or {CHAT_SHAPE}")
@@ -230,10 +240,11 @@ def parse_predict_request(body: bytes) -> PredictRequest:
     return PredictRequest(conversations, chat[0], parameters)
 
 
-def parse_chat_completion_request(body: bytes, model_name: str) -> ChatCompletionRequest:
-    """The conversation, parameters and seed of an OpenAI chat completions request body."""
+def parse_chat_completion_request(body: Any, model_name: str) -> ChatCompletionRequest:
+    """The conversation, parameters and seed of an OpenAI chat completions request (its JSON
+    body)."""
     shape = f'{{"model": "{model_name}", "messages": [{OPENAI_MESSAGE_SHAPE}, ...], ...}}'
-    request = _load_json_object(body, shape)
+    request = _json_object(body, shape)
     unknown = sorted(set(request) - OPENAI_FIELDS)
     if unknown:
         raise RequestError(f"unsupported fields {unknown}; supported: {sorted(OPENAI_FIELDS)}")
@@ -373,99 +384,98 @@ class Predictor:
                                             "owned_by": "tunepipe"}]}
 
 
-def _serve_predict(predictor: Predictor, body: bytes) -> dict:
+def _serve_predict(predictor: Predictor, body: Any) -> dict:
     return predictor.predict(parse_predict_request(body))
 
 
-def _serve_chat_completion(predictor: Predictor, body: bytes) -> dict:
+def _serve_chat_completion(predictor: Predictor, body: Any) -> dict:
     return predictor.complete_chat(parse_chat_completion_request(body, predictor.name))
 
 
-def _vertex_error(message: str, status: HTTPStatus) -> dict:
-    return {"error": message}
+def vertex_error(error: HttpError) -> dict:
+    """An error as ``/predict`` answers it."""
+    return {"error": error.message}
 
 
-def _openai_error(message: str, status: HTTPStatus) -> dict:
-    kind = "invalid_request_error" if status == HTTPStatus.BAD_REQUEST else "server_error"
-    return {"error": {"message": message, "type": kind}}
+def openai_error(error: HttpError) -> dict:
+    """An error as OpenAI's API answers it."""
+    kind = "invalid_request_error" if 400 <= error.code < 500 else "server_error"
+    return {"error": {"message": error.message, "type": kind}}
 
 
 def _post_route(path: str, predict_route: str = "/predict") -> tuple[
-        Callable[[Predictor, bytes], dict], Callable[[str, HTTPStatus], dict]] | None:
+        Callable[[Predictor, Any], dict], Callable[[HttpError], dict]] | None:
     """How to serve a POST to ``path`` and how to word its errors; None for no route."""
     path = path.rstrip("/")
     if path == "/v1/chat/completions":
-        return _serve_chat_completion, _openai_error
+        return _serve_chat_completion, openai_error
     if path == predict_route.rstrip("/") or path.endswith(("/predict", ":predict")):
-        return _serve_predict, _vertex_error
+        return _serve_predict, vertex_error
     return None
 
 
-def make_handler(predictor: Predictor, predict_route: str = "/predict"):
-    """The request handler class bound to ``predictor``; ``predict_route`` answers predict
-    requests besides ``/predict`` (Vertex's ``AIP_PREDICT_ROUTE``)."""
+def make_app(predictor: Predictor, guard: RequestGuard, predict_route: str = "/predict",
+             limits: Limits = LIMITS) -> App:
+    """The ASGI app serving ``predictor``; ``predict_route`` answers predict requests besides
+    ``/predict`` (Vertex's ``AIP_PREDICT_ROUTE``)."""
     from components.deploy_endpoint.batching import QueueFull
 
-    class Handler(BaseHTTPRequestHandler):
-        def _reply(self, status: HTTPStatus, payload: dict) -> None:
-            body = json.dumps(payload).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                if status == HTTPStatus.SERVICE_UNAVAILABLE:
-                    self.send_header("Retry-After", str(RETRY_AFTER_SECONDS))
-                self.end_headers()
-                self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True  # the client left before its answer: drop it
+    workers = ThreadPoolExecutor(max_workers=limits.max_in_flight,
+                                 thread_name_prefix="endpoint-request")
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if self.path.rstrip("/") == "/v1/models":
-                self._reply(HTTPStatus.OK, predictor.models())
-                return
-            self._reply(HTTPStatus.OK, {"name": predictor.name, "model_dir": predictor.model_dir,
-                                        "base_model": predictor.metadata.get("base_model", {}),
-                                        "precision": predictor.precision.describe(),
-                                        "weights": predictor.weights.describe(),
-                                        "input_prefix": predictor.input_prefix,
-                                        "batching": predictor.worker.describe(),
-                                        "status": "ready"})
+    def health() -> dict:
+        return {"name": predictor.name, "model_dir": predictor.model_dir,
+                "base_model": predictor.metadata.get("base_model", {}),
+                "precision": predictor.precision.describe(),
+                "weights": predictor.weights.describe(), "input_prefix": predictor.input_prefix,
+                "batching": predictor.worker.describe(), "status": "ready"}
 
-        def do_POST(self) -> None:  # noqa: N802
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            route = _post_route(self.path, predict_route)
-            if route is None:
-                self._reply(HTTPStatus.NOT_FOUND, {
-                    "error": f"no route {self.path}; POST {predict_route} or "
-                             "/v1/chat/completions"})
-                return
-            serve, error_payload = route
-            try:
-                reply = serve(predictor, body)
-            except RequestError as error:
-                status, message = HTTPStatus.BAD_REQUEST, str(error)
-            except QueueFull as error:
-                status, message = HTTPStatus.SERVICE_UNAVAILABLE, str(error)
-            except Exception as error:  # noqa: BLE001 - a 500, not a dropped connection
-                self.log_error("internal error: %r", error)
-                status, message = HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {error!r}"
+    async def app(scope: dict, receive: Callable, send: Callable) -> None:
+        headers = request_headers(scope)
+        method, path = scope["method"], scope["path"]
+        route = _post_route(path, predict_route) if method == "POST" else None
+        error_payload = route[1] if route else vertex_error
+        try:
+            guard.check(headers, scope["server"][1])
+            if method in ("GET", "HEAD"):
+                reply = predictor.models() if path.rstrip("/") == "/v1/models" else health()
+            elif route is None:
+                raise HttpError(404 if method == "POST" else 405,
+                                f"no route {method} {path}; POST {predict_route} or "
+                                "/v1/chat/completions, GET / or /v1/models",
+                                {"Allow": "GET, HEAD, POST"})
             else:
-                self._reply(HTTPStatus.OK, reply)
-                return
-            self._reply(status, error_payload(message, status))
+                body = await read_json_body(receive, headers, limits)
+                reply = await _answer(route[0], body)
+        except HttpError as error:
+            await send_json(send, error.code, error_payload(error), error.headers)
+            return
+        await send_json(send, 200, reply)
 
-        def log_message(self, format: str, *args) -> None:  # noqa: A002
-            print(f"{self.address_string()} {format % args}", flush=True)
+    async def _answer(serve: Callable[[Predictor, Any], dict], body: Any) -> dict:
+        """What ``serve`` answers, on a worker thread; its refusals as HttpError."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(workers, serve, predictor, body)
+        except RequestError as error:
+            raise HttpError(400, str(error)) from None
+        except QueueFull as error:
+            raise HttpError(503, str(error), {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
 
-    return Handler
+    return app
 
 
-class EndpointServer(ThreadingHTTPServer):
-    """A thread per connection, and a listen backlog deep enough that a burst of clients waits
-    to be accepted instead of being refused (socketserver's default is 5)."""
+def serve_in_thread(predictor: Predictor, port: int = 0) -> HttpServer:
+    """An endpoint server for ``predictor`` on 127.0.0.1, serving on a thread (tests); stop it
+    with ``.stop()``."""
+    server = HttpServer(make_app(predictor, RequestGuard.of(check_host=True)), "127.0.0.1", port,
+                        LIMITS, vertex_error, log=_log)
+    server.start()
+    return server
 
-    request_queue_size = 128
+
+def _log(line: str) -> None:
+    print(line, flush=True)
 
 
 VERTEX_PORT_ENV = "AIP_HTTP_PORT"  # set by Vertex AI for a custom serving container
@@ -485,9 +495,11 @@ def serve_on_vertex(name: str | None, **batching) -> None:
     predictor = Predictor(name or os.environ.get("AIP_DEPLOYED_MODEL_ID", "model"), model_dir,
                           **batching)
     predict_route = os.environ.get("AIP_PREDICT_ROUTE", "/predict")
-    server = EndpointServer(("0.0.0.0", int(os.environ[VERTEX_PORT_ENV])),
-                            make_handler(predictor, predict_route))
-    print(f"endpoint {predictor.name} serving {storage_uri} on port {server.server_address[1]}: "
+    # Vertex's front end sends its own Host; its requests carry no browser's Origin
+    app = make_app(predictor, RequestGuard.of(check_host=False), predict_route)
+    server = HttpServer(app, "0.0.0.0", int(os.environ[VERTEX_PORT_ENV]), LIMITS, vertex_error,
+                        log=_log)
+    print(f"endpoint {predictor.name} serving {storage_uri} on port {server.port}: "
           f"health {os.environ.get('AIP_HEALTH_ROUTE', '/')}, predict {predict_route}; "
           f"{predictor.describe_compute()}", flush=True)
     server.serve_forever()
@@ -531,13 +543,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--name, --model-dir and --ready-file are required (unless "
                      f"{VERTEX_PORT_ENV} is set, as on Vertex AI)")
     predictor = Predictor(args.name, args.model_dir, **batching)
-    server = EndpointServer(("127.0.0.1", args.port), make_handler(predictor))
+    server = HttpServer(make_app(predictor, RequestGuard.of(check_host=True)), "127.0.0.1",
+                        args.port, LIMITS, vertex_error, log=_log)
     staging = args.ready_file + ".partial"
     with open(staging, "w") as ready:
-        json.dump({"port": server.server_address[1], "pid": os.getpid()}, ready)
+        json.dump({"port": server.port, "pid": os.getpid()}, ready)
     os.replace(staging, args.ready_file)
-    print(f"endpoint {args.name} serving on http://127.0.0.1:{server.server_address[1]}; "
-          f"{predictor.describe_compute()}", flush=True)
+    print(f"endpoint {args.name} serving on {server.url}; {predictor.describe_compute()}",
+          flush=True)
     server.serve_forever()
 
 
