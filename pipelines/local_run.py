@@ -76,6 +76,9 @@ def request_from_body(body: Any, source: str, template_override: str | None = No
     unknown = sorted(set(runtime) - RUNTIME_CONFIG_FIELDS)
     if unknown:
         raise ParameterError(f"{source}: unknown runtimeConfig fields {unknown}")
+    problems = _text_problems(body)
+    if problems:
+        raise ParameterError(f"{source}: " + "; ".join(problems))
     template = template_override or body.get("templateUri")
     if not template and "pipelineSpec" in body:  # the Vertex SDK sends the template inline
         template = _inline_template(body["pipelineSpec"])
@@ -101,6 +104,24 @@ def request_from_body(body: Any, source: str, template_override: str | None = No
     return RunRequest(template_path(template), dict(runtime.get("parameterValues", {})),
                       pipeline_root, body.get("displayName", ""), tuple(notes), output_dir,
                       body.get("serviceAccount", ""), kms or "")
+
+
+def _text_problems(body: dict) -> list[str]:
+    """The request's text beyond its limits (components.common.parameters): displayName,
+    labels, and every other string but the inline template's (it must equal a compiled one)
+    and the parameter values' (check_parameters checks them)."""
+    from components.common.parameters import (MAX_DISPLAY_NAME_LENGTH, labels_problems,
+                                              text_problems)
+
+    problems = text_problems(body.get("displayName", ""), "displayName", MAX_DISPLAY_NAME_LENGTH)
+    if "labels" in body:
+        problems += labels_problems(body["labels"])
+    runtime = {field: value for field, value in body.get("runtimeConfig", {}).items()
+               if field != "parameterValues"}
+    others = {field: value for field, value in body.items()
+              if field not in ("displayName", "labels", "pipelineSpec", "runtimeConfig")}
+    return problems + text_problems(runtime, "runtimeConfig") + \
+        [problem for field, value in others.items() for problem in text_problems(value, field)]
 
 
 def _inline_template(pipeline_spec: dict) -> str:
@@ -137,7 +158,8 @@ def prepare(request: RunRequest, remote: bool = False) -> tuple[str, dict[str, A
     requested_precision()  # a bad TUNEPIPE_PRECISION is refused before any task starts
     pipeline_name, template = read_template(request.template)
     values = bind_parameters(template, request.parameters, refused_parameters(pipeline_name))
-    problems = check_parameters(pipeline_name, values) or input_problems(values, remote)
+    problems = check_parameters(pipeline_name, values) or \
+        input_problems(values, remote)
     if not problems and "teacher_model_reference" in values:
         problems = teacher_reference_problems(str(values["teacher_model_reference"]),
                                               str(values.get("project") or ""),

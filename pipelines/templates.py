@@ -11,6 +11,7 @@ source of truth for parameter names, types and defaults.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,16 +158,20 @@ def _coerce(parameter: TemplateParameter, value: Any) -> Any:
             return int(value)
         if isinstance(value, int):
             return value
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        digits = value.strip().lstrip("+-") if isinstance(value, str) else ""
+        if digits.isascii() and digits.isdigit():  # int() would take "３００" too
             return int(value)
         raise ValueError("expected an integer")
     if kind == "NUMBER_DOUBLE":
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (isinstance(value, str) and not value.isascii()):
             raise ValueError("expected a number")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError("expected a number") from None
+        if not math.isfinite(number):
+            raise ValueError("expected a finite number")
+        return number
     return value
 
 

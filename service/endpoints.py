@@ -75,6 +75,9 @@ def find_endpoint(endpoint_id: str) -> Endpoint:
 
 def forward(endpoint: Endpoint, path: str, body: dict) -> dict:
     """POSTs ``body`` to the endpoint's ``path``; its JSON answer, or its refusal as ApiError."""
+    if not endpoint.url:
+        raise ApiError(503, f"endpoint {endpoint.name} is still starting; try again shortly "
+                            f"(its log: {endpoint.log})")
     request = urllib.request.Request(endpoint.url + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     try:

@@ -6,7 +6,10 @@ module, :class:`JobKind`) in a new process group; that process (:func:`job_main`
 writes ``result.json`` (what the work returns, or ``error``) and its log to ``log.txt``, and ends
 when the server dies. A succeeded job's record takes the result fields its kind names.
 Cancelling a running job ends its process group (SIGTERM, then SIGKILL); the endpoint a finished
-job deployed lives in its own session and stays up.
+job deployed lives in its own session and stays up. A job that is cancelled, or ended because the
+server stops or stopped, leaves no endpoint: once its process group has ended, the endpoints its
+processes started (``$TUNEPIPE_JOB``, the job's folder, names them in their records; see
+:mod:`components.deploy_endpoint.endpoints`), ready or still starting, are stopped.
 
 This module is the pipelineJobs' job process: it runs ``request.json``, a pipelineJobs request
 body that ``tunepipe run --request-file`` would accept, through the KFP local runner
@@ -19,6 +22,9 @@ cancelled job has ``error`` {code (google.rpc.Code), message}.
 The restart rule: when the server starts, a job it finds RUNNING or CANCELLING was running when
 the previous server died: it is marked FAILED with that reason (its process, which watches its
 parent, has ended itself). PENDING jobs are queued again.
+
+A job's records are the server's alone: run one server per ``TUNEPIPE_HOME``
+(:mod:`service.home_lock`).
 """
 from __future__ import annotations
 
@@ -35,12 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from components.deploy_endpoint.endpoints import JOB_ENV, stop_job_endpoints
 from service.records import RecordStore, timestamp
 
 REQUEST_FILE = "request.json"
 RESULT_FILE = "result.json"
 LOG_FILE = "log.txt"
 KILL_GRACE_SECONDS = 10.0
+GROUP_END_SECONDS = KILL_GRACE_SECONDS + 5.0  # how long an ended job's processes may linger
 PARENT_POLL_SECONDS = 1.0
 
 # google.rpc.Code values of a job's error
@@ -82,6 +90,7 @@ class JobRunner:
         for kind in kinds:
             for record in kind.store.list():
                 if kind.state(record) in ACTIVE:
+                    stop_job_endpoints(str(kind.store.folder(record["name"])))
                     self._finish(kind, record["name"], "FAILED", {
                         "code": ABORTED_CODE,
                         "message": "the server stopped while the job ran (found when tunepipe "
@@ -119,7 +128,7 @@ class JobRunner:
                 _end_process_group(self._running[1])
         self._queue.put(None)
         if self._worker.is_alive():
-            self._worker.join(timeout=KILL_GRACE_SECONDS + 5)
+            self._worker.join(timeout=GROUP_END_SECONDS + 15)  # + stopping its endpoints
 
     def _work(self) -> None:
         while True:
@@ -137,12 +146,15 @@ class JobRunner:
             with open(folder / LOG_FILE, "a") as log:
                 process = subprocess.Popen(
                     [sys.executable, "-m", kind.module, str(folder), str(os.getpid())],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, JOB_ENV: str(folder)}, start_new_session=True)
             self._running = (name, process)
             kind.store.update(name, lambda r: r.update(state=kind.state_prefix + "RUNNING",
                                                        startTime=timestamp()))
         exit_code = process.wait()
+        if name in self._cancelled or self._stopping:  # its processes were told to end
+            _wait_for_group(process.pid)
+            stop_job_endpoints(str(folder))
         with self._lock:
             self._running = None
             result_path = folder / RESULT_FILE
@@ -176,19 +188,29 @@ class JobRunner:
 
 
 def _end_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the job's process group, SIGKILL after :data:`KILL_GRACE_SECONDS`."""
+    """SIGTERM to the job's process group, SIGKILL to what is left of it after
+    :data:`KILL_GRACE_SECONDS`."""
     def signal_group(number: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, number)
 
     signal_group(signal.SIGTERM)
 
-    def kill_if_alive() -> None:
-        if process.poll() is None:
-            signal_group(signal.SIGKILL)
-    timer = threading.Timer(KILL_GRACE_SECONDS, kill_if_alive)
+    timer = threading.Timer(KILL_GRACE_SECONDS, signal_group, (signal.SIGKILL,))
     timer.daemon = True
     timer.start()
+
+
+def _wait_for_group(group: int) -> None:
+    """Waits (at most :data:`GROUP_END_SECONDS`) until no process of the group is left: its
+    leader may end before its children (a pipeline's tasks)."""
+    deadline = time.monotonic() + GROUP_END_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 def _end_with_parent(parent: int) -> None:

@@ -3,17 +3,21 @@
 A field may be named in lowerCamelCase (``trainingDatasetUri``) or as the proto names it
 (``training_dataset_uri``, as seed 004's curl example does); an enum value by its name
 (``"ADAPTER_SIZE_FOUR"``) or its number (``2``: the SDK asks for ``$alt=json;enum-encoding=int``);
-an int64 as a string (``"3"``, as the SDK sends it) or a number. Each refusal is an ApiError 400
-that names the field.
+an int64 as a string (``"3"``, as the SDK sends it) or a number; numbers in strings are ASCII
+(Python's ``int()`` and ``float()`` would take "３" too) and every number is finite. Each refusal
+is an ApiError 400 that names the field.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable
 
 from service.http_api import ApiError, check_fields
 
-INTEGER = re.compile(r"^-?\d+$")
+INTEGER = re.compile(r"-?[0-9]{1,19}")  # matched whole, as every pattern here
+DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+INT64_RANGE = range(-2**63, 2**63)
 
 
 def camel(name: str) -> str:
@@ -49,29 +53,43 @@ def enum(value: object, numbers: dict[str, int], where: str) -> str:
 
 
 def int64(value: object, where: str) -> int:
-    """An int64 given as a number or a decimal string."""
-    if isinstance(value, str) and INTEGER.match(value.strip()):
-        return int(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and \
-            float(value).is_integer():
-        return int(value)
-    raise ApiError(400, f"{where} must be an integer, not {value!r}")
+    """An int64 given as a number or an ASCII decimal string."""
+    number = None
+    if isinstance(value, str) and INTEGER.fullmatch(value.strip()):
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        number = int(value)
+    if number is None or number not in INT64_RANGE:
+        raise ApiError(400, f"{where} must be an integer (int64), not {_show(value)}")
+    return number
 
 
 def double(value: object, where: str) -> float:
-    """A double given as a number or a numeric string."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+    """A finite double given as a number or an ASCII decimal string."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) or \
+            isinstance(value, str) and DECIMAL.fullmatch(value.strip()):
         try:
-            return float(value)
-        except ValueError:
+            number = float(value)
+        except OverflowError:  # an integer beyond any double
             pass
-    raise ApiError(400, f"{where} must be a number, not {value!r}")
+    if number is None or not math.isfinite(number):
+        raise ApiError(400, f"{where} must be a finite number, not {_show(value)}")
+    return number
 
 
-def string(value: object, where: str) -> str:
-    """A string field's value."""
+def string(value: object, where: str, limit: int) -> str:
+    """A string field's value, of at most ``limit`` characters."""
     if not isinstance(value, str):
         raise ApiError(400, f"{where} must be a string, not {type(value).__name__}")
+    if len(value) > limit:
+        raise ApiError(400, f"{where} has {len(value)} characters; at most {limit} are accepted")
     return value
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """``value`` for a message, cut at ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

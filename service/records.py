@@ -3,8 +3,11 @@
 A resource named ``projects/P/locations/L/pipelineJobs/ID`` lives in
 ``$TUNEPIPE_HOME/service/projects/P/locations/L/pipelineJobs/ID/``: ``record.json`` is the
 resource as the API answers it, written atomically (a temporary sibling, then a rename), so a
-crash never leaves half a record; the folder also holds what the job needs and writes (its
-request, log and outputs). A restarted server reads the records back.
+crash never leaves half a record (the file is fsynced before the rename, the folder after
+it); the folder also holds what the job needs and writes (its request, log and outputs). A
+restarted server reads the records back. A record that cannot be read (not JSON, or without
+its name, state or createTime) is set aside as ``record.json.unreadable-<time>`` and reported
+on stderr, never deleted: one bad file does not stop the server.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import sys
 import tempfile
 import threading
 from datetime import datetime, timezone
@@ -23,8 +27,11 @@ from components.common.paths import tunepipe_home
 RECORD_FILE = "record.json"
 # Project and location IDs as Vertex accepts them (letters, digits, - . _), and job IDs as
 # Vertex accepts them: all safe folder names.
-SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,127}$")
+# Matched whole (fullmatch: "$" would take a trailing newline).
+SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+JOB_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")
+UNREADABLE_SUFFIX = ".unreadable-"
+REQUIRED_FIELDS = ("name", "state", "createTime")  # what get, list and the runner rely on
 
 
 def service_dir() -> Path:
@@ -43,7 +50,7 @@ def check_parent(parent: str) -> None:
     """ValueError unless the project and location of ``projects/P/locations/L`` are valid."""
     _, project, _, location = parent.split("/")
     for what, value in (("project", project), ("location", location)):
-        if not SEGMENT.match(value):
+        if not SEGMENT.fullmatch(value):
             raise ValueError(f"{what} {value!r} is not valid: use letters, digits, '-', '.' or "
                              "'_' (at most 63, starting with a letter or digit)")
 
@@ -52,10 +59,49 @@ def job_name(parent: str, collection: str, job_id: str) -> str:
     """``parent/collection/job_id`` once every part is valid; ValueError naming the part that
     is not."""
     check_parent(parent)
-    if not JOB_ID.match(job_id):
+    if not JOB_ID.fullmatch(job_id):
         raise ValueError(f"job ID {job_id!r} is not valid: use lowercase letters, digits and "
                          "'-' (at most 128, starting with a letter or digit)")
     return f"{parent}/{collection}/{job_id}"
+
+
+def write_json(path: Path, value: object) -> None:
+    """Writes ``value`` to ``path`` atomically and durably: a temporary sibling, fsynced, renamed
+    over ``path``, then the folder fsynced. ValueError for a NaN or infinite number (JSON has
+    none: a bare ``Infinity`` would make the file unreadable to JSON parsers)."""
+    text = json.dumps(value, indent=2, allow_nan=False)
+    descriptor, staging = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".json",
+                                           dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def read_record(path: Path, name: str) -> dict:
+    """The record of the resource ``name`` in ``path``; ValueError saying why it is none."""
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError) as error:  # ValueError: not JSON, not UTF-8
+        raise ValueError(f"{type(error).__name__}: {error}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    missing = [field for field in REQUIRED_FIELDS if not isinstance(record.get(field), str)]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)} (a string)")
+    if record["name"] != name:
+        raise ValueError(f"it names {record['name']!r}, not its folder's {name!r}")
+    return record
 
 
 def new_job_id() -> str:
@@ -90,10 +136,10 @@ class RecordStore:
             return True
 
     def get(self, name: str) -> dict | None:
-        """The record ``name``, or None."""
+        """The record ``name``, or None (also when it was unreadable and is now set aside)."""
         path = self.folder(name) / RECORD_FILE
         with self._lock:
-            return json.loads(path.read_text()) if path.exists() else None
+            return self._read(path) if path.exists() else None
 
     def update(self, name: str, change: Callable[[dict], None]) -> dict:
         """Applies ``change`` to the record in place, stamps ``updateTime`` and saves it."""
@@ -110,12 +156,26 @@ class RecordStore:
         pattern = f"{parent}/{self.collection}/*/{RECORD_FILE}" if parent else \
             f"projects/*/locations/*/{self.collection}/*/{RECORD_FILE}"
         with self._lock:
-            records = [json.loads(path.read_text()) for path in self.root.glob(pattern)]
-        return sorted(records, key=lambda record: (record["createTime"], record["name"]))
+            records = [self._read(path) for path in self.root.glob(pattern)]
+        return sorted((record for record in records if record),
+                      key=lambda record: (record["createTime"], record["name"]))
+
+    def _read(self, path: Path) -> dict | None:
+        """The record in ``path``; None when it cannot be read, after setting it aside."""
+        try:
+            return read_record(path, path.parent.relative_to(self.root).as_posix())
+        except ValueError as error:
+            problem = str(error)
+        aside = path.with_name(RECORD_FILE + UNREADABLE_SUFFIX +
+                               timestamp().replace(":", "").replace("-", ""))
+        try:
+            os.replace(path, aside)
+            outcome = f"set aside as {aside.name}"
+        except OSError as error:
+            outcome = f"left in place ({error})"
+        print(f"tunepipe serve: unreadable record {path} ({problem}): {outcome}",
+              file=sys.stderr, flush=True)
+        return None
 
     def _write(self, record: dict) -> None:
-        folder = self.folder(record["name"])
-        descriptor, staging = tempfile.mkstemp(prefix=".record-", suffix=".json", dir=folder)
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(record, file, indent=2)
-        os.replace(staging, folder / RECORD_FILE)
+        write_json(self.folder(record["name"]) / RECORD_FILE, record)

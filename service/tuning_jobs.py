@@ -17,7 +17,12 @@ checkpoint; ``adapterSize`` is the LoRA rank (1, 4, 8 or 16; default 8); ``epoch
 :data:`DEFAULT_EPOCHS`) becomes ceil(epochs x examples / batch size) steps;
 ``tuningMode`` ``TUNING_MODE_FULL`` tunes every weight instead of an adapter. Unknown fields,
 bad values, datasets or models that do not exist and local paths outside the allowed roots
-(:mod:`service.local_paths`) are refused with 400 before anything is stored. The server numbers
+(:mod:`service.local_paths`) are refused with 400 before anything is stored, and so are
+numbers and text beyond the limits ``components/common/parameters.py`` names: ``epochCount``
+1 to MAX_EPOCH_COUNT, ``learningRateMultiplier`` above 0 and at most
+MAX_LEARNING_RATE_MULTIPLIER, MAX_DISPLAY_NAME_LENGTH characters of display name,
+MAX_DESCRIPTION_LENGTH of ``description``, Vertex's labels (at most MAX_LABELS, keys and values
+of MAX_LABEL_LENGTH) and MAX_TEXT_LENGTH of any other string. The server numbers
 the job. The tuned model is registered under ``tunedModelDisplayName`` (characters the registry
 does not take become ``-``) and deployed to an endpoint of that name; ``tunedModel`` {model,
 endpoint} names them as the models and endpoints routes answer them.
@@ -31,6 +36,9 @@ from __future__ import annotations
 import json
 import re
 
+from components.common.parameters import (MAX_DESCRIPTION_LENGTH, MAX_DISPLAY_NAME_LENGTH,
+                                          MAX_EPOCH_COUNT, MAX_TEXT_LENGTH, integer_problem,
+                                          labels_problems, multiplier_problem, text_problems)
 from components.tune import settings as tune_settings
 from service import proto_json
 from service.http_api import ApiError, Call
@@ -46,6 +54,7 @@ DEFAULT_EPOCHS = 3
 FIELDS = {"baseModel", "supervisedTuningSpec", "tunedModelDisplayName", "description", "labels",
           "encryptionSpec", "serviceAccount"}
 ECHOED_FIELDS = ("description", "labels", "encryptionSpec", "serviceAccount")
+ENCRYPTION_SPEC_FIELDS = {"kmsKeyName"}
 SPEC_FIELDS = {"trainingDatasetUri", "validationDatasetUri", "hyperParameters", "tuningMode"}
 HYPER_PARAMETER_FIELDS = {"epochCount", "adapterSize", "learningRateMultiplier"}
 # google.cloud.aiplatform_v1beta1 SupervisedHyperParameters.AdapterSize and
@@ -66,14 +75,14 @@ REQUEST_FIELDS = {"large_model_reference": "baseModel",
                   **{parameter: f"supervisedTuningSpec.{field}"
                      for parameter, field in DATASET_FIELDS.items()}}
 PUBLISHER_PREFIX = "publishers/google/models/"
-MAX_DISPLAY_NAME = 128
 
 
 def registry_name(display_name: str) -> str:
     """The registry and endpoint name of a tuned model's display name (Vertex takes any 128
     characters; the registry takes letters, digits, spaces and ``. _ @ -``, starting with a
     letter or digit); '' when nothing is left."""
-    return re.sub(r"[^A-Za-z0-9._@ -]", "-", display_name).lstrip("._@ -")[:MAX_DISPLAY_NAME]
+    return re.sub(r"[^A-Za-z0-9._@ -]", "-", display_name).lstrip("._@ -")[
+        :MAX_DISPLAY_NAME_LENGTH]
 
 
 def hyper_parameters(value: object) -> dict:
@@ -86,10 +95,10 @@ def hyper_parameters(value: object) -> dict:
                            f"{where}.adapterSize")
     multiplier = proto_json.double(given.get("learningRateMultiplier", 1.0),
                                    f"{where}.learningRateMultiplier")
-    if epochs < 1:
-        raise ApiError(400, f"{where}.epochCount must be positive, not {epochs}")
-    if not multiplier > 0:
-        raise ApiError(400, f"{where}.learningRateMultiplier must be positive, not {multiplier}")
+    problem = integer_problem(f"{where}.epochCount", epochs, MAX_EPOCH_COUNT) or \
+        multiplier_problem(f"{where}.learningRateMultiplier", multiplier)
+    if problem:
+        raise ApiError(400, problem)
     try:
         rank = tune_settings.adapter_size(size)
     except ValueError as error:
@@ -100,7 +109,7 @@ def hyper_parameters(value: object) -> dict:
 def base_model(value: object) -> str:
     """The catalog reference or path ``baseModel`` names (``publishers/google/models/``
     dropped)."""
-    reference = proto_json.string(value, "baseModel").strip()
+    reference = proto_json.string(value, "baseModel", MAX_TEXT_LENGTH).strip()
     if not reference:
         raise ApiError(400, "baseModel is required: a Gemini model such as gemini-1.5-pro-002, "
                             "another catalog name, or a local checkpoint folder")
@@ -115,6 +124,19 @@ def input_problems(roots: AllowedRoots, values: dict[str, str]) -> list[str]:
     problems = location_problems(roots, values, None) or parameter_problems(values)
     return [re.sub(r"^\w+", lambda match: REQUEST_FIELDS.get(match[0], match[0]), problem)
             for problem in problems]
+
+
+def echoed_problems(body: dict) -> None:
+    """Checks the fields the job's record echoes: ``description``, ``labels``,
+    ``encryptionSpec`` {kmsKeyName} and ``serviceAccount``; ApiError 400 naming the first
+    problem."""
+    proto_json.string(body.get("description", ""), "description", MAX_DESCRIPTION_LENGTH)
+    proto_json.string(body.get("serviceAccount", ""), "serviceAccount", MAX_TEXT_LENGTH)
+    proto_json.message(body.get("encryptionSpec", {}), ENCRYPTION_SPEC_FIELDS, "encryptionSpec")
+    problems = labels_problems(body.get("labels", {})) + \
+        text_problems(body.get("encryptionSpec", {}), "encryptionSpec")
+    if problems:
+        raise ApiError(400, "\n".join(problems))
 
 
 class TuningJobs(JobCollection):
@@ -135,7 +157,8 @@ class TuningJobs(JobCollection):
                                   "supervisedTuningSpec")
         reference = base_model(body.get("baseModel", ""))
         values = {"large_model_reference": reference}
-        values.update({parameter: proto_json.string(spec[field], f"supervisedTuningSpec.{field}")
+        values.update({parameter: proto_json.string(spec[field], f"supervisedTuningSpec.{field}",
+                                                    MAX_TEXT_LENGTH)
                        for parameter, field in DATASET_FIELDS.items() if spec.get(field)})
         if "dataset_uri" not in values:
             raise ApiError(400, "supervisedTuningSpec.trainingDatasetUri is required: a JSONL "
@@ -144,10 +167,8 @@ class TuningJobs(JobCollection):
         mode = proto_json.enum(spec.get("tuningMode", "TUNING_MODE_UNSPECIFIED"), TUNING_MODES,
                                "supervisedTuningSpec.tuningMode")
         display_name = proto_json.string(body.get("tunedModelDisplayName", ""),
-                                         "tunedModelDisplayName")
-        if len(display_name) > MAX_DISPLAY_NAME:
-            raise ApiError(400, f"tunedModelDisplayName has {len(display_name)} characters; at "
-                                f"most {MAX_DISPLAY_NAME}")
+                                         "tunedModelDisplayName", MAX_DISPLAY_NAME_LENGTH)
+        echoed_problems(body)
         problems = input_problems(self.roots, values)
         if problems:
             raise ApiError(400, "\n".join(problems))

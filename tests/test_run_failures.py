@@ -69,6 +69,20 @@ def test_a_teacher_that_names_no_teacher_is_refused_before_the_runner_starts(
     assert not runs.exists()
 
 
+@pytest.mark.parametrize("param,problem", [
+    ("model_display_name=../../x", "model_display_name '../../x' is not valid: use 1 to 128 "
+                                   "letters, digits, spaces or . _ @ -, starting with a letter"),
+    ("train_steps=1000000", "train_steps must be an integer from 1 to 100000, not 1000000"),
+    ("train_steps=\uff13\uff10\uff10",
+     "parameter 'train_steps'='\uff13\uff10\uff10': expected an integer"),
+])
+def test_a_dry_run_refuses_names_and_numbers_beyond_their_limits(tmp_path, bad_dataset, param,
+                                                                 problem):
+    done = _tunepipe(*_run_args(bad_dataset, "--param", param, "--dry-run"), cwd=tmp_path)
+    assert done.returncode == 2 and not done.stdout and "Traceback" not in done.stderr
+    assert done.stderr.startswith("tunepipe run: invalid request") and problem in done.stderr
+
+
 def test_a_failing_task_ends_with_its_name_and_message(tmp_path, bad_dataset):
     done = _tunepipe(*_run_args(bad_dataset, "--pipeline-root", str(tmp_path / "runs")),
                      cwd=tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from service.home_lock import HomeLockError
 from service.records import RecordStore, service_dir
 from service.server import ServeConfig, Service
 
@@ -103,7 +105,8 @@ def test_paths_outside_the_allowed_roots_are_refused_before_any_check(service):
     assert not RecordStore("pipelineJobs").list()
 
 
-def test_body_limit_and_bearer_token():
+def test_body_limit_and_bearer_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEPIPE_HOME", str(tmp_path))  # a home of its own: one server a home
     config = ServeConfig(port=0, token="s3cret-token", max_body_bytes=64)
     with Service(config) as guarded:
         jobs = f"{guarded.url}{PARENT}/pipelineJobs"
@@ -298,6 +301,22 @@ def test_the_sdk_submits_a_pipeline_job_and_waits_for_it(service, sample_dir, ti
         stop_endpoint("tiny-sdk", missing_ok=True)
     listed = aiplatform.PipelineJob.list()
     assert "tiny-sdk-job" in [j.name for j in listed]
+    record = service_dir() / job.resource_name / "record.json"
+    home = tmp_path / "restarted-home"  # this home is the running server's
+    (home / "service" / job.resource_name).mkdir(parents=True)
+    shutil.copy(record, home / "service" / job.resource_name / "record.json")
+    monkeypatch.setenv("TUNEPIPE_HOME", str(home))
     with Service(ServeConfig(port=0)) as restarted:
         status, reply = call(restarted.url, "GET", f"/v1/{job.resource_name}")
     assert status == 200 and reply["state"] == "PIPELINE_STATE_SUCCEEDED"
+
+
+def test_a_second_server_on_one_home_refuses_to_start(service, tmp_path):
+    with pytest.raises(HomeLockError) as refused:
+        Service(ServeConfig(port=0))
+    assert str(refused.value).startswith("another tunepipe serve is running on this home")
+    assert f": {service.url}, PID {os.getpid()}; stop it first" in str(refused.value)
+    second = subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", "--port", "0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1 and second.stdout == ""
+    assert second.stderr.splitlines() == [f"tunepipe serve: {refused.value}"]

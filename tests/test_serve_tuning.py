@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -73,10 +74,11 @@ def _hyper(body: dict) -> dict:
     (lambda b: _hyper(b).update(adapterSize="ADAPTER_SIZE_THIRTY_TWO"),
      "supervisedTuningSpec.hyperParameters.adapterSize: adapter size must be one of (1, 4, 8, 16)"),
     (lambda b: _hyper(b).update(epochCount="three"),
-     "supervisedTuningSpec.hyperParameters.epochCount must be an integer, not 'three'"),
-    (lambda b: _hyper(b).update(epochCount=0), "epochCount must be positive, not 0"),
+     "supervisedTuningSpec.hyperParameters.epochCount must be an integer (int64), not 'three'"),
+    (lambda b: _hyper(b).update(epochCount=0),
+     "epochCount must be an integer from 1 to 100, not 0"),
     (lambda b: _hyper(b).update(learningRateMultiplier=-1),
-     "learningRateMultiplier must be positive"),
+     "learningRateMultiplier must be a number above 0 and at most 100, not -1.0"),
     (lambda b: b["supervisedTuningSpec"].update(tuningMode=7),
      "supervisedTuningSpec.tuningMode: 7"),
     (lambda b: b["supervisedTuningSpec"].pop("trainingDatasetUri"),
@@ -145,7 +147,8 @@ def test_the_seed_body_is_created_and_cancelled(service, gemini_data, gcs_emulat
     assert "tunedModel" not in job
 
 
-def test_the_sdk_tunes_a_model_and_prompts_its_endpoint(service, gemini_data, tiny_model_dir):
+def test_the_sdk_tunes_a_model_and_prompts_its_endpoint(service, gemini_data, tiny_model_dir,
+                                                        tmp_path, monkeypatch):
     """sft.train() with every hyperparameter, polled with refresh() until it ends; the tuned
     model and endpoint it names answer through the models, endpoints and generateContent
     routes; the job is listed, and a restarted server still answers it."""
@@ -197,11 +200,49 @@ def test_the_sdk_tunes_a_model_and_prompts_its_endpoint(service, gemini_data, ti
         assert job.resource_name in [other.resource_name for other in listed]
     finally:
         stop_endpoint(registered, missing_ok=True)
+    # One server per home: the restarted one reads a copy of the record in a home of its own.
+    shutil.copytree(service_dir() / job.resource_name, tmp_path / "service" / job.resource_name)
+    monkeypatch.setenv("TUNEPIPE_HOME", str(tmp_path))
     with Service(ServeConfig(port=0)) as restarted:
         status, reply = call(restarted.url, "GET", f"/v1beta1/{job.resource_name}")
     assert status == 200 and reply["state"] == "JOB_STATE_SUCCEEDED"
     assert reply["tunedModel"] == {"model": job.tuned_model_name,
                                    "endpoint": job.tuned_model_endpoint_name}
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_job_cancelled_while_it_deploys_leaves_no_endpoint(service, gemini_data,
+                                                             tiny_model_dir):
+    """The endpoint is recorded as soon as its process exists, while it starts; cancelling the
+    job then stops it and removes its record: no endpoint process is left unlisted."""
+    from components.common.paths import endpoints_dir
+    from components.deploy_endpoint.endpoints import list_endpoints
+
+    body = {**_body(gemini_data[0], str(tiny_model_dir)), "tunedModelDisplayName": "cancelled"}
+    status, job = call(service.url, "POST", JOBS, body)
+    assert status == 200, job
+    record = endpoints_dir() / "cancelled.json"
+    deadline = time.monotonic() + 240
+    while not record.exists() and time.monotonic() < deadline:
+        job = call(service.url, "GET", f"/v1/{job['name']}")[1]
+        assert job["state"] in ("JOB_STATE_PENDING", "JOB_STATE_RUNNING"), job
+        time.sleep(0.05)
+    starting = json.loads(record.read_text())
+    assert starting["url"] == "" and _running(starting["pid"]), starting  # not ready yet
+    assert "cancelled" in [endpoint.name for endpoint in list_endpoints()]
+    assert call(service.url, "POST", f"/v1/{job['name']}:cancel") == (200, {})
+    job = wait_for_state(service.url, job["name"], {"JOB_STATE_CANCELLED", "JOB_STATE_FAILED",
+                                                    "JOB_STATE_SUCCEEDED"})
+    assert job["state"] == "JOB_STATE_CANCELLED", job
+    assert not _running(starting["pid"]) and not record.exists()
+    assert "cancelled" not in [endpoint.name for endpoint in list_endpoints()]
 
 
 def test_a_restarted_server_lists_old_jobs_and_fails_the_running_one(tmp_path, monkeypatch):

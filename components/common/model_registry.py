@@ -22,7 +22,9 @@ from components.common.paths import registry_dir
 # model_loading (which imports torch) is imported where a model folder is read, not here:
 # listing and looking up models stays instant (``tunepipe models list``).
 
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@ -]{0,127}$")
+MAX_NAME_LENGTH = 128  # as Vertex's display names
+# Matched whole (fullmatch: "$" would take a trailing newline); no "/": a name is one folder.
+_NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._@ -]{{0,{MAX_NAME_LENGTH - 1}}}")
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,14 @@ class RegisteredModel:
 
 
 def check_display_name(display_name: str) -> None:
-    """Raises ValueError unless the name is usable as a registry and endpoint name."""
-    if not _NAME_PATTERN.match(display_name):
+    """Raises ValueError unless the name is usable as a registry and endpoint name (a folder
+    and a file name): the one rule for create requests, ``tunepipe run`` and upload_model."""
+    if not (isinstance(display_name, str) and _NAME_PATTERN.fullmatch(display_name)):
+        shown = repr(display_name[:60]) + ("..." if len(display_name) > 60 else "") \
+            if isinstance(display_name, str) else type(display_name).__name__
         raise ValueError(
-            f"model_display_name {display_name!r} is not valid: use 1 to 128 letters, digits, "
-            "spaces or . _ @ -, starting with a letter or digit")
+            f"model_display_name {shown} is not valid: use 1 to {MAX_NAME_LENGTH} letters, "
+            "digits, spaces or . _ @ -, starting with a letter or digit")
 
 
 def register_model(model_dir: str | Path, display_name: str, extra_metadata: dict) -> RegisteredModel:

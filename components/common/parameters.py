@@ -9,7 +9,9 @@ callers without a compiled template.
 
 Values arrive as typed JSON values (request bodies) or strings (command line); both are accepted:
 ``300`` and ``"300"`` are the same train_steps, ``true``, ``"true"`` and ``"True"`` the same
-boolean.
+boolean. Numbers are ASCII (``int()`` would take "３００") and finite, in the documented ranges
+below; ``model_display_name`` must be a name the model registry takes
+(:func:`components.common.model_registry.check_display_name`), since it becomes a folder.
 
 Evaluation settings without evaluation data: the templates' defaults (evaluation_interval 20,
 enable_early_stopping true, enable_checkpoint_selection 'default') are harmless without evaluation
@@ -27,6 +29,8 @@ import math
 import re
 from typing import Any, Iterable
 
+from components.common.model_registry import MAX_NAME_LENGTH, check_display_name
+
 REGIONS = (
     "us-central1", "europe-west4", "asia-southeast1", "us-west1", "europe-west3", "europe-west2",
     "asia-northeast1", "us-east4", "us-west4", "northamerica-northeast1", "europe-west9",
@@ -38,6 +42,20 @@ CHECKPOINT_SELECTION_VALUES = ("true", "false", "default")
 MAX_CONTEXT_LENGTHS = ("", "8k", "32k")
 
 CHAT_PIPELINE = "tune-large-chat-model"
+
+# Numeric ranges. Vertex documents no maximum for these; each bound is far beyond what a tuning
+# run needs and keeps one finite (a job runs its steps one after another).
+MAX_TRAIN_STEPS = 100_000  # train_steps, 1 to this
+MAX_EVALUATION_INTERVAL = MAX_TRAIN_STEPS  # evaluation_interval, 1 to this
+MAX_EPOCH_COUNT = 100  # a tuningJob's epochCount, 1 to this
+MAX_LEARNING_RATE_MULTIPLIER = 100.0  # learning_rate_multiplier: above 0, at most this
+# Sizes of a request's text: a record keeps it and every list answers it.
+MAX_DISPLAY_NAME_LENGTH = MAX_NAME_LENGTH  # Vertex's limit for display names, the registry's
+MAX_DESCRIPTION_LENGTH = 16_384
+MAX_LABELS, MAX_LABEL_LENGTH = 64, 63  # Vertex's labels: 64 at most, keys and values <= 63
+MAX_TEXT_LENGTH = 65_536  # any other string: URIs, accounts, parameter values (default_context)
+_INTEGER = re.compile(r"[ \t]*[+-]?([0-9]{1,18})(\.0*)?[ \t]*")
+_DECIMAL = re.compile(r"[ \t]*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?[ \t]*")
 
 _COMMON = {"project", "location", "model_display_name", "dataset_uri", "accelerator_type",
            "train_steps", "learning_rate_multiplier", "tensorboard_resource_id",
@@ -58,8 +76,9 @@ def _given(values: dict, name: str) -> bool:
     return value is not None and not (isinstance(value, str) and value.strip() == "")
 
 
-def _show(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _as_bool(value: Any) -> bool | None:
@@ -77,22 +96,74 @@ def _as_int(value: Any) -> int | None:
         return value
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+(\.0*)?\s*", value):
-        return int(float(value))
+    if isinstance(value, str) and _INTEGER.fullmatch(value):
+        return int(value.strip().split(".")[0])
     return None
 
 
 def _as_float(value: Any) -> float | None:
-    if isinstance(value, bool):
+    """A finite number, from a number or an ASCII decimal string; None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return number if math.isfinite(number) else None
+
+
+def integer_problem(name: str, value: Any, maximum: int) -> str | None:
+    """Why ``value`` is not an integer from 1 to ``maximum`` (None when it is)."""
+    number = _as_int(value)
+    if number is None or not 1 <= number <= maximum:
+        return f"{name} must be an integer from 1 to {maximum}, not {_show(value)}"
     return None
+
+
+def multiplier_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` is not a learning rate multiplier: a number above 0, at most
+    :data:`MAX_LEARNING_RATE_MULTIPLIER` (None when it is)."""
+    number = _as_float(value)
+    if number is None or not 0 < number <= MAX_LEARNING_RATE_MULTIPLIER:
+        return (f"{name} must be a number above 0 and at most {MAX_LEARNING_RATE_MULTIPLIER:g}, "
+                f"not {_show(value)}")
+    return None
+
+
+def text_problems(value: Any, where: str, limit: int = MAX_TEXT_LENGTH) -> list[str]:
+    """Errors for the strings in ``value`` (nested objects and lists, keys included) longer
+    than ``limit`` characters, each named by its path."""
+    if isinstance(value, str):
+        return [f"{where} has {len(value)} characters; at most {limit} are accepted"] \
+            if len(value) > limit else []
+    if isinstance(value, dict):
+        return [problem for key, item in value.items()
+                for problem in text_problems(key, f"a key of {where}", limit)
+                + text_problems(item, f"{where}.{key[:40]}", limit)]
+    if isinstance(value, list):
+        return [problem for index, item in enumerate(value)
+                for problem in text_problems(item, f"{where}[{index}]", limit)]
+    return []
+
+
+def labels_problems(labels: Any, where: str = "labels") -> list[str]:
+    """Errors for ``labels`` as Vertex takes them: an object of at most :data:`MAX_LABELS`
+    string keys and values of 1 to :data:`MAX_LABEL_LENGTH` characters (values may be empty)."""
+    if not isinstance(labels, dict):
+        return [f"{where} must be an object of string keys and values"]
+    if len(labels) > MAX_LABELS:
+        return [f"{where} has {len(labels)} labels; at most {MAX_LABELS} are accepted"]
+    problems = []
+    for key, value in labels.items():
+        if not 1 <= len(key) <= MAX_LABEL_LENGTH:
+            problems.append(f"{where} key {_show(key)} must have 1 to {MAX_LABEL_LENGTH} "
+                            "characters")
+        if not isinstance(value, str) or len(value) > MAX_LABEL_LENGTH:
+            problems.append(f"{where}.{key[:40]} must be a string of at most "
+                            f"{MAX_LABEL_LENGTH} characters, not {_show(value)}")
+    return problems
 
 
 def _text(value: Any) -> str:
@@ -125,21 +196,20 @@ def check_parameters(pipeline_name: str, values: dict) -> list[str]:
             errors.append(f"encryption_spec_key_name (CMEK) is only supported in {CMEK_REGION}, "
                           f"not in location {_show(values['location'])}")
 
-    if "train_steps" in values:
-        steps = _as_int(values["train_steps"])
-        if steps is None or steps <= 0:
-            errors.append(f"train_steps must be a positive integer, not "
-                          f"{_show(values['train_steps'])}")
+    if _given(values, "model_display_name"):
+        try:
+            check_display_name(str(values["model_display_name"]))
+        except ValueError as error:
+            errors.append(str(error))
+    problems = [integer_problem(name, values[name], maximum) for name, maximum in
+                (("train_steps", MAX_TRAIN_STEPS), ("evaluation_interval", MAX_EVALUATION_INTERVAL))
+                if name in values]
     if "learning_rate_multiplier" in values:
-        multiplier = _as_float(values["learning_rate_multiplier"])
-        if multiplier is None or not math.isfinite(multiplier) or multiplier <= 0:
-            errors.append(f"learning_rate_multiplier must be a positive number, not "
-                          f"{_show(values['learning_rate_multiplier'])}")
-    if "evaluation_interval" in values:
-        interval = _as_int(values["evaluation_interval"])
-        if interval is None or interval <= 0:
-            errors.append(f"evaluation_interval must be a positive integer, not "
-                          f"{_show(values['evaluation_interval'])}")
+        problems.append(multiplier_problem("learning_rate_multiplier",
+                                           values["learning_rate_multiplier"]))
+    errors += [problem for problem in problems if problem]
+    errors += [problem for name, value in values.items()
+               for problem in text_problems(value, name)]
     if "enable_early_stopping" in values and _as_bool(values["enable_early_stopping"]) is None:
         errors.append(f"enable_early_stopping must be true or false, not "
                       f"{_show(values['enable_early_stopping'])}")
