@@ -395,6 +395,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     given = {"host": args.host, "port": args.port, "token": args.token,
              "max_body_bytes": args.max_body_bytes}
     return run(ServeConfig(allow_roots=args.allow_root, allow_origins=args.allow_origin,
+                           allow_teacher_urls=args.allow_teacher_url,
                            **{name: value for name, value in given.items() if value is not None}))
 
 
@@ -499,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-root", action="append", default=[], metavar="FOLDER",
                        help="a folder whose files requests may name (repeatable; the tunepipe "
                             "home and the current directory always are)")
+    serve.add_argument("--allow-teacher-url", action="append", default=[], metavar="URL",
+                       help="a URL prefix the teachers of distillation jobs may call, with the "
+                            "API key or Vertex token (repeatable; e.g. http://127.0.0.1:8000/v1, "
+                            "https://us-central1-aiplatform.googleapis.com; default none)")
     serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                        help="a web page origin (e.g. http://127.0.0.1:3000) whose requests are "
                             "answered, with CORS headers (repeatable; by default requests from "

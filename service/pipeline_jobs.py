@@ -5,8 +5,15 @@ A create request is what the seeds send (``templateUri``, ``runtimeConfig.parame
 template inline as ``pipelineSpec``); the ``pipelineJobId`` query parameter names the job (else
 the server numbers it). It is checked as ``tunepipe run`` checks a request (unknown fields and
 parameters named, datasets that exist, a base model that resolves) plus the allowed roots rule
-(:mod:`service.local_paths`), and refused with 400 before anything is stored. Accepted, it is
-queued (PIPELINE_STATE_PENDING) and runs through the KFP local runner (:mod:`service.jobs`).
+(:mod:`service.local_paths`) and the teacher rule, and refused with 400 before anything is
+stored. Accepted, it is queued (PIPELINE_STATE_PENDING) and runs through the KFP local runner
+(:mod:`service.jobs`).
+
+The teacher rule: a distillation job's ``teacher_model_reference`` calls out only under a URL
+the operator allowed with ``tunepipe serve --allow-teacher-url URL`` (an OpenAI-compatible URL,
+or the Vertex endpoint of a Vertex resource; none by default, see
+:mod:`components.generate_rationales.outbound`), and a local teacher's path obeys the allowed
+roots (catalog names and ``tuned:NAME`` registry models are always fine).
 
 Only tunepipe's own compiled templates run, because a template holds the code its tasks run:
 ``templateUri`` names one (``tune-large-model``, a registry URI ending in one, or a file in
@@ -21,11 +28,12 @@ import json
 import re
 from pathlib import Path
 
+from components.generate_rationales.outbound import TeacherAllowList
 from service.http_api import ApiError, Call
 from service.job_collections import JobCollection
-from service.jobs import LOG_FILE, REQUEST_FILE
+from service.jobs import LOG_FILE, REQUEST_FILE, JobRunner
 from service.local_paths import AllowedRoots
-from service.records import new_job_id, timestamp
+from service.records import RecordStore, new_job_id, timestamp
 
 COLLECTION = "pipelineJobs"
 STATE_PREFIX = "PIPELINE_STATE_"
@@ -106,12 +114,43 @@ def location_problems(roots: AllowedRoots, values: dict,
     return [problem for problem in problems if problem]
 
 
+def teacher_problems(roots: AllowedRoots, teacher_urls: TeacherAllowList,
+                     values: dict) -> list[str]:
+    """The teacher rule over a request's ``teacher_model_reference`` (its syntax too)."""
+    from components.common.model_catalog import known_references
+    from components.generate_rationales.local_teacher import TUNED_PREFIX
+    from components.generate_rationales.teacher_reference import (LOCAL, outbound_url,
+                                                                  parse_teacher_reference)
+
+    reference = values.get("teacher_model_reference")
+    if not isinstance(reference, str) or not reference.strip():
+        return []
+    try:
+        parsed = parse_teacher_reference(reference, str(values.get("project") or ""),
+                                         str(values.get("location") or ""))
+        if parsed.kind != LOCAL:
+            problem = teacher_urls.problem(reference, outbound_url(parsed))
+        elif parsed.target.startswith(TUNED_PREFIX) or parsed.target in known_references():
+            problem = None
+        else:
+            problem = roots.problem("teacher_model_reference", parsed.target)
+    except ValueError as error:  # TeacherReferenceError, or a bad $TUNEPIPE_VERTEX_API_ENDPOINT
+        problem = f"teacher_model_reference: {error}"
+    return [problem] if problem else []
+
+
 class PipelineJobs(JobCollection):
-    """The pipelineJobs collection: its jobs run through the KFP local runner (service.jobs)."""
+    """The pipelineJobs collection: its jobs run through the KFP local runner (service.jobs).
+    ``teacher_urls``: where teachers may call out (``--allow-teacher-url``; none by default)."""
 
     collection = COLLECTION
     state_prefix = STATE_PREFIX
     create_query = ("pipelineJobId",)
+
+    def __init__(self, store: RecordStore, runner: JobRunner, roots: AllowedRoots, *,
+                 teacher_urls: TeacherAllowList = TeacherAllowList()):
+        super().__init__(store, runner, roots)
+        self.teacher_urls = teacher_urls
 
     def create(self, call: Call) -> dict:
         """Checks the request, stores the job PENDING and queues it; the job."""
@@ -127,7 +166,8 @@ class PipelineJobs(JobCollection):
             raise ApiError(400, str(error)) from None
         if note:
             request.notes = (*request.notes, note)
-        problems = location_problems(self.roots, request.parameters, request.output_directory)
+        problems = (location_problems(self.roots, request.parameters, request.output_directory)
+                    + teacher_problems(self.roots, self.teacher_urls, request.parameters))
         if problems:
             raise ApiError(400, "\n".join(problems))
         request.output_directory = request.pipeline_root  # the job's own request: a local folder

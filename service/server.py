@@ -5,7 +5,8 @@ Safe by default: it binds 127.0.0.1; binding any other address needs a bearer to
 Bound to loopback, it answers only requests whose ``Host`` is its loopback address; requests from
 web pages are refused unless their origin is one the operator allows (``--allow-origin``).
 Request bodies over ``max_body_bytes`` are refused unread; connections, slow clients and load
-are bounded as :mod:`components.common.http_server` says.
+are bounded as :mod:`components.common.http_server` says. One server runs per tunepipe home
+(:mod:`service.home_lock`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import sys
 from dataclasses import dataclass, field
 
 from components.common.http_server import HttpServer, Limits, RequestGuard
+from components.generate_rationales.outbound import TeacherAllowList
 from service.endpoints import Endpoints
+from service.home_lock import HomeLock, HomeLockError
 from service.http_api import Route, error_body, make_app
 from service.jobs import JobRunner
 from service.local_paths import AllowedRoots
@@ -40,6 +43,7 @@ class ServeConfig:
     token: str | None = None
     allow_roots: list[str] = field(default_factory=list)
     allow_origins: list[str] = field(default_factory=list)
+    allow_teacher_urls: list[str] = field(default_factory=list)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
@@ -63,17 +67,25 @@ class Service:
             raise ValueError(f"binding {config.host} opens the API to other machines: give "
                              f"--token TOKEN (or set {TOKEN_ENV}); clients then send "
                              "'Authorization: Bearer TOKEN'")
-        self.runner = JobRunner()
-        self.roots = AllowedRoots.default(config.allow_roots)
-        jobs = [PipelineJobs(RecordStore(PIPELINE_JOBS), self.runner, self.roots),
-                TuningJobs(RecordStore(TUNING_JOBS), self.runner, self.roots)]
-        routes: list[Route] = [r for collection in jobs for r in collection.routes()]
-        routes += Models().routes() + Endpoints().routes()
-        limits = Limits(max_body_bytes=config.max_body_bytes,
-                        max_body_setting="tunepipe serve --max-body-bytes")
-        guard = RequestGuard.of(is_loopback(config.host), config.allow_origins)
-        self.http = HttpServer(make_app(routes, token, limits, guard), config.host, config.port,
-                               limits, error_body)
+        self.teacher_urls = TeacherAllowList.parse(config.allow_teacher_urls)
+        self.lock = HomeLock.acquire()
+        try:
+            self.runner = JobRunner()
+            self.roots = AllowedRoots.default(config.allow_roots)
+            jobs = [PipelineJobs(RecordStore(PIPELINE_JOBS), self.runner, self.roots,
+                                 teacher_urls=self.teacher_urls),
+                    TuningJobs(RecordStore(TUNING_JOBS), self.runner, self.roots)]
+            routes: list[Route] = [r for collection in jobs for r in collection.routes()]
+            routes += Models().routes() + Endpoints().routes()
+            limits = Limits(max_body_bytes=config.max_body_bytes,
+                            max_body_setting="tunepipe serve --max-body-bytes")
+            guard = RequestGuard.of(is_loopback(config.host), config.allow_origins)
+            self.http = HttpServer(make_app(routes, token, limits, guard), config.host,
+                                   config.port, limits, error_body)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.lock.record(self.url)
         self.runner.start([collection.kind for collection in jobs])
 
     @property
@@ -89,6 +101,7 @@ class Service:
         """Stops serving and stops the runner (a running job ends FAILED)."""
         self.http.stop()
         self.runner.stop()
+        self.lock.release()
 
     def __enter__(self) -> Service:
         self.http.start()
@@ -109,15 +122,20 @@ def run(config: ServeConfig) -> int:
     except ValueError as error:
         print(f"tunepipe serve: {error}", file=sys.stderr)
         return 2
+    except HomeLockError as error:
+        print(f"tunepipe serve: {error}", file=sys.stderr)
+        return 1
     except OSError as error:
         print(f"tunepipe serve: cannot listen on {config.host}:{config.port}: {error}",
               file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _interrupt)
+    teacher_urls = ", ".join(map(str, service.teacher_urls.prefixes))
     print(f"tunepipe serve: listening on {service.url}\n"
           f"  Vertex AI REST API: {service.url}/v1/projects/PROJECT/locations/LOCATION/...\n"
           f"  records: {service_dir()}\n"
           f"  local paths allowed under: {', '.join(map(str, service.roots.roots))}\n"
+          f"  distillation teachers may call: {teacher_urls or 'no URL (--allow-teacher-url)'}\n"
           "  Ctrl-C stops it", flush=True)
     try:
         service.serve_forever()

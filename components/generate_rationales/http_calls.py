@@ -6,22 +6,33 @@ is ``initial_backoff_seconds * 2**(n-1)``, at most ``max_backoff_seconds``, time
 in [0.5, 1] (so that concurrent callers spread out); a ``Retry-After`` header (seconds or an HTTP
 date) replaces it, also at most ``max_backoff_seconds``. Other 4xx replies (a bad request, a
 wrong model name, a missing key) fail at once. A call that fails for good raises
-:class:`TeacherCallError` naming what was asked, the URL, the attempts and the last status with
-the start of the body. Request headers (the API key) never appear in messages.
+:class:`TeacherCallError` naming what was asked, the URL, the attempts and the last status.
+
+A reply body is the remote server's, and the message may reach a client of ``tunepipe serve``
+(a job's ``error``), so a message holds at most :func:`reason`: the JSON ``error.message``,
+without control characters, cut to ``REASON_CHARS``. The start of a failed reply's body goes to
+this process's log (a warning) instead. Redirects are refused, not followed: urllib would copy
+the request's headers (the API key, the OAuth token) to wherever the reply points. Request
+headers never appear in messages or logs.
 """
 from __future__ import annotations
 
 import email.utils
 import http.client
 import json
+import logging
 import random
+import re
 import socket
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-SNIPPET_CHARS = 200
+REASON_CHARS = 120
+LOGGED_CHARS = 500
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]+")
+log = logging.getLogger(__name__)
 
 
 class TeacherCallError(RuntimeError):
@@ -50,11 +61,31 @@ class RetryPolicy:
         return delay * random.uniform(0.5, 1.0)
 
 
-def snippet(body: bytes | str) -> str:
-    """The start of a reply body, on one line, for an error message."""
-    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
-    text = " ".join(text.split())
-    return repr(text[:SNIPPET_CHARS] + ("…" if len(text) > SNIPPET_CHARS else ""))
+def printable(text: str, limit: int = REASON_CHARS) -> str:
+    """``text`` on one line without control (or bidi) characters, at most ``limit`` long."""
+    text = " ".join(_UNPRINTABLE.sub(" ", text).split())
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+def reason(reply: bytes | str | dict) -> str:
+    """What a message may say of a reply: ``: 'its JSON error.message'`` (printable, at most
+    ``REASON_CHARS``), or "" when it has none."""
+    if not isinstance(reply, dict):
+        try:
+            reply = json.loads(reply)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return ""
+    error = reply.get("error") if isinstance(reply, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error
+    text = printable(message) if isinstance(message, str) else ""
+    return f": {text!r}" if text else ""
+
+
+def log_reply(what: str, url: str, body: bytes | str) -> None:
+    """The start of a failed call's reply body, for this machine's log only."""
+    if body:
+        text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+        log.warning("%s: %s replied: %s", what, url, printable(text, LOGGED_CHARS))
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -76,6 +107,16 @@ def _retryable(status: int) -> bool:
     return status in (408, 429) or status >= 500
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Leaves a redirect as the HTTP error it is, so that no header goes to another URL."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def request_json(url: str, payload: dict | None, headers: dict[str, str], policy: RetryPolicy,
                  what: str) -> tuple[dict, int]:
     """``(reply, attempts)``: POSTs ``payload`` as JSON (GET when None) and reads a JSON object.
@@ -89,24 +130,33 @@ def request_json(url: str, payload: dict | None, headers: dict[str, str], policy
     attempt = 0
     while True:
         attempt += 1
-        retry_after = None
+        retry_after, body = None, b""
         request = urllib.request.Request(url, data=data, headers=request_headers,
                                          method="GET" if data is None else "POST")
         try:
-            with urllib.request.urlopen(request, timeout=policy.timeout_seconds) as response:
+            with _OPENER.open(request, timeout=policy.timeout_seconds) as response:
                 body = response.read()
             try:
                 reply = json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError):
-                problem = f"HTTP {response.status} with a body that is not JSON: {snippet(body)}"
+                problem = f"HTTP {response.status} with a body that is not JSON"
             else:
-                if not isinstance(reply, dict):
-                    raise TeacherCallError(f"{what}: {url} answered a JSON {type(reply).__name__}"
-                                           f", not an object: {snippet(body)}")
-                return reply, attempt
+                if isinstance(reply, dict):
+                    return reply, attempt
+                log_reply(what, url, body)
+                raise TeacherCallError(f"{what}: {url} answered a JSON {type(reply).__name__}, "
+                                       "not an object")
         except urllib.error.HTTPError as error:
-            problem = f"HTTP {error.code}: {snippet(error.read())}"
+            if 300 <= error.code < 400:
+                log.warning("%s: %s redirects to %s", what, url,
+                            printable(error.headers.get("Location") or "", LOGGED_CHARS))
+                raise TeacherCallError(f"{what}: {url} answered HTTP {error.code}, a redirect; "
+                                       "teacher calls follow none (they carry credentials): give "
+                                       "the final URL in the teacher reference") from None
+            body = error.read()
+            problem = f"HTTP {error.code}{reason(body)}"
             if not _retryable(error.code):
+                log_reply(what, url, body)
                 raise TeacherCallError(f"{what}: {url} answered {problem} (not retried)") from None
             retry_after = retry_after_seconds(error.headers.get("Retry-After"))
         except (TimeoutError, socket.timeout):
@@ -115,9 +165,12 @@ def request_json(url: str, payload: dict | None, headers: dict[str, str], policy
             problem = (f"no answer within {policy.timeout_seconds:g} s"
                        if isinstance(error.reason, (TimeoutError, socket.timeout))
                        else f"connection failed: {error.reason}")
-        except (ConnectionError, http.client.HTTPException) as error:
+        except ConnectionError as error:
             problem = f"connection failed: {type(error).__name__}: {error}"
+        except http.client.HTTPException as error:  # its text may hold the reply's bytes
+            problem = f"connection failed: {type(error).__name__}"
         if attempt > policy.max_retries:
+            log_reply(what, url, body)
             raise TeacherCallError(f"{what}: {url} failed {attempt} times, giving up; last: "
                                    f"{problem}")
         time.sleep(policy.backoff(attempt, retry_after))

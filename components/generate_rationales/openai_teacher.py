@@ -7,7 +7,8 @@ counts are ``usage.prompt_tokens`` / ``usage.completion_tokens`` when the server
 Without a model name the server's model list (``GET <base>/models``) must hold exactly one.
 
 The API key, when needed, comes from the environment: ``TUNEPIPE_TEACHER_API_KEY``, else
-``OPENAI_API_KEY``; it is sent as ``Authorization: Bearer ...`` and never logged or written.
+``OPENAI_API_KEY``; it is sent as ``Authorization: Bearer ...`` to the reference's URL only (no
+redirect is followed, see :mod:`.http_calls`) and never logged or written.
 """
 from __future__ import annotations
 
@@ -16,12 +17,18 @@ import os
 
 from components.generate_rationales.call_log import Completion
 from components.generate_rationales.http_calls import (RetryPolicy, TeacherCallError,
-                                                       request_json, snippet)
+                                                       log_reply, printable, reason,
+                                                       request_json)
 from components.generate_rationales.prompting import TeacherRequest
 from components.generate_rationales.teachers import HttpTeacher, TeacherSettings
 
 API_KEY_VARIABLES = ("TUNEPIPE_TEACHER_API_KEY", "OPENAI_API_KEY")
 CHAT_COMPLETIONS = "/chat/completions"
+
+
+def openai_base_url(url: str) -> str:
+    """The API root of an OpenAI-compatible URL (the root, or its chat completions URL)."""
+    return url.rstrip("/").removesuffix(CHAT_COMPLETIONS)
 
 
 def api_key_headers() -> dict[str, str]:
@@ -42,8 +49,7 @@ class OpenAITeacher(HttpTeacher):
     def __init__(self, base_url: str, model: str | None, concurrency: int = 8,
                  policy: RetryPolicy = RetryPolicy()):
         super().__init__(concurrency, policy)
-        base_url = base_url.rstrip("/")
-        self.base_url = base_url.removesuffix(CHAT_COMPLETIONS)
+        self.base_url = openai_base_url(base_url)
         self.url = self.base_url + CHAT_COMPLETIONS
         self.headers = api_key_headers()
         self.model = model or self._only_model()
@@ -55,8 +61,8 @@ class OpenAITeacher(HttpTeacher):
         reply, _ = request_json(url, None, self.headers, self.policy, "listing the models")
         names = [m.get("id") for m in reply.get("data") or [] if isinstance(m, dict)]
         if len(names) != 1 or not isinstance(names[0], str):
-            raise TeacherCallError(f"{url} lists {len(names)} models {names}; name the one to "
-                                   f"use: openai:{self.base_url}#MODEL")
+            raise TeacherCallError(f"{url} lists {len(names)} models ({printable(repr(names))}); "
+                                   f"name the one to use: openai:{self.base_url}#MODEL")
         return names[0]
 
     def call(self, request: TeacherRequest, settings: TeacherSettings) -> Completion:
@@ -70,8 +76,9 @@ class OpenAITeacher(HttpTeacher):
             if not isinstance(content, str):
                 raise TypeError(type(content).__name__)
         except (KeyError, IndexError, TypeError, AttributeError):
+            log_reply(what, self.url, json.dumps(reply))
             raise TeacherCallError(f"{what}: {self.url} answered without choices[0].message."
-                                   f"content: {snippet(json.dumps(reply))}") from None
+                                   f"content{reason(reply)}") from None
         usage = reply.get("usage") or {}
         return Completion(content, usage.get("prompt_tokens"), usage.get("completion_tokens"),
                           attempts=attempts)

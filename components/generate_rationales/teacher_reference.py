@@ -21,7 +21,8 @@ reference                                                    teacher
 ``vertex:<either Vertex form>``                              Vertex, explicitly
 ===========================================================  ===================================
 
-The base URL is the API root (``.../v1``) or the full ``.../chat/completions`` URL. API keys
+The base URL is the API root (``.../v1``) or the full ``.../chat/completions`` URL, a plain URL
+as :mod:`.outbound` defines it; Vertex project and location IDs are checked there too. API keys
 come from the environment (see :mod:`.openai_teacher`), Vertex credentials from Application
 Default Credentials (see :mod:`.vertex_teacher`); neither is ever part of the reference.
 """
@@ -31,13 +32,17 @@ import re
 from dataclasses import dataclass
 
 from components.generate_rationales.http_calls import RetryPolicy
+from components.generate_rationales.openai_teacher import OpenAITeacher, openai_base_url
+from components.generate_rationales.outbound import TeacherUrl, check_location, check_project
 from components.generate_rationales.teachers import Teacher
+from components.generate_rationales.vertex_teacher import VertexTeacher, vertex_resource_url
 
 LOCAL, OPENAI, VERTEX = "local", "openai", "vertex"
 DEFAULT_VERTEX_LOCATION = "us-central1"
-_VERTEX_RESOURCE = re.compile(
-    r"^projects/[^/]+/locations/[^/]+/(endpoints/[^/]+|publishers/[^/]+/models/[^/]+)$")
-_PUBLISHER_MODEL = re.compile(r"^publishers/[^/]+/models/[^/]+$")
+_ID = r"[A-Za-z0-9][A-Za-z0-9@._-]*"  # an endpoint, publisher or model ID
+_VERTEX_RESOURCE = re.compile(rf"^projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/"
+                              rf"(endpoints/{_ID}|publishers/{_ID}/models/{_ID})$")
+_PUBLISHER_MODEL = re.compile(rf"^publishers/{_ID}/models/{_ID}$")
 
 
 class TeacherReferenceError(ValueError):
@@ -69,9 +74,12 @@ def parse_teacher_reference(reference: str, project: str = "", location: str = "
         raise TeacherReferenceError(f"teacher_model_reference is empty; use {SYNTAX}")
     if value.startswith("openai:"):
         url, _, model = value.removeprefix("openai:").partition("#")
-        if not re.match(r"^https?://[^/\s]+", url):
-            raise TeacherReferenceError(f"{reference!r}: openai: needs an http(s) base URL, "
-                                        "e.g. openai:http://127.0.0.1:8000/v1#my-model")
+        try:
+            TeacherUrl.parse(url)
+        except ValueError as error:
+            raise TeacherReferenceError(
+                f"{reference!r}: openai: needs an http(s) base URL, e.g. "
+                f"openai:http://127.0.0.1:8000/v1#my-model; {error}") from None
         return TeacherReference(OPENAI, url, model.strip() or None)
     if value.startswith(("vertex:", "projects/", "publishers/")):
         resource = value.removeprefix("vertex:")
@@ -81,13 +89,27 @@ def parse_teacher_reference(reference: str, project: str = "", location: str = "
                                             "project, or write projects/P/locations/L/" + resource)
             resource = (f"projects/{project}/locations/{location or DEFAULT_VERTEX_LOCATION}/"
                         + resource)
-        if not _VERTEX_RESOURCE.match(resource):
+        match = _VERTEX_RESOURCE.match(resource)
+        if not match:
             raise TeacherReferenceError(f"{reference!r} is not a Vertex resource; use {SYNTAX}")
+        try:
+            check_project(match["project"])
+            check_location(match["location"])
+        except ValueError as error:
+            raise TeacherReferenceError(f"{reference!r}: {error}") from None
         return TeacherReference(VERTEX, resource)
     if value.startswith(("http://", "https://")):
         raise TeacherReferenceError(f"{reference!r}: say which API the URL speaks, e.g. "
                                     f"openai:{value}#MODEL; or use {SYNTAX}")
     return TeacherReference(LOCAL, value.removeprefix("local:"))
+
+
+def outbound_url(parsed: TeacherReference) -> str | None:
+    """The URL every call of a teacher goes under (None for a local one): the OpenAI-compatible
+    base URL, or ``{Vertex API endpoint}/v1/{resource}``."""
+    if parsed.kind == OPENAI:
+        return openai_base_url(parsed.target)
+    return vertex_resource_url(parsed.target) if parsed.kind == VERTEX else None
 
 
 def teacher_reference_problems(reference: str, project: str = "", location: str = "",
@@ -136,12 +158,8 @@ def make_teacher(reference: str, *, project: str = "", location: str = "", concu
     ``batch_size`` and ``device`` to local ones."""
     parsed = parse_teacher_reference(reference, project, location)
     if parsed.kind == OPENAI:
-        from components.generate_rationales.openai_teacher import OpenAITeacher
-
         return OpenAITeacher(parsed.target, parsed.model, concurrency, policy)
     if parsed.kind == VERTEX:
-        from components.generate_rationales.vertex_teacher import VertexTeacher
-
         return VertexTeacher(parsed.target, concurrency, policy)
     from components.common.model_catalog import UnknownModelError
     from components.generate_rationales.local_teacher import DEFAULT_BATCH_SIZE, LocalTeacher

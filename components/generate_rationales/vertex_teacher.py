@@ -12,35 +12,36 @@ answer the same shape) and ``projects/P/locations/L/publishers/google/models/M``
 ``predictions[0].candidates[0].content`` (chat shape), or ``predictions[0]`` when it is a string;
 token counts come from ``metadata.tokenMetadata`` when present.
 
-``api_endpoint`` is ``$TUNEPIPE_VERTEX_API_ENDPOINT`` when set, else
-``https://{L}-aiplatform.googleapis.com``. Calls to an ``https`` endpoint carry an OAuth token
-from Application Default Credentials (``google.auth.default``, refreshed as it expires); a plain
-``http://`` endpoint (a local stand-in such as a tunepipe endpoint or a test server) gets none.
+``api_endpoint`` is ``$TUNEPIPE_VERTEX_API_ENDPOINT`` when set, else Google's
+``https://{L}-aiplatform.googleapis.com`` (``https://aiplatform.googleapis.com`` for ``global``),
+with ``L`` checked as a location ID first (:mod:`.outbound`). Only calls to Google's endpoint
+carry an OAuth token from Application Default Credentials (``google.auth.default``, refreshed as
+it expires); any other endpoint (a local stand-in such as a tunepipe endpoint or a test server)
+gets none.
 """
 from __future__ import annotations
 
 import json
-import os
 import threading
 
 from components.generate_rationales.call_log import Completion
-from components.generate_rationales.http_calls import (RetryPolicy, TeacherCallError,
-                                                       request_json, snippet)
+from components.generate_rationales.http_calls import (RetryPolicy, TeacherCallError, log_reply,
+                                                       reason, request_json)
+from components.generate_rationales.outbound import google_vertex_endpoint, vertex_api_endpoint
 from components.generate_rationales.prompting import TeacherRequest
 from components.generate_rationales.teachers import HttpTeacher, TeacherSettings
 
-API_ENDPOINT_VARIABLE = "TUNEPIPE_VERTEX_API_ENDPOINT"
 SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 
 
 def resource_location(resource: str) -> str:
     """``L`` of ``projects/P/locations/L/...``."""
-    parts = resource.split("/")
-    return parts[3]
+    return resource.split("/")[3]
 
 
-def default_api_endpoint(location: str) -> str:
-    return os.environ.get(API_ENDPOINT_VARIABLE) or f"https://{location}-aiplatform.googleapis.com"
+def vertex_resource_url(resource: str) -> str:
+    """``{api_endpoint}/v1/{resource}``: every call of the teacher goes under it."""
+    return f"{vertex_api_endpoint(resource_location(resource))}/v1/{resource}"
 
 
 class _AccessToken:
@@ -66,13 +67,13 @@ class VertexTeacher(HttpTeacher):
 
     kind = "vertex"
 
-    def __init__(self, resource: str, concurrency: int = 8, policy: RetryPolicy = RetryPolicy(),
-                 api_endpoint: str | None = None):
+    def __init__(self, resource: str, concurrency: int = 8, policy: RetryPolicy = RetryPolicy()):
         super().__init__(concurrency, policy)
         self.resource = resource
-        endpoint = (api_endpoint or default_api_endpoint(resource_location(resource))).rstrip("/")
-        self.url = f"{endpoint}/v1/{resource}:predict"
-        self._token = None if endpoint.startswith("http://") else _AccessToken()
+        location = resource_location(resource)
+        endpoint = vertex_api_endpoint(location)
+        self.url = f"{vertex_resource_url(resource)}:predict"
+        self._token = _AccessToken() if endpoint == google_vertex_endpoint(location) else None
         self.identity = resource
         self.description = f"Vertex AI {resource} (predict at {endpoint})"
 
@@ -87,8 +88,9 @@ class VertexTeacher(HttpTeacher):
         reply, attempts = request_json(self.url, payload, headers, self.policy, what)
         text = _prediction_text(reply)
         if text is None:
-            raise TeacherCallError(f"{what}: {self.url} answered without predictions[0].content: "
-                                   f"{snippet(json.dumps(reply))}")
+            log_reply(what, self.url, json.dumps(reply))
+            raise TeacherCallError(f"{what}: {self.url} answered without predictions[0].content"
+                                   f"{reason(reply)}")
         tokens = (reply.get("metadata") or {}).get("tokenMetadata") or {}
         return Completion(text, _total(tokens, "inputTokenCount"),
                           _total(tokens, "outputTokenCount"), attempts=attempts)
