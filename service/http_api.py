@@ -40,7 +40,8 @@ from components.common.http_server import (App, HttpError, Limits, RequestGuard,
 STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
                 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED",
                 409: "ALREADY_EXISTS", 411: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT",
-                414: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT", 431: "INVALID_ARGUMENT", 500: "INTERNAL", 503: "UNAVAILABLE"}
+                414: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT", 431: "INVALID_ARGUMENT",
+                500: "INTERNAL", 503: "UNAVAILABLE"}
 UNREAD_BODY_CODES = (401, 411, 413, 415)  # answered before the body is read: the connection
 # closes rather than reading what may follow
 PARENT = (r"/(?P<version>v1|v1beta1)/projects/(?P<project>[^/:]+)"

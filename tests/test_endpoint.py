@@ -92,6 +92,16 @@ def test_endpoint_serves_predictions_over_http_until_stopped(tuned_checkpoint):
             urllib.request.urlopen(request, timeout=60)
         assert error.value.code == 400 and "topK" in error.value.read().decode()
 
+        # Requests a web page could make are refused.
+        prompt = json.dumps({"instances": [{"prompt": "hi"}]}).encode()
+        for headers, code in (({"Content-Type": "application/json",
+                                "Origin": "https://evil.example"}, 403),
+                              ({"Content-Type": "text/plain"}, 415)):
+            with pytest.raises(urllib.error.HTTPError) as error:
+                urllib.request.urlopen(urllib.request.Request(
+                    endpoint.url + "/predict", data=prompt, headers=headers), timeout=60)
+            assert error.value.code == code and "error" in json.loads(error.value.read())
+
         # Starting it again replaces the running server.
         replacement = endpoints.start_endpoint("intents-endpoint", registered.path)
         assert replacement.pid != endpoint.pid
