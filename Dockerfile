@@ -35,6 +35,7 @@ RUN if [ "$VARIANT" = cuda ]; then \
 COPY pyproject.toml README.md ./
 COPY components components
 COPY pipelines pipelines
+COPY command command
 RUN pip install --no-cache-dir .
 # Vertex serving: AIP_HTTP_PORT defaults to 8080 (pipelines/vertex.py SERVING_PORT).
 EXPOSE 8080

@@ -107,10 +107,10 @@ def request_from_body(body: Any, source: str, template_override: str | None = No
 
 
 def _text_problems(body: dict) -> list[str]:
-    """The request's text beyond its limits (components.common.parameters): displayName,
+    """The request's text beyond its limits (pipelines.parameters): displayName,
     labels, and every other string but the inline template's (it must equal a compiled one)
     and the parameter values' (check_parameters checks them)."""
-    from components.common.parameters import (MAX_DISPLAY_NAME_LENGTH, labels_problems,
+    from pipelines.parameters import (MAX_DISPLAY_NAME_LENGTH, labels_problems,
                                               text_problems)
 
     problems = text_problems(body.get("displayName", ""), "displayName", MAX_DISPLAY_NAME_LENGTH)
@@ -150,7 +150,7 @@ def prepare(request: RunRequest, remote: bool = False) -> tuple[str, dict[str, A
     """The pipeline name and the checked, typed parameter values of a request: the names and
     values fit the template, the datasets exist and the base model resolves (``remote``: for a
     run on Vertex AI or a KFP cluster, see :func:`input_problems`)."""
-    from components.common.parameters import (check_parameters, input_problems,
+    from pipelines.parameters import (check_parameters, input_problems,
                                               refused_parameters)
     from components.common.precision import requested_precision
     from components.generate_rationales.teacher_reference import teacher_reference_problems

@@ -103,7 +103,7 @@ def location_problems(roots: AllowedRoots, values: dict,
                       output_directory: str | None) -> list[str]:
     """The allowed roots rule over a request's datasets, model paths and output folder."""
     from components.common.model_catalog import known_references
-    from components.common.parameters import DATASET_PARAMETERS, MODEL_PARAMETERS
+    from pipelines.parameters import DATASET_PARAMETERS, MODEL_PARAMETERS
 
     named = [(name, values.get(name)) for name in DATASET_PARAMETERS]
     named += [(name, values.get(name)) for name in MODEL_PARAMETERS

@@ -18,7 +18,7 @@ checkpoint; ``adapterSize`` is the LoRA rank (1, 4, 8 or 16; default 8); ``epoch
 ``tuningMode`` ``TUNING_MODE_FULL`` tunes every weight instead of an adapter. Unknown fields,
 bad values, datasets or models that do not exist and local paths outside the allowed roots
 (:mod:`service.local_paths`) are refused with 400 before anything is stored, and so are
-numbers and text beyond the limits ``components/common/parameters.py`` names: ``epochCount``
+numbers and text beyond the limits ``pipelines/parameters.py`` names: ``epochCount``
 1 to MAX_EPOCH_COUNT, ``learningRateMultiplier`` above 0 and at most
 MAX_LEARNING_RATE_MULTIPLIER, MAX_DISPLAY_NAME_LENGTH characters of display name,
 MAX_DESCRIPTION_LENGTH of ``description``, Vertex's labels (at most MAX_LABELS, keys and values
@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import re
 
-from components.common.parameters import (MAX_DESCRIPTION_LENGTH, MAX_DISPLAY_NAME_LENGTH,
+from pipelines.parameters import (MAX_DESCRIPTION_LENGTH, MAX_DISPLAY_NAME_LENGTH,
                                           MAX_EPOCH_COUNT, MAX_TEXT_LENGTH, integer_problem,
                                           labels_problems, multiplier_problem, text_problems)
 from components.tune import settings as tune_settings
@@ -67,7 +67,7 @@ TUNING_MODES = {"TUNING_MODE_UNSPECIFIED": 0, "TUNING_MODE_FULL": 1,
 TUNING_METHODS = {"TUNING_MODE_UNSPECIFIED": "lora", "TUNING_MODE_FULL": "full",
                   "TUNING_MODE_PEFT_ADAPTER": "lora"}
 ADAPTER_SIZE_NAMES = {rank: name for name, rank in tune_settings.GEMINI_ADAPTER_SIZES.items()}
-# The pipeline parameters whose checks (service.pipeline_jobs, components.common.parameters)
+# The pipeline parameters whose checks (service.pipeline_jobs, pipelines.parameters)
 # the request's fields take
 DATASET_FIELDS = {"dataset_uri": "trainingDatasetUri",
                   "evaluation_data_uri": "validationDatasetUri"}
@@ -119,7 +119,7 @@ def base_model(value: object) -> str:
 def input_problems(roots: AllowedRoots, values: dict[str, str]) -> list[str]:
     """The pipelines' checks of a base model and datasets given as pipeline parameters (the
     allowed roots first, then that they exist and resolve), naming the request's fields."""
-    from components.common.parameters import input_problems as parameter_problems
+    from pipelines.parameters import input_problems as parameter_problems
 
     problems = location_problems(roots, values, None) or parameter_problems(values)
     return [re.sub(r"^\w+", lambda match: REQUEST_FIELDS.get(match[0], match[0]), problem)

@@ -1,12 +1,12 @@
-"""Imports flow one way: service -> pipelines -> components/<name> -> components/common.
+"""Imports flow one way: command -> service -> pipelines -> components/<name> -> components/common.
 
-A module of ``components/<name>/`` may import its own component and ``components.common``, never
-another component; ``components/common/`` imports no component; nothing under ``components/``
-imports the layers above it (``pipelines``, ``service``). What two components need belongs in
-``components/common/`` (shared/ARCHITECTURE.md). ``pipelines/`` does not import ``service/``,
-except the ``tunepipe`` command (``pipelines/cli.py``), which sits above every layer and hands
-``tunepipe serve`` to it. Every import counts, the ones inside functions and under
-``TYPE_CHECKING`` included: a lazy import is still a dependency.
+Each layer imports only the layers below it, with no exception: the ``tunepipe`` command
+(``command/``) may import every layer and nothing imports it; ``service/`` imports
+``pipelines/`` and ``components/``; ``pipelines/`` imports ``components/``. A module of
+``components/<name>/`` may import its own component and ``components.common``, never another
+component; ``components/common/`` imports no component. What two components need belongs in
+``components/common/`` (docs/architecture.md). Every import counts, the ones inside functions and
+under ``TYPE_CHECKING`` included: a lazy import is still a dependency.
 """
 from __future__ import annotations
 
@@ -19,10 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 COMPONENTS = ROOT / "components"
 SHARED = "common"
-LAYERS_ABOVE = ("pipelines", "service")
-PIPELINES = ROOT / "pipelines"
-SERVICE = "service"
-COMMAND = "pipelines/cli.py"  # the `tunepipe` command: above every layer
+LAYERS = ("components", "pipelines", "service", "command")  # bottom to top
 
 
 def module_name(path: str) -> str:
@@ -58,48 +55,37 @@ def component_of(module: str) -> str | None:
 
 
 def violations(path: str, source: str) -> list[str]:
-    """The imports of one file under ``components/`` that break the one-way rule."""
-    owner = component_of(module_name(path))  # None for components/__init__.py
-    allowed = {owner, SHARED}
+    """The imports of one file of a layer that break the one-way rule."""
+    own = module_name(path)
+    layer = own.split(".")[0]
+    owner = component_of(own)  # None for components/__init__.py and the layers above
     found = set()
     for line, module in imported_modules(path, source):
+        target_layer = module.split(".")[0]
+        if target_layer not in LAYERS:
+            continue
+        if LAYERS.index(target_layer) > LAYERS.index(layer):
+            found.add((line, f"{path}:{line}: imports {module}, the layer above {layer}/"))
+            continue
         target = component_of(module)
-        if module.split(".")[0] in LAYERS_ABOVE:
-            found.add((line, f"{path}:{line}: imports {module}, a layer above components/"))
-        elif target is not None and target not in allowed:
+        if layer == "components" and target is not None and target not in {owner, SHARED}:
             what = ("components/common imports no component" if owner == SHARED else
                     f"components/{owner} may import only itself and components/common")
             found.add((line, f"{path}:{line}: imports {module}; {what}"))
     return [message for _, message in sorted(found)]
 
 
-def test_components_import_only_themselves_and_common():
-    files = sorted(COMPONENTS.rglob("*.py"))
-    assert len(files) > 20, "the components package was not found"
+def test_every_layer_imports_only_itself_and_the_layers_below():
+    files = sorted(file for layer in LAYERS for file in (ROOT / layer).rglob("*.py"))
+    assert len([f for f in files if f.is_relative_to(COMPONENTS)]) > 20, \
+        "the components package was not found"
+    assert {f.relative_to(ROOT).parts[0] for f in files} == set(LAYERS)
     found = []
     for file in files:
         path = file.relative_to(ROOT).as_posix()
         found += violations(path, file.read_text(encoding="utf-8"))
-    assert not found, ("cross-component imports (move what they share into components/common/):"
-                       "\n  " + "\n  ".join(found))
-
-
-def service_imports(path: str, source: str) -> list[str]:
-    """The imports of ``service`` in one file under ``pipelines/`` (the command's excepted)."""
-    if path == COMMAND:
-        return []
-    return [f"{path}:{line}: imports {module}, the layer above pipelines/"
-            for line, module in imported_modules(path, source)
-            if module.split(".")[0] == SERVICE]
-
-
-def test_pipelines_import_the_service_only_in_the_command():
-    found = []
-    for file in sorted(PIPELINES.rglob("*.py")):
-        found += service_imports(file.relative_to(ROOT).as_posix(), file.read_text(encoding="utf-8"))
-    assert not found, "pipelines/ calls down, never up into service/:\n  " + "\n  ".join(found)
-    assert service_imports("pipelines/local_run.py", "def f():\n    import service.jobs\n")
-    assert not service_imports(COMMAND, "from service.server import run\n")
+    assert not found, ("imports against the one-way rule (move what two components share into "
+                       "components/common/; call down, never up):\n  " + "\n  ".join(found))
 
 
 @pytest.mark.parametrize("path, source, expected", [
@@ -120,8 +106,14 @@ def test_pipelines_import_the_service_only_in_the_command():
      ["components/common/__init__.py:1: imports components.tune"]),
     ("components/common/storage.py", "def f():\n    from .. import common, tune\n",
      ["components/common/storage.py:2: imports components.tune"]),
-    ("components/tune/cli.py", "from pipelines.cli import main\n",
-     ["components/tune/cli.py:1: imports pipelines"]),
+    ("components/tune/cli.py", "from command.main import main\n",
+     ["components/tune/cli.py:1: imports command.main, the layer above components/"]),
+    ("pipelines/local_run.py", "def f():\n    import service.jobs\n",
+     ["pipelines/local_run.py:2: imports service.jobs, the layer above pipelines/"]),
+    ("service/server.py", "from command.main import build_parser\n",
+     ["service/server.py:1: imports command.main, the layer above service/"]),
+    ("pipelines/submit.py", "from components.tune import settings\nimport command\n",
+     ["pipelines/submit.py:2: imports command, the layer above pipelines/"]),
 ])
 def test_the_check_finds_what_breaks_the_rule(path, source, expected):
     found = violations(path, source)
@@ -139,6 +131,9 @@ def test_the_check_finds_what_breaks_the_rule(path, source, expected):
      "from components.common.prompt_templates import TemplateRenderer\nfrom . import prompts\n"),
     ("components/tune/component.py",
      "def body():\n    from components.tune.launch import tune_on_local_devices\n"),
+    ("command/main.py", "from service.server import run\nfrom pipelines import submit\n"
+                        "from components.tune import settings\nfrom command import run_summary\n"),
+    ("service/jobs.py", "from pipelines.local_run import prepare\nimport service.records\n"),
 ])
 def test_the_check_allows_own_and_common_imports(path, source):
     assert violations(path, source) == []

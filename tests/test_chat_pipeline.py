@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from components.deploy_endpoint import endpoints
-from pipelines.cli import main
+from command.main import main
 from pipelines.local_run import request_from_file
 from pipelines.templates import read_template, template_path
 

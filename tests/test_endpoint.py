@@ -14,7 +14,7 @@ from components.deploy_endpoint import endpoints
 from components.common.prompts import format_conversation_prompt
 from components.deploy_endpoint.server import RequestError, parse_predict_request
 from components.tune.trainer import TuneConfig, tune
-from pipelines import cli
+from command import main as cli
 from tests.tokenized import write_distillation_tokens, write_token_dataset
 
 

@@ -1,7 +1,7 @@
 """What the Dockerfile copies is enough to install tunepipe: the image cannot be built here (no
 docker or podman, no registry for the base image), so this builds the wheel its ``pip install
 .`` would build, from exactly the files its COPY lines name, and checks every module of the
-components and pipelines is in it, with the sources of the C kernels (and the header they
+components, the pipelines and the command is in it, with the sources of the C kernels (and the header they
 share), which are built on the machine that runs them.
 """
 import re
@@ -43,11 +43,11 @@ def test_the_dockerfile_copies_what_pip_install_needs(tmp_path):
     assert built.returncode == 0, built.stderr
     wheel, = (tmp_path / "wheels").glob("tunepipe-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {str(path.relative_to(REPO)) for package in ("components", "pipelines")
+    expected = {str(path.relative_to(REPO)) for package in ("components", "pipelines", "command")
                 for path in (REPO / package).rglob("*.py") if "__pycache__" not in path.parts}
     assert expected - names == set()
     kernel_sources = {f"components/common/{name}" for name in
                       ("int8_kernels.c", "attention_kernels.c", "avx2_math.h")}
     assert kernel_sources - names == set()
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
-    assert "tunepipe = pipelines.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "tunepipe = command.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from components.common.parameters import (DOCUMENTED_PARAMETERS, REGIONS, check_parameters,
+from pipelines.parameters import (DOCUMENTED_PARAMETERS, REGIONS, check_parameters,
                                           suggest_parameter, unknown_parameters)
 
 # The request body of the seed's curl example (seeds/001_70d06e170e6fa02c.txt, Vertex's

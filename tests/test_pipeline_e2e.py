@@ -12,7 +12,7 @@ import json
 import pytest
 
 from components.deploy_endpoint import endpoints
-from pipelines.cli import main
+from command.main import main
 
 
 @pytest.fixture(scope="module")

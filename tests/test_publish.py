@@ -12,7 +12,7 @@ import pytest
 import yaml
 from kfp.registry import ApiAuth
 
-from pipelines import cli
+from command import main as cli
 from pipelines.templates import COMPILED_DIR, VERTEX_SUBDIR
 from pipelines.vertex_publish import publish
 

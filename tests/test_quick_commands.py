@@ -30,7 +30,7 @@ HEAVY = ("torch", "transformers", "tokenizers", "numpy", "kfp", "google.cloud", 
 PROBE = """
 import json, sys
 before = set(sys.modules)
-from pipelines.cli import main
+from command.main import main
 try:
     status = main(sys.argv[1:])
 except SystemExit as exit_:

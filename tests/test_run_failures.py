@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _tunepipe(*args: str, cwd: Path, env: dict[str, str] | None = None
               ) -> subprocess.CompletedProcess:
     """``tunepipe ARGS`` in ``cwd`` (environment: ``env``, default this one)."""
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "command", *args], cwd=cwd,
                           env={**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
 

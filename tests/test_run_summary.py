@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from pipelines.cli import phase_times
+from command.run_summary import phase_times
 from pipelines.local_run import _RunnerLog
 
 LOG = ("01:03:39.372 - INFO - Executing task \x1b[96m'transform'\x1b[0m\n"

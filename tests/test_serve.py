@@ -137,7 +137,7 @@ def test_serve_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path):
     env = {**os.environ, "TUNEPIPE_HOME": str(tmp_path), "PYTHONFAULTHANDLER": "1"}
     # Started as from a terminal, with Ctrl-C's default action: a test run launched in the
     # background by a script inherits SIGINT ignored, and Python keeps an inherited ignore.
-    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--port", "0"],
+    process = subprocess.Popen([sys.executable, "-m", "command", "serve", "--port", "0"],
                                cwd=REPO, env=env, stdout=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
@@ -204,7 +204,7 @@ def test_a_job_ends_with_its_server_and_the_restart_marks_it_failed(
     itself, and the next server marks the job FAILED."""
     monkeypatch.setenv("TUNEPIPE_HOME", str(tmp_path))
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "serve", "--port", "0",
+        [sys.executable, "-m", "command", "serve", "--port", "0",
          "--allow-root", str(tiny_model_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         url = process.stdout.readline().split()[-1]
@@ -316,7 +316,7 @@ def test_a_second_server_on_one_home_refuses_to_start(service, tmp_path):
         Service(ServeConfig(port=0))
     assert str(refused.value).startswith("another tunepipe serve is running on this home")
     assert f": {service.url}, PID {os.getpid()}; stop it first" in str(refused.value)
-    second = subprocess.run([sys.executable, "-m", "pipelines.cli", "serve", "--port", "0"],
+    second = subprocess.run([sys.executable, "-m", "command", "serve", "--port", "0"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert second.returncode == 1 and second.stdout == ""
     assert second.stderr.splitlines() == [f"tunepipe serve: {refused.value}"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import submit
-from pipelines.cli import main
+from command.main import main
 from tests.fake_services import FakeService
 
 SEED_REQUEST = Path(__file__).resolve().parent / "seeds" / "001_70d06e170e6fa02c_request.json"

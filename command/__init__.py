@@ -1,0 +1,2 @@
+"""The ``tunepipe`` command, the top layer: it calls the service, the pipelines and the
+components, and nothing imports it."""
