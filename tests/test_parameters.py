@@ -9,8 +9,8 @@ import pytest
 from pipelines.parameters import (DOCUMENTED_PARAMETERS, REGIONS, check_parameters,
                                           suggest_parameter, unknown_parameters)
 
-# The request body of the seed's curl example (seeds/001_70d06e170e6fa02c.txt, Vertex's
-# documentation), shell variables substituted as the seed sets them.
+# The request body of the curl example of Vertex's documentation (seed 001, docs/README.md),
+# shell variables substituted as the page sets them: tests/seeds/001_70d06e170e6fa02c_request.json.
 SEED_REQUEST = Path(__file__).resolve().parent / "seeds" / "001_70d06e170e6fa02c_request.json"
 
 TEXT = "tune-large-model"

@@ -13,7 +13,7 @@ from pipelines.templates import (COMPILED_DIR, IMAGE_ENV, VERTEX_SUBDIR, Paramet
                                  template_path)
 from pipelines.vertex import tuning_accelerator
 
-SPEC_PARAMETERS = {  # SPEC.md's table for tune-large-model: name -> (type, default)
+DOCS_PARAMETERS = {  # docs/parameters.md's table for tune-large-model: name -> (type, default)
     "project": ("STRING", None), "location": ("STRING", ""), "model_display_name": ("STRING", None),
     "dataset_uri": ("STRING", None), "large_model_reference": ("STRING", "text-bison@002"),
     "accelerator_type": ("STRING", "GPU"), "train_steps": ("NUMBER_INTEGER", 300),
@@ -41,14 +41,14 @@ def test_compiled_templates_match_a_fresh_compile(tmp_path, monkeypatch):
 def test_tune_large_model_parameters_are_vertex_s():
     name, parameters = read_template(template_path("tune-large-model"))
     assert name == "tune-large-model"
-    assert {n: (p.type, p.default) for n, p in parameters.items()} == SPEC_PARAMETERS
+    assert {n: (p.type, p.default) for n, p in parameters.items()} == DOCS_PARAMETERS
     assert all(p.description for p in parameters.values()), "every parameter is documented"
     assert {n for n, p in parameters.items() if p.required} == {"project", "model_display_name", "dataset_uri"}
 
 
 # Seed 002's request body for the distillation template: exactly these parameters.
 DISTILLATION_PARAMETERS = {
-    **{name: SPEC_PARAMETERS[name] for name in SPEC_PARAMETERS if name != "large_model_reference"},
+    **{name: DOCS_PARAMETERS[name] for name in DOCS_PARAMETERS if name != "large_model_reference"},
     "teacher_model_reference": ("STRING", "text-unicorn@001"),
     "student_model_reference": ("STRING", "text-bison@002"),
 }
