@@ -10,6 +10,7 @@ from components.common import c_kernels, fast_attention, packing
 from components.common.fast_attention import (fast_attention_applies,
                                               fast_attention_unavailable_reason,
                                               packed_causal_attention_fp32)
+from tests.tolerances import assert_within, attention_bound, chain_bound
 
 
 def _row(lengths, heads, kv_heads, dim, seed=0):
@@ -29,10 +30,25 @@ def _reference(query, key, value, lengths, scale=None):
     return torch.cat(pieces, dim=1)
 
 
+def _assert_attention_close(output, gradients, expected, expected_gradients, query, key, value,
+                            tokens, scale=None):
+    """Outputs within :func:`attention_bound` of the values' scale; the gradients, whose backward
+    adds up the same scores, head_dim products twice (the weights' and the softmax's gradients)
+    and then the positions, within that chain relative to each gradient's scale."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    relative = attention_bound(query, key, scale, tokens)
+    assert_within(output, expected, relative * float(value.detach().abs().max()), "attention")
+    backward = relative + chain_bound([query.shape[-1], query.shape[-1], tokens], 1.0)
+    for name, got, want in zip("qkv", gradients or (), expected_gradients or ()):
+        assert_within(got, want, backward * float(want.abs().max()), f"gradient of {name}")
+
+
+@pytest.mark.c_kernels
 def test_the_kernels_build_on_this_machine():
     assert fast_attention_unavailable_reason() is None
 
 
+@pytest.mark.c_kernels
 @pytest.mark.parametrize("lengths, heads, kv_heads, dim", [
     ([5], 2, 1, 8),  # less than a register tile
     ([1, 7, 50, 13], 4, 2, 16),  # a one-token example; grouped heads
@@ -53,17 +69,17 @@ def test_attention_and_its_gradients_match_sdpa(lengths, heads, kv_heads, dim, t
     finally:
         torch.set_num_threads(previous)
     assert output.shape == expected.shape == (1, sum(lengths), heads, dim)
-    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
-    for name, got, want in zip("qkv", gradients, expected_gradients):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"gradient of {name}")
+    _assert_attention_close(output, gradients, expected, expected_gradients, query, key,
+                            value, max(lengths))
 
 
+@pytest.mark.c_kernels
 def test_an_explicit_scale_is_applied():
     lengths = [30, 20]
     query, key, value = _row(lengths, 2, 1, 16)
     output = packed_causal_attention_fp32(query, key, value, lengths, scale=0.5)
-    torch.testing.assert_close(output, _reference(query, key, value, lengths, scale=0.5),
-                               rtol=1e-5, atol=1e-5)
+    _assert_attention_close(output, None, _reference(query, key, value, lengths, scale=0.5), None,
+                            query, key, value, max(lengths), scale=0.5)
 
 
 def test_lengths_that_do_not_cover_the_row_are_an_error():
@@ -74,7 +90,9 @@ def test_lengths_that_do_not_cover_the_row_are_an_error():
 
 def test_it_applies_to_float32_cpu_attention_without_dropout_only():
     query, key, value = _row([8], 2, 1, 8)
-    assert fast_attention_applies(query, key, value, 0.0)
+    # where the kernels are refused (TUNEPIPE_C_KERNELS=off, no compiler or AVX2), never
+    assert fast_attention_applies(query, key, value, 0.0) == (
+        fast_attention_unavailable_reason() is None)
     assert not fast_attention_applies(query, key, value, 0.1)
     assert not fast_attention_applies(*(t.bfloat16() for t in (query, key, value)), 0.0)
     _, three_keys, three_values = _row([8], 2, 3, 8)  # 2 query heads cannot share 3 keys
@@ -82,6 +100,7 @@ def test_it_applies_to_float32_cpu_attention_without_dropout_only():
 
 
 def test_without_a_compiler_packed_attention_falls_back_to_sdpa(monkeypatch, tmp_path):
+    monkeypatch.delenv(c_kernels.SWITCH_ENV, raising=False)  # the kernels' own refusal, not it
     monkeypatch.setenv("TUNEPIPE_CACHE", str(tmp_path))  # no kernel built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     c_kernels.forget_kernels()
@@ -97,7 +116,8 @@ def test_without_a_compiler_packed_attention_falls_back_to_sdpa(monkeypatch, tmp
                                                     packed_lengths=torch.tensor(lengths))
     finally:
         c_kernels.forget_kernels()
-    torch.testing.assert_close(output, _reference(query, key, value, lengths))
+    _assert_attention_close(output, None, _reference(query, key, value, lengths), None, query, key,
+                            value, max(lengths))
 
 
 def _reference_after_prefix(query, key, value, lengths):
@@ -114,6 +134,7 @@ def _reference_after_prefix(query, key, value, lengths):
     return torch.cat([piece.transpose(1, 2) for piece in pieces], dim=1)
 
 
+@pytest.mark.c_kernels
 @pytest.mark.parametrize("lengths, heads, kv_heads, dim", [
     ([3, 1, 2], 2, 1, 8),  # segments shorter than a register tile
     ([54, 24, 30, 1, 20], 9, 3, 64),  # the sample prompts' shape: a 54-token instruction
@@ -121,7 +142,7 @@ def _reference_after_prefix(query, key, value, lengths):
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_shared_prefix_is_attended_by_every_example_and_gets_all_their_gradients(
-        lengths, heads, kv_heads, dim, threads, monkeypatch):
+        lengths, heads, kv_heads, dim, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -131,21 +152,36 @@ def test_a_shared_prefix_is_attended_by_every_example_and_gets_all_their_gradien
         gradients = torch.autograd.grad(output, (query, key, value), grad)
         expected = _reference_after_prefix(query, key, value, lengths)
         expected_gradients = torch.autograd.grad(expected, (query, key, value), grad)
-        # packed attention's fallback (SDPA per example) computes the same
-        monkeypatch.setattr(packing, "fast_attention_applies", lambda *unused: False)
-        fallback, _ = packing.packed_causal_attention(
-            None, query, key, value, None, packed_lengths=torch.tensor(lengths),
-            packed_shared_prefix=torch.tensor(lengths[0]))
     finally:
         torch.set_num_threads(previous)
-    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
-    for name, got, want in zip("qkv", gradients, expected_gradients):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"gradient of {name}")
-    torch.testing.assert_close(fallback, expected, rtol=1e-5, atol=1e-5)
+    # every example attends over the prefix and itself
+    tokens = lengths[0] + max(lengths[1:])
+    _assert_attention_close(output, gradients, expected, expected_gradients, query, key, value,
+                            tokens)
     # not the attention without the prefix: the examples' outputs do depend on it
     assert not torch.allclose(output, _reference(query, key, value, lengths), atol=1e-3)
 
 
+@pytest.mark.parametrize("lengths, heads, kv_heads, dim", [
+    ([3, 1, 2], 2, 1, 8), ([54, 24, 30, 1, 20], 9, 3, 64)])
+def test_the_fallback_attends_to_a_shared_prefix_as_sdpa_does(lengths, heads, kv_heads, dim,
+                                                              monkeypatch):
+    """Packed attention's fallback (SDPA per example: bf16, CUDA, no kernels) and its
+    gradients."""
+    monkeypatch.setattr(packing, "fast_attention_applies", lambda *unused: False)
+    query, key, value = _row(lengths, heads, kv_heads, dim, seed=2)
+    grad = torch.randn(1, sum(lengths), heads, dim, generator=torch.Generator().manual_seed(3))
+    output, _ = packing.packed_causal_attention(
+        None, query, key, value, None, packed_lengths=torch.tensor(lengths),
+        packed_shared_prefix=torch.tensor(lengths[0]))
+    gradients = torch.autograd.grad(output, (query, key, value), grad)
+    expected = _reference_after_prefix(query, key, value, lengths)
+    expected_gradients = torch.autograd.grad(expected, (query, key, value), grad)
+    _assert_attention_close(output, gradients, expected, expected_gradients, query, key, value,
+                            lengths[0] + max(lengths[1:]))
+
+
+@pytest.mark.c_kernels
 def test_the_gradients_repeat_exactly_from_call_to_call():
     # each thread sums its blocks' key and value gradients; a resumed run must repeat an
     # uninterrupted one bit for bit, so which thread takes which block must not vary

@@ -4,7 +4,8 @@ A kernel is one C file of ``components/common`` (with the headers it includes fr
 built by the system's C compiler (``$CC``, else ``cc`` or ``gcc``) into
 ``$TUNEPIPE_HOME/cache/kernels``, under a name that hashes the sources and flags (about a second,
 once). Where there is no compiler, no AVX2 or the build fails, :class:`KernelUnavailable` says
-why, and callers keep their PyTorch path.
+why, and callers keep their PyTorch path. ``TUNEPIPE_C_KERNELS=off`` refuses them on any
+machine, to run the PyTorch paths (and their tests) where the kernels would build.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ KERNEL_DIR = Path(__file__).parent
 COMPILER_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 HEADERS = ("avx2_math.h",)  # the headers the kernels share (part of each build's hash)
 POINTER, INT64, FLOAT, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+SWITCH_ENV = "TUNEPIPE_C_KERNELS"  # "off": refuse every kernel (module docstring)
 
 
 class KernelUnavailable(RuntimeError):
@@ -59,6 +61,8 @@ def _built(source_name: str, signatures) -> ctypes.CDLL | KernelUnavailable:
 
 def _build_and_load(source_name: str, signatures) -> ctypes.CDLL:
     what = Path(source_name).stem.replace("_", " ")
+    if os.environ.get(SWITCH_ENV, "").strip().lower() == "off":
+        raise KernelUnavailable(f"the {what} are turned off ({SWITCH_ENV}=off)")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise KernelUnavailable(f"the {what} are for x86-64 CPUs, not {platform.machine()}")
     capability = torch.backends.cpu.get_cpu_capability()
