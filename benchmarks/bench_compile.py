@@ -65,7 +65,7 @@ def main() -> int:
     from benchmarks.machine import dtype_name, machine_fields
     from components.common.model_catalog import resolve_model
     from components.common.model_loading import load_tokenizer
-    from components.common.token_dataset import TokenDataset
+    from components.common.artifacts.token_dataset import TokenDataset
     from components.tune.acceleration import compile_decoder_layers, compiled_token_loss
     from components.tune.runtime import start_runtime
     from components.tune.trainer import TuneConfig, _trainable_model

@@ -65,14 +65,14 @@ from components.common.model_loading import (load_base_model, load_tokenizer,  #
                                               load_tuned_model)
 from components.common.precision import choose_precision  # noqa: E402
 from components.common.prompts import format_conversation_prompt, format_prompt  # noqa: E402
-from components.common.validated_dataset import EVAL_FILE, TRAIN_FILE  # noqa: E402
+from components.common.artifacts.validated_dataset import EVAL_FILE, TRAIN_FILE  # noqa: E402
 from components.evaluate.metrics import exact_match  # noqa: E402
 from components.generate_rationales.examples import read_examples  # noqa: E402
 from components.generate_rationales.local_teacher import LocalTeacher  # noqa: E402
 from components.generate_rationales.prompting import ANSWER, build_request  # noqa: E402
 from components.generate_rationales.teachers import TeacherSettings  # noqa: E402
 from components.transform.transform import transform_dataset  # noqa: E402
-from components.tune.checkpoints import read_index  # noqa: E402
+from components.common.artifacts.tuned_model import read_index  # noqa: E402
 from components.tune.trainer import TuneConfig, tune  # noqa: E402
 
 STUDENT = "text-bison@002"

@@ -138,7 +138,7 @@ def variant_dtype(name: str) -> str:
 
 def write_dataset(directory: Path, tokenizer, num_examples: int = NUM_EXAMPLES) -> Path:
     """The benchmark's examples as a token dataset (what transform writes)."""
-    from components.common.token_dataset import TokenDatasetWriter
+    from components.common.artifacts.token_dataset import TokenDatasetWriter
 
     rng = np.random.default_rng(SEED)
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -272,7 +272,7 @@ def worker_baseline(args) -> dict:
 
     from components.common.model_catalog import resolve_model
     from components.common.model_loading import load_tokenizer
-    from components.common.token_dataset import TokenDataset
+    from components.common.artifacts.token_dataset import TokenDataset
 
     torch.set_num_threads(args.threads)
     description, weights_dtype, autocast, batching = BASELINE_VARIANTS[args.baseline]
@@ -405,7 +405,7 @@ def main() -> int:
     from components.common.model_catalog import resolve_model
     from components.common.model_loading import load_tokenizer
     from components.common.precision import choose_precision
-    from components.common.token_dataset import TokenDataset
+    from components.common.artifacts.token_dataset import TokenDataset
 
     precision = choose_precision("cpu")  # what the tuner trains in here; both sides use it
     args.dtype = dtype_name(precision.dtype)

@@ -103,7 +103,7 @@ def main() -> int:
 
     from benchmarks.bench_tune import LORA_RANK, useful_flops
     from components.common.model_catalog import resolve_model
-    from components.common.token_dataset import TokenDataset
+    from components.common.artifacts.token_dataset import TokenDataset
     from components.deploy_endpoint.endpoints import predict, start_endpoint, stop_endpoint
     from components.evaluate.evaluation import evaluate_tuning_run
     from components.transform.transform import transform_dataset

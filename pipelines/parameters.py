@@ -4,8 +4,8 @@
 refuse; :func:`unknown_parameters` names parameters a template does not have and suggests the
 intended name for near-misses (the seeds' own request bodies contain ``"accelerator_type:"``).
 The compiled pipeline YAML is the authority on which parameters exist; the CLI passes its names to
-:func:`unknown_parameters`. :data:`DOCUMENTED_PARAMETERS` lists the documented ones (SPEC.md) for
-callers without a compiled template.
+:func:`unknown_parameters`. :data:`DOCUMENTED_PARAMETERS` lists the documented ones for callers
+without a compiled template. docs/parameters.md describes the parameters and these rules.
 
 Values arrive as typed JSON values (request bodies) or strings (command line); both are accepted:
 ``300`` and ``"300"`` are the same train_steps, ``true``, ``"true"`` and ``"True"`` the same
@@ -29,6 +29,7 @@ import math
 import re
 from typing import Any, Iterable
 
+from components.common.accelerators import DEFAULT_ACCELERATOR_TYPE, accelerator_type_problem
 from components.common.model_registry import MAX_NAME_LENGTH, check_display_name
 
 REGIONS = (
@@ -37,7 +38,6 @@ REGIONS = (
     "europe-west1", "asia-northeast3",
 )
 CMEK_REGION = "us-central1"
-ACCELERATOR_TYPES = ("GPU", "TPU")
 CHECKPOINT_SELECTION_VALUES = ("true", "false", "default")
 MAX_CONTEXT_LENGTHS = ("", "8k", "32k")
 
@@ -180,13 +180,11 @@ def check_parameters(pipeline_name: str, values: dict) -> list[str]:
         errors.append(f"location {_show(values['location'])} is not a supported region; use one "
                       f"of: {', '.join(REGIONS)}")
 
-    accelerator = _text(values.get("accelerator_type")) if _given(values, "accelerator_type") \
-        else "GPU"
-    if accelerator not in ACCELERATOR_TYPES:
-        hint = (f" (write {accelerator.upper()!r})" if accelerator.upper() in ACCELERATOR_TYPES
-                else "")
-        errors.append(f"accelerator_type {_show(values['accelerator_type'])} is not 'GPU' or "
-                      f"'TPU'{hint}")
+    accelerator = values.get("accelerator_type") if _given(values, "accelerator_type") \
+        else DEFAULT_ACCELERATOR_TYPE
+    problem = accelerator_type_problem(accelerator)
+    if problem:
+        errors.append(problem)
 
     if _given(values, "encryption_spec_key_name"):
         if accelerator == "TPU":
@@ -293,11 +291,13 @@ MODEL_PARAMETERS = ("large_model_reference", "student_model_reference")  # the t
 # components.generate_rationales.teacher_reference.teacher_reference_problems.
 
 
-def input_problems(values: dict, remote: bool = False) -> list[str]:
+def input_problems(values: dict, remote: bool = False,
+                   unchecked_gcs: list[str] | None = None) -> list[str]:
     """Errors for datasets that cannot be read and base models that cannot be resolved ([] when
     fine): a local path must exist, a gs:// object must exist (with these credentials). A
     ``remote`` run (Vertex AI or a KFP cluster) cannot read this machine's files, so there a
-    dataset must be gs:// and a model a catalog name."""
+    dataset must be gs:// and a model a catalog name. With ``unchecked_gcs`` (a dry run without
+    Google credentials) gs:// objects are not looked up but added to it."""
     from components.common import storage
     from components.common.model_catalog import (UnknownModelError, check_reference,
                                                  known_references)
@@ -310,6 +310,9 @@ def input_problems(values: dict, remote: bool = False) -> list[str]:
         if remote and not storage.is_gcs(uri):
             problems.append(f"{name} {uri!r} is a local path; a remote run reads gs:// only "
                             "(upload it: gcloud storage cp FILE gs://BUCKET/)")
+            continue
+        if unchecked_gcs is not None and storage.is_gcs(uri):
+            unchecked_gcs.append(uri)
             continue
         try:
             if not storage.exists(uri):

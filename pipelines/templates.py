@@ -37,13 +37,6 @@ def pipeline_factories() -> dict[str, Callable]:
             "distillation": build_distillation}
 
 
-def pipeline_functions() -> dict[str, Callable]:
-    """Every portable pipeline by template name."""
-    from pipelines.vertex import PORTABLE
-
-    return {name: build(PORTABLE) for name, build in pipeline_factories().items()}
-
-
 def default_image() -> str:
     """The image templates name when compile is given none: ``$TUNEPIPE_IMAGE`` or the
     project's release image."""

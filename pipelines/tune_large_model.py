@@ -85,6 +85,7 @@ def tuning_tasks(*, target: str, dataset_format: str, default_context, project,
         validated_dataset=examples,
         tokenized_dataset=tokenized.outputs["tokenized_dataset"],
         large_model_reference=large_model_reference,
+        max_context_length=max_context_length,
     ).set_display_name("Evaluate").set_caching_options(False)
 
     selected = select_checkpoint(

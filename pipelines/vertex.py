@@ -33,7 +33,7 @@ class Machine(NamedTuple):
     region: str = ""
 
 
-# SPEC "Batch size, steps, regions, machines": where tuning runs, by accelerator_type.
+# Where tuning runs, by accelerator_type (docs/parameters.md, "Machines").
 TUNING_MACHINES = {
     "GPU": Machine("a2-ultragpu-8g", "NVIDIA_A100_80GB", 8, "us-central1"),
     "TPU": Machine("cloud-tpu", "TPU_V3", 64, "europe-west4"),
@@ -89,11 +89,23 @@ def tune_as_custom_job(tune_inputs: dict, *, accelerator_type, project, encrypti
         ).set_display_name(f"Tune ({machine.accelerator_count}x {machine.accelerator_type}, "
                            f"{machine.region})").set_caching_options(False)
 
+    # The branches need an Else (dsl.OneOf); the check before them keeps it from taking any
+    # other value (say "gpu") for TPU.
+    checked = check_accelerator_type(accelerator=accelerator_type).set_display_name(
+        "Check accelerator_type").set_caching_options(False)
     with dsl.If(accelerator_type == "GPU", name="tune-on-gpu"):
-        on_gpu = tune_on("GPU")
+        on_gpu = tune_on("GPU").after(checked)
     with dsl.Else(name="tune-on-tpu"):
-        on_tpu = tune_on("TPU")
+        on_tpu = tune_on("TPU").after(checked)
     return dsl.OneOf(on_gpu.outputs["tuned_model"], on_tpu.outputs["tuned_model"])
+
+
+@dsl.component(base_image=BASE_IMAGE)
+def check_accelerator_type(accelerator: str):
+    """Fails the run unless ``accelerator`` is an accelerator type, spelled exactly."""
+    from components.common.accelerators import check_accelerator_type as check
+
+    check(accelerator)
 
 
 @dsl.component(base_image=BASE_IMAGE)

@@ -25,7 +25,6 @@ from service.models import model_name
 
 OUTPUTS_DIR = "outputs"
 DATASET_FORMAT = "gemini"
-ACCELERATOR_TYPE = "GPU"  # Vertex's batch size rule for GPU: 8 examples a step
 
 
 def tune_and_deploy(job: dict, outputs: Path) -> dict:
@@ -33,6 +32,7 @@ def tune_and_deploy(job: dict, outputs: Path) -> dict:
     job's ``tunedModel`` and ``tuningDataStats``."""
     from kfp import dsl
 
+    from components.common.accelerators import DEFAULT_ACCELERATOR_TYPE
     from components.common.images import BASE_IMAGE
     from components.common.model_catalog import resolve_model
     from components.deploy_endpoint.component import deploy_endpoint
@@ -59,13 +59,13 @@ def tune_and_deploy(job: dict, outputs: Path) -> dict:
     transform.python_func(validated_dataset=validated, dataset_format=DATASET_FORMAT,
                           default_context="", tokenized_dataset=tokenized, **common)
     examples = validated.metadata["num_examples"]
-    batch_size = settings.batch_size(resolve_model(base).context_class, ACCELERATOR_TYPE)
+    batch_size = settings.batch_size(resolve_model(base).context_class, DEFAULT_ACCELERATOR_TYPE)
     tuned = artifact(dsl.Model, "tuned_model")
     tune.python_func(
         tokenized_dataset=tokenized, train_steps=0,
         learning_rate_multiplier=job["learningRateMultiplier"],
         evaluation_interval=settings.steps_for_epochs(1, examples, batch_size),
-        enable_early_stopping=False, accelerator=ACCELERATOR_TYPE,
+        enable_early_stopping=False, accelerator=DEFAULT_ACCELERATOR_TYPE,
         tensorboard_resource_id="", tuned_model=tuned,
         training_metrics=artifact(dsl.Metrics, "training_metrics"),
         loss_curve=artifact(dsl.Markdown, "loss_curve"), adapter_size=job["adapterSize"],

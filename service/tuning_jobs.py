@@ -36,9 +36,9 @@ from __future__ import annotations
 import json
 import re
 
-from pipelines.parameters import (MAX_DESCRIPTION_LENGTH, MAX_DISPLAY_NAME_LENGTH,
-                                          MAX_EPOCH_COUNT, MAX_TEXT_LENGTH, integer_problem,
-                                          labels_problems, multiplier_problem, text_problems)
+from pipelines.parameters import (MAX_DESCRIPTION_LENGTH, MAX_DISPLAY_NAME_LENGTH, MAX_EPOCH_COUNT,
+                                  MAX_TEXT_LENGTH, integer_problem, labels_problems,
+                                  multiplier_problem, text_problems)
 from components.tune import settings as tune_settings
 from service import proto_json
 from service.http_api import ApiError, Call

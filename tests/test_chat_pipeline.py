@@ -108,7 +108,7 @@ def chat_run(tmp_path_factory, tiny_model_dir, sample_dir):
 
 def test_chat_data_is_tokenized_with_the_default_context(chat_run, tiny_model_dir):
     from components.common.model_loading import load_tokenizer
-    from components.common.token_dataset import TokenDataset
+    from components.common.artifacts.token_dataset import TokenDataset
 
     run_dir, _ = chat_run
     context = make_samples_module().DEFAULT_CONTEXT

@@ -128,7 +128,7 @@ def test_the_teacher_labels_and_explains_and_unparseable_answers_are_counted(
 
 def test_the_student_is_tuned_on_label_and_rationale_tasks(distillation_run, tiny_model_dir):
     from components.common.model_loading import load_tokenizer
-    from components.common.token_dataset import TokenDataset
+    from components.common.artifacts.token_dataset import TokenDataset
 
     run_dir, _ = distillation_run
     records = _jsonl(run_dir / "generate-rationales" / "rationale_dataset" / "train.jsonl")

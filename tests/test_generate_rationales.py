@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_teacher import EXPLAIN_MARK, FakeTeacher, last_input
-from components.common.validated_dataset import EVAL_FILE, TRAIN_FILE
+from components.common.artifacts.validated_dataset import EVAL_FILE, TRAIN_FILE
 from components.generate_rationales.examples import ExampleDataError, parse_examples
 from components.generate_rationales.http_calls import RetryPolicy, retry_after_seconds
 from components.generate_rationales.prompting import (ANSWER, EMPTY, EXPLAIN, MISSING_ANSWER,

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from components.common import model_catalog
-from components.common.model_catalog import (UnknownModelError, VERTEX_ALIASES, context_class_of,
+from components.common.model_catalog import (UnknownModelError, VERTEX_ALIASES, context_class,
                                              resolve_model)
 
 
@@ -40,9 +40,12 @@ def test_unknown_reference_lists_the_known_ones(tmp_path):
         resolve_model(str(tmp_path))  # a folder without config.json is no checkpoint
 
 
-def test_context_class_comes_from_the_name():
-    assert context_class_of("text-bison-32k@002") == "32k"
-    assert context_class_of("text-bison@002") == "8k"
+def test_context_class_comes_from_the_name_unless_given():
+    assert context_class("text-bison-32k@002", "") == "32k"
+    assert context_class("text-bison@002", "") == "8k"
+    assert context_class("text-bison@002", "32K") == "32k"
+    with pytest.raises(ValueError, match="max_context_length must be '', '8k' or '32k'"):
+        context_class("text-bison@002", "16k")
 
 
 def test_memoized_shares_one_result_per_arguments_within_the_block_only():

@@ -18,13 +18,13 @@ from components.common.distillation_tasks import (DEFAULT_LABEL_WEIGHT,  # noqa:
                                                   LABEL_PREFIX, RATIONALE_PREFIX)
 from components.common.prompts import (chat_messages, format_conversation_prompt,  # noqa: E402
                                        format_prompt, format_target)
-from components.common.token_dataset import TokenDataset  # noqa: E402
+from components.common.artifacts.token_dataset import TokenDataset  # noqa: E402
 from components.common.encoding import ExampleEncoder  # noqa: E402
 from components.common.prompt_templates import (TemplateRenderer,  # noqa: E402
                                                 template_is_content_opaque)
 from components.transform.transform import (TransformError, transform_dataset,  # noqa: E402
                                             transform_for_pipeline)
-from components.common.validated_dataset import TRAIN_FILE  # noqa: E402
+from components.common.artifacts.validated_dataset import TRAIN_FILE  # noqa: E402
 from components.validate_dataset.validator import run_validation  # noqa: E402
 
 MODEL = "text-bison@002"

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from components.common.prompts import chat_messages, format_prompt, format_target
-from components.common.token_dataset import TokenDatasetWriter
+from components.common.artifacts.token_dataset import TokenDatasetWriter
 
 
 def write_token_dataset(tokenizer, jsonl: Path, directory: Path, limit: int | None = None) -> Path:

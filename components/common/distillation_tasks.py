@@ -15,7 +15,7 @@ every prompt starts with :data:`LABEL_PREFIX`, recorded as ``input_prefix`` in t
 datasets' meta and the tuned model's metadata, so no rationale is generated or paid for.
 
 In a token dataset the loss-mask value of a target token is its task's :attr:`Task.mask_value`
-(label 1, rationale 2; :mod:`components.common.token_dataset`).
+(label 1, rationale 2; :mod:`components.common.artifacts.token_dataset`).
 """
 from __future__ import annotations
 

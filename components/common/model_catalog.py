@@ -100,7 +100,7 @@ def known_references() -> list[str]:
     return sorted(VERTEX_ALIASES) + sorted(CATALOG)
 
 
-def context_class_of(reference: str) -> str:
+def _implied_context_class(reference: str) -> str:
     """``32k`` for ``*-32k`` model names, else ``8k``."""
     return "32k" if "-32k" in reference.split("@")[0] else "8k"
 
@@ -113,7 +113,7 @@ def context_class(large_model_reference: str, max_context_length: str) -> str:
     if value:
         raise ValueError(f"max_context_length must be '', '8k' or '32k', "
                          f"not {max_context_length!r}")
-    return context_class_of(large_model_reference or "")
+    return _implied_context_class(large_model_reference or "")
 
 
 def _locate(reference: str) -> tuple[str, CatalogEntry | Path]:
@@ -151,13 +151,13 @@ def resolve_model(reference: str) -> ResolvedModel:
             checkpoint=str(_embedded_checkpoint(found)),
             source=f"catalog:{found.name} ({found.description})",
             recommended_learning_rate=found.recommended_learning_rate,
-            context_class=context_class_of(reference),
+            context_class=_implied_context_class(reference),
         )
     if kind == "folder":
         return ResolvedModel(reference, str(found.resolve()), f"folder:{found.resolve()}",
-                             DEFAULT_LORA_LEARNING_RATE, context_class_of(reference))
+                             DEFAULT_LORA_LEARNING_RATE, _implied_context_class(reference))
     return ResolvedModel(reference, str(_converted_gguf(found)), f"gguf:{found.resolve()}",
-                         DEFAULT_LORA_LEARNING_RATE, context_class_of(reference))
+                         DEFAULT_LORA_LEARNING_RATE, _implied_context_class(reference))
 
 
 def _embedded_gguf(entry: CatalogEntry) -> Path:

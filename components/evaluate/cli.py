@@ -13,14 +13,16 @@ status: 0 done, 2 bad arguments, model or data (with a message saying what is wr
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from components.common.artifacts.evaluation_results import (PREDICTIONS_FILE, RESULTS_FILE,
+                                                            write_results)
+from components.common.artifacts.tuned_model import final_checkpoint, read_index
 from components.evaluate.evaluation import (EvaluationDataError, GenerationSettings, ModelSource,
-                                            evaluate_sources, read_eval_examples, write_directory)
+                                            evaluate_sources, read_eval_examples)
 
 PROG = "tunepipe evaluate"
 
@@ -51,12 +53,8 @@ def resolve_source(value: str, label: str) -> tuple[ModelSource, str]:
     path = Path(value).expanduser()
     if (path / TUNED_MODEL_METADATA).exists():
         return _tuned(path, label, read_tuned_model_metadata(path))
-    if (path / "checkpoints.json").exists():
-        index = json.loads((path / "checkpoints.json").read_text())
-        checkpoints = index.get("checkpoints") or []
-        if not checkpoints:
-            raise ModelNotFound(f"{value}: checkpoints.json lists no checkpoints")
-        final = path / checkpoints[-1]["dir"]
+    if read_index(path) is not None:  # a tune output: its final checkpoint
+        final = final_checkpoint(path)
         return _tuned(final, label, read_tuned_model_metadata(final))
     problems = []
     try:
@@ -97,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=GenerationSettings.batch_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu or cuda (default: a GPU when present)")
+    parser.add_argument("--max-context-length", default="", choices=("", "8k", "32k"),
+                        help="the token limits of the examples: 8k or 32k (default: what the "
+                             "model's name implies)")
     parser.add_argument("--output", metavar="DIR",
-                        help="also write results.json and predictions.jsonl into DIR")
+                        help=f"also write {RESULTS_FILE} and {PREDICTIONS_FILE} into DIR")
     return parser
 
 
@@ -139,13 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         references.append(reference)
 
     from components.common.distillation_tasks import input_prefix
-    from components.common.model_catalog import context_class_of
+    from components.common.model_catalog import context_class
     from components.common.model_loading import read_tuned_model_metadata
 
-    context_class = context_class_of(references[-1] or "")
+    model_class = context_class(references[-1] or "", args.max_context_length)
     model = sources[-1]
     prefix = input_prefix(read_tuned_model_metadata(model.path)) if model.kind == "tuned" else ""
-    evaluations, shared = evaluate_sources(sources, examples, settings, context_class=context_class,
+    evaluations, shared = evaluate_sources(sources, examples, settings, context_class=model_class,
                                            device=args.device, prefix=prefix, progress=_stderr)
     print(format_table(evaluations, shared, args.data))
     if args.output:
@@ -156,10 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "outputs": {e.source.label: e.predictions[i] for e in evaluations},
                  "scores": {e.source.label: e.per_example[i] for e in evaluations}}
                 for i, example in enumerate(examples)]
-        write_directory(args.output, {
-            "results.json": json.dumps(results, indent=2, sort_keys=True) + "\n",
-            "predictions.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)})
-        print(f"Wrote {Path(args.output) / 'results.json'} and predictions.jsonl")
+        write_results(args.output, results, rows)
+        print(f"Wrote {Path(args.output) / RESULTS_FILE} and {PREDICTIONS_FILE}")
     return 0
 
 

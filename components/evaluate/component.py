@@ -14,6 +14,7 @@ def evaluate(
     validated_dataset: dsl.Input[dsl.Dataset],
     tokenized_dataset: dsl.Input[dsl.Dataset],
     large_model_reference: str,
+    max_context_length: str,
     evaluation_metrics: dsl.Output[dsl.Metrics],
     classification_metrics: dsl.Output[dsl.ClassificationMetrics],
     evaluation_results: dsl.Output[dsl.Artifact],
@@ -30,6 +31,8 @@ def evaluate(
         validated_dataset: validate's output; ``eval.jsonl`` holds the evaluation examples.
         tokenized_dataset: transform's output; ``eval/`` is the tokenized evaluation set.
         large_model_reference: The base model (used when the tune output does not name it).
+        max_context_length: '8k', '32k' or '' for what the model name implies: the token limits
+            of examples tokenized here.
         evaluation_metrics: base_* and tuned_* (final checkpoint) scalars: eval_total_loss,
             eval_fraction_of_correct_next_step_preds, eval_num_predictions, exact_match, bleu,
             rouge_l and, for classification data, accuracy and macro_f1.
@@ -42,19 +45,21 @@ def evaluate(
         topP: Nucleus sampling threshold (1.0: off).
         topK: Top-k sampling (0: off).
     """
-    from components.common.storage import write_text
+    from components.common.artifacts.evaluation_results import write_results
+    from components.common.artifacts.tuned_model import read_training_metrics
+    from components.common.markdown import write_report
     from components.evaluate.evaluation import (GenerationSettings, evaluate_tuning_run,
-                                                results_files, scalar_metrics, write_directory)
-    from components.evaluate.report import read_training_metrics, render_report
+                                                scalar_metrics)
+    from components.evaluate.report import render_report
 
     settings = GenerationSettings(temperature=temperature, max_output_tokens=maxOutputTokens,
                                   top_p=topP, top_k=topK)
     results, predictions = evaluate_tuning_run(tuned_model.path, validated_dataset.path,
                                                tokenized_dataset.path, large_model_reference,
-                                               settings)
-    write_directory(evaluation_results.path, results_files(results, predictions))
-    write_text(report.path, render_report(results, predictions,
-                                          read_training_metrics(tuned_model.path)))
+                                               settings, max_context_length=max_context_length)
+    write_results(evaluation_results.path, results, predictions)
+    write_report(report.path, render_report(results, predictions,
+                                            read_training_metrics(tuned_model.path)))
     for name, value in scalar_metrics(results).items():
         evaluation_metrics.log_metric(name, value)
     evaluation_results.metadata["evaluated"] = bool(results.get("evaluated"))

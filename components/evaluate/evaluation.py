@@ -5,8 +5,8 @@ For each model:
 - token metrics (:mod:`components.common.token_metrics`, Vertex's names, computed by the tuner's
   packed scorer, :func:`components.common.packing.score_examples`): ``eval_total_loss``,
   ``eval_fraction_of_correct_next_step_preds``, ``eval_num_predictions``, on the tokenized eval
-  set (transform's ``tokenized_dataset/eval``; tokenized here with transform's encoder when a
-  caller has only the JSONL);
+  set (transform's, :mod:`components.common.artifacts.tokenized_dataset`; tokenized here with
+  transform's encoder when a caller has only the JSONL);
 - generation metrics (:mod:`components.evaluate.metrics`): the model answers every eval prompt
   (``prompts.format_prompt``) with batched generation (:mod:`components.common.generation`) and
   the answers are scored: ``exact_match``, ``bleu``, ``rouge_l`` and, when the expected outputs
@@ -38,13 +38,16 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from components.common.artifacts import validated_dataset
+from components.common.artifacts.tokenized_dataset import eval_dir
+from components.common.artifacts.tuned_model import read_checkpoints
 from components.common.distillation_tasks import input_prefix
 from components.common.generation import (DEFAULT_BATCH_SIZE, MAX_OUTPUT_TOKENS_LIMIT,
                                           SamplingParams, generate_detailed)
@@ -53,15 +56,9 @@ from components.common.model_loading import (base_checkpoint_of, load_base_model
 from components.common.packed_linear import use_packed_weights
 from components.common.precision import Precision, choose_precision
 from components.common.prompts import format_prompt
-from components.common.storage import staged_local_path
 from components.common.packing import score_examples
-from components.common.validated_dataset import EVAL_FILE
 from components.evaluate.metrics import generation_metrics, label_set
 
-CHECKPOINTS_INDEX = "checkpoints.json"
-EVAL_TOKENS = "eval"
-RESULTS_FILE = "results.json"
-PREDICTIONS_FILE = "predictions.jsonl"
 MAX_OUTPUT_MARGIN = 16  # tokens beyond the longest expected output (maxOutputTokens = 0)
 GENERATION_BUDGET = 4000  # example-generations on a CPU before generation is limited
 NOT_EVALUATED_REASON = "no evaluation data"
@@ -127,7 +124,8 @@ class EvalExample:
 
 
 def read_eval_examples(path: str | os.PathLike) -> list[EvalExample]:
-    """The examples of an eval JSONL file (text format: ``input_text``, ``output_text``)."""
+    """The examples of a user's eval JSONL file (text format: ``input_text``, ``output_text``),
+    checked as the validator checks evaluation data."""
     from components.common.dataset_formats import parse_example
 
     examples = []
@@ -153,6 +151,12 @@ def read_eval_examples(path: str | os.PathLike) -> list[EvalExample]:
     if not examples:
         raise EvaluationDataError(f"{name}: no examples")
     return examples
+
+
+def read_validated_eval_examples(path: str | os.PathLike) -> list[EvalExample]:
+    """The examples of a validated dataset's evaluation file (validated: not checked again)."""
+    return [EvalExample(*example.turns[0], number) for number, _, example
+            in validated_dataset.read_examples(path, "text")]
 
 
 def tokenize_examples(tokenizer, examples: Sequence[EvalExample], context_class: str = "8k",
@@ -306,23 +310,6 @@ def evaluate_sources(sources: Sequence[ModelSource], examples: Sequence[EvalExam
 # ------------------------------------------------------------------------------------ tuning runs
 
 
-def read_checkpoints_index(tuned_model_dir: str | os.PathLike) -> dict:
-    """``checkpoints.json`` of a tune output; a lone tuned model folder counts as one checkpoint."""
-    root = Path(tuned_model_dir)
-    index_path = root / CHECKPOINTS_INDEX
-    if index_path.exists():
-        index = json.loads(index_path.read_text())
-        if not index.get("checkpoints"):
-            raise ValueError(f"{index_path} lists no checkpoints")
-        return index
-    from components.common.model_loading import read_tuned_model_metadata
-
-    metadata = read_tuned_model_metadata(root)  # raises FileNotFoundError naming the folder
-    step = metadata.get("step")
-    return {"checkpoints": [{"step": step, "dir": ".", "eval": metadata.get("eval_metrics")}],
-            "final_step": step, "stopped_early": False, "base_model": metadata.get("base_model")}
-
-
 def best_by_recorded_loss(checkpoints: Sequence[dict]) -> dict | None:
     """The checkpoint with the lowest ``eval_total_loss`` the tuner recorded (earliest on ties)."""
     scored = [(c["eval"]["eval_total_loss"], c["step"], i) for i, c in enumerate(checkpoints)
@@ -367,25 +354,29 @@ def base_model_of(index: dict, large_model_reference: str) -> tuple[str, str]:
 def evaluate_tuning_run(tuned_model_dir: str | os.PathLike, validated_dataset_dir: str | os.PathLike,
                         tokenized_dataset_dir: str | os.PathLike | None, large_model_reference: str,
                         settings: GenerationSettings | None = None, *,
+                        max_context_length: str = "",
                         device: torch.device | str | None = None,
                         generation_budget: int | None = GENERATION_BUDGET,
                         progress: Progress = _print) -> tuple[dict, list[dict]]:
     """Evaluates the base model and every kept checkpoint; returns ``(results, predictions)``.
+    ``max_context_length`` ('8k', '32k', '': the base model's) bounds examples tokenized here.
 
-    Without ``eval.jsonl`` in the validated dataset: ``({"evaluated": False, "reason": ...}, [])``.
+    Without evaluation data in the validated dataset: ``({"evaluated": False, "reason": ...},
+    [])``.
     """
     settings = settings or GenerationSettings()
-    eval_path = Path(validated_dataset_dir) / EVAL_FILE
-    if not eval_path.exists():
+    eval_path = validated_dataset.examples_file(validated_dataset_dir, validated_dataset.EVAL)
+    if eval_path is None:
         return {"evaluated": False, "reason": NOT_EVALUATED_REASON,
-                "detail": f"{eval_path} does not exist (no evaluation_data_uri)"}, []
+                "detail": f"{validated_dataset_dir} has no evaluation examples "
+                          "(no evaluation_data_uri)"}, []
     started = time.perf_counter()
-    examples = read_eval_examples(eval_path)
-    index = read_checkpoints_index(tuned_model_dir)
+    examples = read_validated_eval_examples(eval_path)
+    index = read_checkpoints(tuned_model_dir)
     checkpoints = index["checkpoints"]
-    tokens_dir = Path(tokenized_dataset_dir) / EVAL_TOKENS if tokenized_dataset_dir else None
-    if tokens_dir and tokens_dir.is_dir():
-        from components.common.token_dataset import TokenDataset
+    tokens_dir = eval_dir(tokenized_dataset_dir) if tokenized_dataset_dir else None
+    if tokens_dir:
+        from components.common.artifacts.token_dataset import TokenDataset
 
         token_set = TokenDataset(tokens_dir)
         token_examples, prefix = list(token_set), input_prefix(token_set.meta)
@@ -401,7 +392,7 @@ def evaluate_tuning_run(tuned_model_dir: str | os.PathLike, validated_dataset_di
         token_source = "tokenized here (no tokenized eval set)"
 
     base_reference, base_checkpoint = base_model_of(index, large_model_reference)
-    from components.common.model_catalog import context_class_of
+    from components.common.model_catalog import context_class
 
     device = torch.device(device) if device is not None else select_device()
     generate_labels, plan_reason = generation_plan(checkpoints, len(examples), device.type,
@@ -411,8 +402,8 @@ def evaluate_tuning_run(tuned_model_dir: str | os.PathLike, validated_dataset_di
         for c in checkpoints]
     evaluations, shared = evaluate_sources(
         sources, examples, settings, generate_labels=generate_labels, token_examples=token_examples,
-        context_class=context_class_of(base_reference), device=device, prefix=prefix,
-        progress=progress)
+        context_class=context_class(base_reference, max_context_length), device=device,
+        prefix=prefix, progress=progress)
 
     base = evaluations[0]
     best = best_checkpoint(checkpoints, [e.metrics for e in evaluations[1:]])
@@ -473,42 +464,7 @@ def prediction_rows(examples: Sequence[EvalExample], evaluations: Sequence[Model
     return rows
 
 
-# ------------------------------------------------------------------------------------ outputs
-
-
-def write_directory(target: str | os.PathLike, files: dict[str, str | bytes]) -> None:
-    """Writes ``files`` (relative name -> content) as the directory ``target``, atomically:
-    built in a temporary sibling, then renamed into place (replacing an old one)."""
-    with staged_local_path(Path(target)) as staging:
-        for name, content in files.items():
-            path = staging / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-
-
-def results_files(results: dict, predictions: Sequence[dict]) -> dict[str, str]:
-    """The files of the ``evaluation_results`` directory."""
-    files = {RESULTS_FILE: json.dumps(results, indent=2, sort_keys=True, default=_json_default) + "\n"}
-    if results.get("evaluated"):
-        files[PREDICTIONS_FILE] = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
-    return files
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def read_results(evaluation_results_dir: str | os.PathLike) -> dict | None:
-    """``results.json`` of an ``evaluation_results`` directory (None when absent)."""
-    path = Path(evaluation_results_dir) / RESULTS_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
+# ------------------------------------------------------------------------------------ metrics
 
 # Metric names copied into the KFP Metrics artifact (prefixed base_ / tuned_).
 SCALAR_METRICS = ("eval_total_loss", "eval_fraction_of_correct_next_step_preds", "eval_num_predictions",

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
-import os
-from pathlib import Path
 from typing import Sequence
 
+from components.common.artifacts.evaluation_results import PREDICTIONS_FILE, RESULTS_FILE
+from components.common.artifacts.tuned_model import METRICS_FILE
 from components.common.markdown import table_cell
 
-METRICS_JSONL = "metrics.jsonl"
 WORST_EXAMPLES = 10
 
 _COLUMNS = (
@@ -26,22 +24,6 @@ _COLUMNS = (
     ("accuracy", "accuracy", "{:.3f}"),
     ("macro_f1", "macro-F1", "{:.3f}"),
 )
-
-
-def read_training_metrics(tuned_model_dir: str | os.PathLike) -> list[dict]:
-    """The records of ``metrics.jsonl`` in a tune output ([] when absent); bad lines skipped."""
-    path = Path(tuned_model_dir) / METRICS_JSONL
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            records.append(record)
-    return records
 
 
 def loss_curve_png(records: Sequence[dict]) -> bytes | None:
@@ -150,7 +132,7 @@ def render_report(results: dict, predictions: Sequence[dict], training_metrics: 
     if png:
         lines.append(f"![train and eval loss per step](data:image/png;base64,{base64.b64encode(png).decode()})")
     else:
-        lines.append("No training metrics (metrics.jsonl) to plot.")
+        lines.append(f"No training metrics ({METRICS_FILE}) to plot.")
     lines.append("")
 
     classification = tuned.get("classification")
@@ -179,5 +161,6 @@ def render_report(results: dict, predictions: Sequence[dict], training_metrics: 
     else:
         lines.append("The final checkpoint did not generate.")
     lines.append("")
-    lines.append("Full results: `results.json` and `predictions.jsonl` in the evaluation_results artifact.")
+    lines.append(f"Full results: `{RESULTS_FILE}` and `{PREDICTIONS_FILE}` in the "
+                 "evaluation_results artifact.")
     return "\n".join(lines) + "\n"

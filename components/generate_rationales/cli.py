@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from components.common.artifacts.validated_dataset import TRAIN_FILE
 from components.common.storage import write_text
-from components.common.validated_dataset import TRAIN_FILE
 from components.generate_rationales.examples import ExampleDataError
 from components.generate_rationales.http_calls import RetryPolicy
 from components.generate_rationales.rationales import (RationaleError, RationaleSettings,

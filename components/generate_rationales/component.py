@@ -61,7 +61,7 @@ def generate_rationales(
         request_timeout_seconds: Time limit of one HTTP call.
         max_retries: Retries of an HTTP call after 429, 5xx or a timeout, with backoff.
     """
-    from components.common.storage import write_text
+    from components.common.markdown import write_report
     from components.generate_rationales.http_calls import RetryPolicy
     from components.generate_rationales.rationales import (RationaleSettings,
                                                            generate_rationales_for_pipeline,
@@ -78,7 +78,7 @@ def generate_rationales(
                                            rationale_dataset.path, settings, project=project,
                                            location=location, concurrency=concurrency,
                                            policy=policy)
-    write_text(report.path, render_markdown(run.report))
+    write_report(report.path, render_markdown(run.report))
     scalars = scalar_metrics(run.report)
     for name, value in scalars.items():
         metrics.log_metric(name, value)

@@ -4,8 +4,13 @@ One example a line: ``{"input_text": str, "output_text": str (optional)}``. With
 ``output_text`` (absent or null) the example is unlabeled and the teacher writes its label. A
 labeled example may carry a hand-written ``rationale`` (a string): such examples are preferred as
 few-shot demonstrations (the paper's chain-of-thought demonstrations are hand-written). Other
-fields are ignored. Blank lines are skipped; an example's ``index`` counts the examples (0-based),
-its ``line`` the file's lines (1-based).
+fields are ignored. An example's ``index`` counts the examples (0-based), its ``line`` the file's
+lines (1-based).
+
+A validated dataset folder is read through its contract
+(:mod:`components.common.artifacts.validated_dataset`), without checking its examples again; a
+JSONL file is checked here (blank lines are skipped). Either way a ``rationale`` is checked: the
+validator ignores that field.
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.common.artifacts import validated_dataset
 from components.common.storage import read_text
-from components.common.validated_dataset import EVAL_FILE, TRAIN_FILE
 
 
 class ExampleDataError(ValueError):
@@ -37,18 +42,19 @@ class DistillationExample:
         return self.output_text is not None
 
 
-def dataset_file(dataset: str | os.PathLike) -> str:
-    """The JSONL file of ``dataset``: a validated dataset folder (validate_dataset's output, whose
-    ``train.jsonl`` is read), or a JSONL file (local path, ``file://`` or ``gs://`` URI)."""
-    path = Path(str(dataset))
-    return str(path / TRAIN_FILE) if path.is_dir() else str(dataset)
-
-
 def evaluation_file(dataset: str | os.PathLike) -> Path | None:
-    """The ``eval.jsonl`` of a validated dataset folder; None for a JSONL file or a folder
+    """The evaluation examples of a validated dataset folder; None for a JSONL file or a folder
     without evaluation data."""
-    path = Path(str(dataset)) / EVAL_FILE
-    return path if path.is_file() else None
+    path = Path(str(dataset))
+    return validated_dataset.examples_file(path, validated_dataset.EVAL) if path.is_dir() else None
+
+
+def _example(index: int, line: int, record: dict, where: str) -> DistillationExample:
+    rationale = record.get("rationale")
+    if rationale is not None and (not isinstance(rationale, str) or not rationale.strip()):
+        raise ExampleDataError(f"{where}: rationale must be a non-empty string, null or absent")
+    return DistillationExample(index, line, record["input_text"], record.get("output_text"),
+                               rationale)
 
 
 def parse_examples(text: str, source: str) -> list[DistillationExample]:
@@ -64,34 +70,35 @@ def parse_examples(text: str, source: str) -> list[DistillationExample]:
             raise ExampleDataError(f"{where}: not valid JSON ({error.msg})") from None
         if not isinstance(record, dict):
             raise ExampleDataError(f"{where}: expected a JSON object with input_text")
-        fields = {name: record.get(name) for name in ("input_text", "output_text", "rationale")}
-        if not isinstance(fields["input_text"], str) or not fields["input_text"].strip():
+        input_text, output_text = record.get("input_text"), record.get("output_text")
+        if not isinstance(input_text, str) or not input_text.strip():
             raise ExampleDataError(f"{where}: input_text must be a non-empty string")
-        for name in ("output_text", "rationale"):
-            value = fields[name]
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise ExampleDataError(f"{where}: {name} must be a non-empty string, null or "
-                                       "absent")
-        examples.append(DistillationExample(len(examples), line_number, **fields))
+        if output_text is not None and (not isinstance(output_text, str)
+                                        or not output_text.strip()):
+            raise ExampleDataError(f"{where}: output_text must be a non-empty string, null or "
+                                   "absent")
+        examples.append(_example(len(examples), line_number, record, where))
     if not examples:
         raise ExampleDataError(f"{source}: no examples")
     return examples
 
 
+def read_validated_examples(path: Path) -> list[DistillationExample]:
+    """The examples of a validated distillation JSONL file (validated: not checked again)."""
+    return [_example(index, line, record, f"{path}:{line}") for index, (line, record, _)
+            in enumerate(validated_dataset.read_examples(path, "distillation"))]
+
+
 def read_examples(dataset: str | os.PathLike) -> list[DistillationExample]:
-    """The examples of a dataset (see :func:`dataset_file` for what ``dataset`` may be)."""
-    source = dataset_file(dataset)
-    return parse_examples(read_text(source), source)
+    """The examples of a dataset: a validated dataset folder (validate_dataset's output: its
+    training examples), or a JSONL file (local path, ``file://`` or ``gs://`` URI)."""
+    path = Path(str(dataset))
+    if path.is_dir():
+        return read_validated_examples(path / validated_dataset.TRAIN_FILE)
+    return parse_examples(read_text(str(dataset)), str(dataset))
 
 
 def read_evaluation_examples(dataset: str | os.PathLike) -> list[DistillationExample]:
-    """The labeled examples of a validated dataset folder's ``eval.jsonl`` ([] without one)."""
+    """The (labeled) evaluation examples of a validated dataset folder ([] without any)."""
     path = evaluation_file(dataset)
-    if path is None:
-        return []
-    examples = parse_examples(path.read_text(encoding="utf-8"), str(path))
-    unlabeled = [e.line for e in examples if not e.labeled]
-    if unlabeled:
-        raise ExampleDataError(f"{path}:{unlabeled[0]}: output_text: evaluation examples must "
-                               "be labeled")
-    return examples
+    return [] if path is None else read_validated_examples(path)

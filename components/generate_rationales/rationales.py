@@ -20,9 +20,9 @@ Prompts and parsing are :mod:`.prompting`'s; every answer is appended to the cal
 (:mod:`.call_log`) as it arrives, so a second run on the same output folder asks the teacher
 only what is missing.
 
-The output folder is a validated dataset folder (:mod:`components.common.validated_dataset`)
-that transform and evaluate read as they read validate_dataset's: ``train.jsonl``, one line per
-kept example, in dataset order::
+The output folder is a validated dataset folder
+(:mod:`components.common.artifacts.validated_dataset`) that transform and evaluate read as they
+read validate_dataset's: ``train.jsonl``, one line per kept example, in dataset order::
 
     {"index": 3, "input_text": ..., "output_text": ..., "rationale": ... | null,
      "label_source": "gold" | "teacher", "parse_status": "ok" | "missing_rationale" | ...,
@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from components.common.artifacts.validated_dataset import EVAL_FILE, TRAIN_FILE, write_records
 from components.common.storage import write_bytes, write_text
-from components.common.validated_dataset import EVAL_FILE, TRAIN_FILE
 from components.generate_rationales.call_log import CallLog, Completion
 from components.generate_rationales.examples import (DistillationExample, evaluation_file,
                                                      read_evaluation_examples, read_examples)
@@ -294,11 +294,6 @@ def scalar_metrics(report: dict) -> dict[str, float]:
     return {name: float(value) for name, value in scalars.items() if value is not None}
 
 
-def write_jsonl(uri: str, records: Sequence[dict]) -> None:
-    """Writes records as JSONL, atomically (local path or gs://)."""
-    write_text(uri, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
 def copy_evaluation_data(dataset: str | os.PathLike, output_dir: Path) -> None:
     """Copies the ``eval.jsonl`` of a validated dataset folder into ``output_dir`` as it is
     (atomically); without one, removes a copy an earlier run on other data left there."""
@@ -328,7 +323,7 @@ def generate_rationales_for_pipeline(dataset: str, teacher_model_reference: str,
                               evaluation)
     run.report["teacher"]["reference"] = teacher_model_reference
     run.report["dataset"] = str(dataset)
-    write_jsonl(str(output / TRAIN_FILE), run.records)
+    write_records(output / TRAIN_FILE, run.records)
     copy_evaluation_data(dataset, output)
     write_text(str(output / REPORT_FILE), json.dumps(run.report, indent=2, ensure_ascii=False) + "\n")
     if not run.records:

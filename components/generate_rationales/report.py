@@ -2,6 +2,7 @@
 :func:`components.generate_rationales.rationales.generate_rationales`."""
 from __future__ import annotations
 
+from components.common.artifacts.validated_dataset import TRAIN_FILE
 from components.common.markdown import table_cell
 
 
@@ -66,6 +67,6 @@ def render_markdown(report: dict) -> str:
                   f"{table_cell(s['rationale'])} |" for s in report["samples"]]
     else:
         lines.append("None: no teacher reply had a parseable rationale.")
-    lines += ["", "Full output: `train.jsonl`, `report.json` and the raw replies "
+    lines += ["", f"Full output: `{TRAIN_FILE}`, `report.json` and the raw replies "
               "`teacher_calls.jsonl` in the rationale_dataset artifact."]
     return "\n".join(lines) + "\n"

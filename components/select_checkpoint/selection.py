@@ -34,6 +34,9 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from components.common.artifacts.evaluation_results import RESULTS_FILE, read_results
+from components.common.artifacts.tuned_model import (CHECKPOINTS_DIR, CHECKPOINTS_INDEX,
+                                                     read_checkpoints)
 from components.common.model_loading import TRAINING_STATE, TUNED_MODEL_METADATA
 from components.common.storage import staged_local_path
 
@@ -72,10 +75,10 @@ def candidate_losses(checkpoints: Sequence[dict], results: dict | None) -> tuple
                   if entry.get("step") in known_steps
                   and _finite((entry.get("metrics") or {}).get(SELECTION_METRIC))}
         if losses:
-            return losses, "evaluate (results.json)"
+            return losses, f"evaluate ({RESULTS_FILE})"
     losses = {entry["step"]: float(entry["eval"][SELECTION_METRIC]) for entry in checkpoints
               if _finite((entry.get("eval") or {}).get(SELECTION_METRIC))}
-    return losses, ("tuner (checkpoints.json)" if losses else None)
+    return losses, (f"tuner ({CHECKPOINTS_INDEX})" if losses else None)
 
 
 def choose_checkpoint(checkpoints: list[dict], results: dict | None, mode: str,
@@ -127,23 +130,6 @@ def selection_record(checkpoints: Sequence[dict], results: dict | None, mode: st
     }
 
 
-def read_checkpoints(tuned_model_dir: str | os.PathLike) -> list[dict]:
-    """The ``checkpoints`` of ``checkpoints.json``; a lone tuned model folder is one checkpoint."""
-    root = Path(tuned_model_dir)
-    index = root / "checkpoints.json"
-    if index.exists():
-        checkpoints = json.loads(index.read_text()).get("checkpoints") or []
-        if not checkpoints:
-            raise ValueError(f"{index} lists no checkpoints")
-        return checkpoints
-    metadata_path = root / TUNED_MODEL_METADATA
-    if not metadata_path.exists():
-        raise FileNotFoundError(f"{root} is neither a tune output (no checkpoints.json) nor a tuned "
-                                f"model folder (no {TUNED_MODEL_METADATA})")
-    metadata = json.loads(metadata_path.read_text())
-    return [{"step": metadata.get("step"), "dir": ".", "eval": metadata.get("eval_metrics")}]
-
-
 def copy_selected(tuned_model_dir: str | os.PathLike, chosen: dict, selection: dict,
                   target: str | os.PathLike) -> Path:
     """Copies the chosen checkpoint folder to ``target`` (atomically: a temporary sibling renamed
@@ -153,7 +139,7 @@ def copy_selected(tuned_model_dir: str | os.PathLike, chosen: dict, selection: d
         raise FileNotFoundError(f"checkpoint folder {source} is missing or not a tuned model folder")
     target = Path(target)
     with staged_local_path(target) as staging:
-        nested = {"checkpoints", "checkpoints.json"} if chosen["dir"] in (".", "") else set()
+        nested = {CHECKPOINTS_DIR, CHECKPOINTS_INDEX} if chosen["dir"] in (".", "") else set()
         shutil.copytree(source, staging,
                         ignore=lambda folder, names: [n for n in names if n in TRAINING_ONLY_FILES
                                                       or (Path(folder) == source and n in nested)])
@@ -166,12 +152,8 @@ def copy_selected(tuned_model_dir: str | os.PathLike, chosen: dict, selection: d
 def select_and_copy(tuned_model_dir: str | os.PathLike, evaluation_results_dir: str | os.PathLike | None,
                     mode: str, model_reference: str, target: str | os.PathLike) -> dict:
     """The whole step: choose, copy to ``target``, return the selection record."""
-    checkpoints = read_checkpoints(tuned_model_dir)
-    results = None
-    if evaluation_results_dir is not None:
-        results_path = Path(evaluation_results_dir) / "results.json"
-        if results_path.exists():
-            results = json.loads(results_path.read_text())
+    checkpoints = read_checkpoints(tuned_model_dir)["checkpoints"]
+    results = read_results(evaluation_results_dir) if evaluation_results_dir is not None else None
     chosen, reason = choose_checkpoint(checkpoints, results, mode, model_reference)
     selection = selection_record(checkpoints, results, mode, model_reference, chosen, reason)
     copy_selected(tuned_model_dir, chosen, selection, target)

@@ -32,7 +32,7 @@ def transform(
         default_context: Chat: the system context of every example without its own `context`.
             Ignored by the text formats.
         tokenized_dataset: Output directory: train/ and, with evaluation data, eval/ token
-            datasets (components/common/token_dataset.py).
+            datasets (components/common/artifacts/tokenized_dataset.py).
         label_loss_weight: Distillation only: alpha, the label task's weight in the training
             loss alpha * label loss + (1 - alpha) * rationale loss; in [0, 1].
     """

@@ -1,15 +1,16 @@
 """Transform: validated JSONL examples -> token datasets (ids + loss masks) for tuning.
 
-Reads ``train.jsonl`` (and ``eval.jsonl`` when present) from a validated dataset directory and
-writes ``train/`` (and ``eval/``) token datasets (:mod:`components.common.token_dataset`) under the
-output directory, atomically (built in a temporary sibling, renamed into place).
+Reads the training (and evaluation) examples of a validated dataset directory
+(:mod:`components.common.artifacts.validated_dataset`; validated, so not checked again) and
+writes a tokenized dataset (:mod:`components.common.artifacts.tokenized_dataset`), atomically
+(built in a temporary sibling, renamed into place).
 
 Tokenization is :class:`components.common.encoding.ExampleEncoder` (chat template, default
 context, truncation: see that module). It streams: lines are read one by one, encoded in batches
 of ``batch_size`` with one tokenizer call per batch, and written as they are encoded.
 
 The validator already tokenized the examples with the same encoder and left the token datasets in
-``tokens/`` of the validated directory; when their encoding key (tokenizer files, chat template,
+the validated directory; when their encoding key (tokenizer files, chat template,
 format, limits, default context) equals this run's, they are copied instead of re-tokenized. Either
 way the output bytes are the same, and the same input always gives the same bytes.
 
@@ -27,25 +28,21 @@ dropped.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
 
-from components.common.dataset_formats import (Example, normalize_format, parse_example,
-                                               token_limits)
+from components.common.artifacts import validated_dataset
+from components.common.artifacts.token_dataset import TokenDataset, TokenDatasetWriter, read_meta
+from components.common.artifacts.tokenized_dataset import SPLITS, split_dir
+from components.common.dataset_formats import Example, normalize_format, token_limits
 from components.common.distillation_tasks import (DEFAULT_LABEL_WEIGHT, TASKS, check_label_weight,
                                                   task_examples, tasks_metadata)
 from components.common.encoding import (DEFAULT_BATCH_SIZE, ExampleEncoder, batched, encoding_key,
                                         folder_fingerprint, tokenizer_fingerprint)
 from components.common.model_catalog import context_class, resolve_model
-from components.common.token_dataset import TokenDataset, TokenDatasetWriter
-from components.common.validated_dataset import (EVAL_FILE, TOKENS_DIR, TRAIN_FILE,
-                                                 token_metadata, truncation_metadata)
-
-ROLES = (("train", TRAIN_FILE), ("eval", EVAL_FILE))
 
 
 class TransformError(ValueError):
@@ -53,48 +50,34 @@ class TransformError(ValueError):
 
 
 def read_examples(jsonl_path: str | os.PathLike, dataset_format: str,
-                  split_tasks: bool = False, role: str = "train") -> Iterator[Example]:
+                  split_tasks: bool = False, role: str = validated_dataset.TRAIN
+                  ) -> Iterator[Example]:
     """Yields the examples of a validated JSONL file, one line at a time.
 
     With ``split_tasks`` (distillation) every line gives its task examples
     (:func:`components.common.distillation_tasks.task_examples`; eval lines: label only).
     """
-    name = str(jsonl_path)
-    with open(jsonl_path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            raw = raw.rstrip(b"\r\n")
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as error:
-                raise TransformError(f"{name}:{number}: (line): {error}; validate the dataset "
-                                     "first") from None
-            example, problems = parse_example(obj, dataset_format)
-            if problems:
-                field_name, message = problems[0]
-                raise TransformError(f"{name}:{number}: {field_name}: {message}; validate the "
-                                     "dataset first")
-            if not example.labeled:
-                raise TransformError(f"{name}:{number}: output_text: missing; unlabeled "
-                                     "distillation examples must be labeled by the teacher "
-                                     "before transform")
-            if not split_tasks:
-                yield example
-                continue
-            try:
-                split = task_examples(obj, with_rationale=role == "train")
-            except ValueError as error:
-                raise TransformError(f"{name}:{number}: {error}") from None
-            yield from split
+    for number, record, example in validated_dataset.read_examples(jsonl_path, dataset_format):
+        if not example.labeled:
+            raise TransformError(f"{jsonl_path}:{number}: output_text: missing; unlabeled "
+                                 "distillation examples must be labeled by the teacher "
+                                 "before transform")
+        if not split_tasks:
+            yield example
+            continue
+        try:
+            yield from task_examples(record, with_rationale=role == validated_dataset.TRAIN)
+        except ValueError as error:
+            raise TransformError(f"{jsonl_path}:{number}: {error}") from None
 
 
 def tokenize_file(jsonl_path: str | os.PathLike, encoder: ExampleEncoder,
                   output_dir: str | os.PathLike, batch_size: int = DEFAULT_BATCH_SIZE,
-                  role: str = "train", metadata: dict | None = None) -> dict:
+                  role: str = validated_dataset.TRAIN, metadata: dict | None = None) -> dict:
     """Streams one JSONL file (of ``role``: train or eval) into a token dataset at
     ``output_dir``, with ``metadata`` added to its meta; returns its meta."""
-    writer = TokenDatasetWriter(output_dir, {**token_metadata(encoder), **(metadata or {})})
+    writer = TokenDatasetWriter(output_dir, {**validated_dataset.token_metadata(encoder),
+                                             **(metadata or {})})
     truncated = [0, 0, 0]
     examples = read_examples(jsonl_path, encoder.format, bool(encoder.tasks), role)
     with writer:
@@ -104,19 +87,16 @@ def tokenize_file(jsonl_path: str | os.PathLike, encoder: ExampleEncoder,
                 truncated[0] += encoded.input_truncated
                 truncated[1] += encoded.output_truncated
                 truncated[2] += encoded.truncated
-        writer.metadata.update(truncation_metadata(*truncated))
+        writer.metadata.update(validated_dataset.truncation_metadata(*truncated))
     return TokenDataset(output_dir).meta
 
 
 def _usable_cache(cache_dir: Path, key: str) -> bool:
-    meta_path = cache_dir / "meta.json"
-    if not meta_path.is_file():
-        return False
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(cache_dir)
     except ValueError:
         return False
-    return meta.get("encoding_key") == key
+    return meta is not None and meta.get("encoding_key") == key
 
 
 def transform_dataset(validated_dir: str | os.PathLike, dataset_format: str,
@@ -131,10 +111,8 @@ def transform_dataset(validated_dir: str | os.PathLike, dataset_format: str,
     whether the validator's tokens were reused.
     """
     label_loss_weight = check_label_weight(label_loss_weight)
-    validated_dir = Path(validated_dir)
-    train_path = validated_dir / TRAIN_FILE
-    if not train_path.is_file():
-        raise FileNotFoundError(f"{validated_dir} has no {TRAIN_FILE}: is it the output of "
+    if validated_dataset.examples_file(validated_dir, validated_dataset.TRAIN) is None:
+        raise FileNotFoundError(f"{validated_dir} has no training examples: is it the output of "
                                 "validate_dataset?")
     fmt = normalize_format(dataset_format)
     limits = token_limits(fmt, context_class(large_model_reference, max_context_length))
@@ -155,14 +133,15 @@ def transform_dataset(validated_dir: str | os.PathLike, dataset_format: str,
     staging.mkdir()
     summary: dict = {}
     try:
-        for role, file_name in ROLES:
-            source = validated_dir / file_name
-            if not source.is_file():
+        for role in SPLITS:
+            source = validated_dataset.examples_file(validated_dir, role)
+            if source is None:
                 continue
-            cache = validated_dir / TOKENS_DIR / role
+            cache = validated_dataset.token_cache(validated_dir, role)
+            target = split_dir(staging, role)
             if use_cache and key and _usable_cache(cache, key):
-                shutil.copytree(cache, staging / role)
-                meta = TokenDataset(staging / role).meta
+                shutil.copytree(cache, target)
+                meta = TokenDataset(target).meta
                 reused = True
             else:
                 if encoder is None:
@@ -172,8 +151,7 @@ def transform_dataset(validated_dir: str | os.PathLike, dataset_format: str,
                         tokenizer, _ = load_model_tokenizer(large_model_reference)
                     encoder = ExampleEncoder(tokenizer, fmt, limits, default_context or "",
                                              tasks=tasks)
-                meta = tokenize_file(source, encoder, staging / role, batch_size, role,
-                                     task_metadata)
+                meta = tokenize_file(source, encoder, target, batch_size, role, task_metadata)
                 reused = False
             summary[role] = {**meta, "reused_tokens": reused}
         if output_dir.exists():
@@ -198,7 +176,7 @@ def transform_for_pipeline(validated_dataset_path: str, dataset_format: str,
     if fmt == "distillation":
         metadata["label_loss_weight"] = float(label_loss_weight)
     for role, meta in summary.items():
-        prefix = "" if role == "train" else "eval_"
+        prefix = "" if role == validated_dataset.TRAIN else "eval_"
         metadata[f"{prefix}num_examples"] = meta["num_examples"]
         metadata[f"{prefix}num_tokens"] = meta["num_tokens"]
         metadata[f"{prefix}num_target_tokens"] = meta["num_target_tokens"]

@@ -1,6 +1,7 @@
 """Checkpoints of a tuning run: written atomically, complete enough to resume exactly.
 
-A tune output folder (the ``tuned_model`` artifact) holds::
+A tune output folder (the ``tuned_model`` artifact, laid out by
+:mod:`components.common.artifacts.tuned_model`) holds::
 
     checkpoints.json                 the index: every complete checkpoint, the final step, ...
     checkpoints/step-000020/         a tuned model folder, loadable on its own:
@@ -33,17 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from components.common.artifacts.tuned_model import checkpoint_dir_name
 from components.common.model_loading import (ADAPTER_DIR, FULL_MODEL_DIR, TRAINING_STATE,
                                              TUNED_MODEL_METADATA)
 from components.tune.runtime import Runtime, unwrap
-
-CHECKPOINTS_INDEX = "checkpoints.json"
-CHECKPOINTS_DIR = "checkpoints"
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """``checkpoints/step-000020``: a checkpoint's folder, relative to the tune output."""
-    return f"{CHECKPOINTS_DIR}/step-{step:06d}"
 
 
 def _state_dict_options(**overrides):
@@ -136,15 +130,3 @@ def _set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def read_index(output_dir: Path) -> dict | None:
-    """``checkpoints.json`` of a tune output, or None when there is none yet."""
-    path = output_dir / CHECKPOINTS_INDEX
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_index(output_dir: Path, index: dict) -> None:
-    """Writes ``checkpoints.json`` atomically."""
-    staging = output_dir / (CHECKPOINTS_INDEX + ".partial")
-    staging.write_text(json.dumps(index, indent=2, sort_keys=True))
-    os.replace(staging, output_dir / CHECKPOINTS_INDEX)

@@ -18,8 +18,9 @@ import os
 import sys
 import time
 
-from components.common.model_catalog import resolve_model
-from components.common.token_dataset import TokenDataset
+from components.common.accelerators import ACCELERATOR_TYPES, DEFAULT_ACCELERATOR_TYPE
+from components.common.artifacts.token_dataset import TokenDataset
+from components.common.model_catalog import context_class, resolve_model
 from components.tune import settings
 from components.tune.trainer import DEFAULT_MAX_TOKENS_PER_MICRO_BATCH, TuneConfig, tune
 
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate-multiplier", type=float, default=1.0)
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="absolute learning rate (instead of recommended x multiplier)")
-    parser.add_argument("--accelerator-type", default="GPU", choices=settings.ACCELERATOR_TYPES)
+    parser.add_argument("--accelerator-type", default=DEFAULT_ACCELERATOR_TYPE,
+                        choices=ACCELERATOR_TYPES)
     parser.add_argument("--max-context-length", default="", choices=["", "8k", "32k"])
     parser.add_argument("--batch-size", type=int, default=None, help="overrides Vertex's rule")
     parser.add_argument("--method", default="lora", choices=settings.METHODS)
@@ -71,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         batch_size = args.batch_size
     else:
-        batch_size = settings.batch_size(settings.context_class(model, args.max_context_length),
+        batch_size = settings.batch_size(context_class(args.base, args.max_context_length),
                                          args.accelerator_type)
     steps = args.steps if args.steps is not None else settings.steps_for_epochs(
         args.epochs, len(TokenDataset(args.train)), batch_size)

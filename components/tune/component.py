@@ -48,23 +48,24 @@ def tune(
             ceil(epoch_count x training examples / batch size) instead of train_steps.
     """
     import base64
-    import json
     import os
 
-    from components.common.model_catalog import resolve_model
-    from components.common.token_dataset import TokenDataset
+    from components.common.artifacts.token_dataset import TokenDataset
+    from components.common.artifacts.tokenized_dataset import eval_dir, train_dir
+    from components.common.artifacts.tuned_model import LOSS_CURVE, read_training_metrics
+    from components.common.markdown import write_report
+    from components.common.model_catalog import context_class, resolve_model
     from components.tune import settings
     from components.tune.launch import check_cloud_accelerator, tune_on_local_devices
     from components.tune.trainer import TuneConfig
-    from components.tune.training_log import LOSS_CURVE
 
     check_cloud_accelerator(accelerator)
     model = resolve_model(large_model_reference)
-    train_dir = os.path.join(tokenized_dataset.path, "train")
-    batch_size = settings.batch_size(settings.context_class(model, max_context_length),
+    train_data = str(train_dir(tokenized_dataset.path))
+    batch_size = settings.batch_size(context_class(large_model_reference, max_context_length),
                                      accelerator)
     steps = train_steps if epoch_count <= 0 else settings.steps_for_epochs(
-        epoch_count, len(TokenDataset(train_dir)), batch_size)
+        epoch_count, len(TokenDataset(train_data)), batch_size)
     config = TuneConfig(
         train_steps=steps,
         learning_rate=settings.learning_rate(model, learning_rate_multiplier, tuning_method),
@@ -74,9 +75,9 @@ def tune(
         evaluation_interval=evaluation_interval,
         enable_early_stopping=enable_early_stopping,
     )
-    eval_dir = os.path.join(tokenized_dataset.path, "eval")
+    eval_data = eval_dir(tokenized_dataset.path)
     result = tune_on_local_devices(
-        model.to_dict(), train_dir, eval_dir if os.path.isdir(eval_dir) else None,
+        model.to_dict(), train_data, str(eval_data) if eval_data else None,
         tuned_model.path, config, resume=True,
         run_metadata={"tensorboard_resource_id": tensorboard_resource_id,
                       "accelerator_type": accelerator})
@@ -91,8 +92,8 @@ def tune(
         "processes": result.world_size, "peak_memory_bytes": result.peak_memory_bytes,
         "tensorboard_resource_id": tensorboard_resource_id,
     })
-    last = [json.loads(line) for line in open(os.path.join(tuned_model.path, "metrics.jsonl"))]
-    final_train = [r for r in last if "train_total_loss" in r][-1]
+    records = read_training_metrics(tuned_model.path)
+    final_train = [r for r in records if "train_total_loss" in r][-1]
     for name in ("train_total_loss", "train_fraction_of_correct_next_step_preds",
                  "train_num_predictions"):
         training_metrics.log_metric(name, final_train[name])
@@ -103,9 +104,9 @@ def tune(
     training_metrics.log_metric("peak_memory_bytes", result.peak_memory_bytes)
     with open(os.path.join(tuned_model.path, LOSS_CURVE), "rb") as png:
         image = base64.b64encode(png.read()).decode()
-    with open(loss_curve.path, "w") as report:
-        report.write(f"# Tuning\n\n{result.final_step} steps, {result.precision}, "
-                     f"batch size {config.batch_size}, learning rate {config.learning_rate:g}, "
-                     f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB"
-                     f"{', stopped early' if result.stopped_early else ''}.\n\n"
-                     f"![loss curve](data:image/png;base64,{image})\n")
+    write_report(loss_curve.path,
+                 f"# Tuning\n\n{result.final_step} steps, {result.precision}, "
+                 f"batch size {config.batch_size}, learning rate {config.learning_rate:g}, "
+                 f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB"
+                 f"{', stopped early' if result.stopped_early else ''}.\n\n"
+                 f"![loss curve](data:image/png;base64,{image})\n")

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
+from components.common.accelerators import check_accelerator_type
+from components.common.artifacts.tuned_model import read_index
 from components.common.cluster import in_kfp_cluster
 from components.common.model_loading import TUNED_MODEL_METADATA
-from components.tune.checkpoints import read_index
 from components.tune.trainer import TuneConfig, TuneResult, tune
 
 
@@ -40,7 +41,8 @@ def on_cloud_machine() -> bool:
 def check_cloud_accelerator(accelerator: str) -> None:
     """On a cloud machine, makes sure the tuner will use the ``accelerator`` (GPU or TPU) it was
     given: a TPU task gets ``PJRT_DEVICE=TPU`` when unset; RuntimeError, saying what to fix,
-    when the device is not usable. Does nothing elsewhere."""
+    when the device is not usable. Does nothing elsewhere but check the spelling."""
+    check_accelerator_type(accelerator)
     if not on_cloud_machine():
         return
     if accelerator == "GPU" and not torch.cuda.is_available():

@@ -169,13 +169,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether ``model`` was sharded by FSDP2."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 @contextlib.contextmanager
 def gradient_sync(model: torch.nn.Module, enabled: bool):
     """Within it, backward passes only accumulate gradients locally unless ``enabled`` (the

@@ -1,7 +1,7 @@
 """How Vertex's tuning parameters become a TuneConfig: batch size, learning rate, steps, adapters.
 
-Batch size (SPEC.md, from the seeds): 8k models tune with 8 examples per optimizer step on GPU
-(us-central1) and 24 on TPU (europe-west4); 32k models with 8 on both. Examples seen =
+Batch size (Vertex's rule, docs/parameters.md): 8k models tune with 8 examples per optimizer
+step on GPU (us-central1) and 24 on TPU (europe-west4); 32k models with 8 on both. Examples seen =
 ``train_steps x batch size``. A local run keeps the rule of its ``accelerator_type`` (GPU, the
 default: 8). The environment variable ``TUNEPIPE_BATCH_SIZE`` (a positive integer) overrides the
 rule everywhere, e.g. to tune a small model quickly on a laptop; the batch size used is recorded
@@ -26,10 +26,10 @@ import math
 import os
 from fractions import Fraction
 
+from components.common.accelerators import check_accelerator_type
 from components.common.model_catalog import ResolvedModel
 
 BATCH_SIZES = {("8k", "GPU"): 8, ("8k", "TPU"): 24, ("32k", "GPU"): 8, ("32k", "TPU"): 8}
-ACCELERATOR_TYPES = ("GPU", "TPU")
 BATCH_SIZE_ENV = "TUNEPIPE_BATCH_SIZE"
 FULL_FINE_TUNING_LR_SCALE = 0.02
 ADAPTER_SIZES = (1, 4, 8, 16)
@@ -42,9 +42,7 @@ GEMINI_ADAPTER_SIZES = {"ADAPTER_SIZE_ONE": 1, "ADAPTER_SIZE_FOUR": 4, "ADAPTER_
 
 def batch_size_for(context_class: str, accelerator_type: str) -> int:
     """Examples per optimizer step for a model class on an accelerator type (Vertex's rule)."""
-    accelerator = accelerator_type.upper()
-    if accelerator not in ACCELERATOR_TYPES:
-        raise ValueError(f"accelerator_type must be GPU or TPU, got {accelerator_type!r}")
+    accelerator = check_accelerator_type(accelerator_type)
     if context_class not in ("8k", "32k"):
         raise ValueError(f"max_context_length must be 8k or 32k, got {context_class!r}")
     return BATCH_SIZES[(context_class, accelerator)]
@@ -59,11 +57,6 @@ def batch_size(context_class: str, accelerator_type: str) -> int:
     if not override.isdigit() or int(override) < 1:
         raise ValueError(f"{BATCH_SIZE_ENV} must be a positive integer, got {override!r}")
     return int(override)
-
-
-def context_class(model: ResolvedModel, max_context_length: str) -> str:
-    """``max_context_length`` when given, else what the model name implies."""
-    return max_context_length or model.context_class
 
 
 def learning_rate(model: ResolvedModel, learning_rate_multiplier: float, method: str = "lora") -> float:

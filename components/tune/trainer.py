@@ -1,6 +1,6 @@
 """The tuner: LoRA or full fine-tuning of a causal LM on a token dataset, one readable loop.
 
-Semantics (SPEC.md):
+Semantics (docs/tuner.md puts them in words for users of the pipelines):
 
 - The run takes ``train_steps`` optimizer steps of ``batch_size`` examples, so it sees
   ``train_steps x batch_size`` examples, cycling through the data in a fresh seeded order each
@@ -70,15 +70,16 @@ from typing import Callable
 import numpy as np
 import torch
 
+from components.common.artifacts.token_dataset import TokenDataset
+from components.common.artifacts.tuned_model import (CHECKPOINTS_INDEX, METRICS_FILE,
+                                                     read_index, write_index)
 from components.common.distillation_tasks import (INPUT_PREFIX, WeightedTask, input_prefix,
                                                   weighted_tasks)
 from components.common.model_loading import TUNED_MODEL_METADATA, load_base_model, load_tokenizer
-from components.common.token_dataset import TokenDataset
 from components.common.token_metrics import TokenScores
 from components.tune.acceleration import (COMPILE_MODES, compile_decoder_layers,
                                           compiled_token_loss, lora_config, wants_compile)
-from components.tune.checkpoints import (CHECKPOINTS_INDEX, read_index, restore_checkpoint,
-                                         save_checkpoint, write_index)
+from components.tune.checkpoints import restore_checkpoint, save_checkpoint
 from components.common.packing import (PackedBatch, num_targets, pack_examples, packed_loss,
                                      row_groups, score_packed, token_loss,
                                      use_packed_attention)
@@ -86,7 +87,7 @@ from components.common.precision import PRECISIONS
 from components.tune.runtime import (SHARDINGS, XLA_ROW_MULTIPLE, Runtime, distribute,
                                      gradient_sync, start_runtime)
 from components.tune.settings import ADAPTER_SIZES, METHODS
-from components.tune.training_log import METRICS_FILE, QuietLog, TrainingLog
+from components.tune.training_log import QuietLog, TrainingLog
 
 EARLY_STOPPING_MIN_DELTA = 0.001  # absolute gain in eval token accuracy that counts as progress
 EARLY_STOPPING_PATIENCE = 2  # stale evaluations in a row that stop training

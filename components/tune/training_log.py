@@ -28,9 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-LOSS_CURVE = "loss_curve.png"
+from components.common.artifacts.tuned_model import LOSS_CURVE, METRICS_FILE, TENSORBOARD_DIR
 
 
 def peak_resident_memory_bytes() -> int:

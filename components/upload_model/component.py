@@ -38,18 +38,16 @@ def upload_model(
         registered_model: The registry entry; its metadata names the version and path (in a
             cluster: the model folder; its metadata names its URI).
     """
-    import os
-
     from components.common.cluster import in_kfp_cluster
     from components.common.model_registry import export_model, register_model
-    from components.upload_model.registration import evaluation_summary, file_sha256
+    from components.upload_model.registration import dataset_sha256, evaluation_summary
 
     provenance = {
         "project": project,
         "location": location,
         "dataset_uri": dataset_uri,
-        "dataset_sha256": file_sha256(os.path.join(validated_dataset.path, "train.jsonl")),
-        "evaluation": evaluation_summary(os.path.join(evaluation_results.path, "results.json")),
+        "dataset_sha256": dataset_sha256(validated_dataset.path),
+        "evaluation": evaluation_summary(evaluation_results.path),
     }
     if in_kfp_cluster():
         export_model(selected_model.path, registered_model.path, model_display_name, provenance)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 from pathlib import Path
+
+from components.common.artifacts.evaluation_results import read_results
+from components.common.artifacts.validated_dataset import TRAIN_FILE
 
 
 def file_sha256(path: str | Path) -> str:
@@ -15,9 +18,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def evaluation_summary(results_file: str | Path) -> dict:
+def dataset_sha256(validated_dataset_dir: str | os.PathLike) -> str:
+    """Hex SHA-256 of a validated dataset's training examples."""
+    return file_sha256(Path(validated_dataset_dir) / TRAIN_FILE)
+
+
+def evaluation_summary(evaluation_results_dir: str | os.PathLike) -> dict:
     """The evaluation results (base and tuned metrics) without per-example predictions."""
-    path = Path(results_file)
-    if not path.exists():
-        return {"evaluated": False, "reason": "no evaluation results"}
-    return json.loads(path.read_text())
+    results = read_results(evaluation_results_dir)
+    return results if results is not None else {"evaluated": False,
+                                                "reason": "no evaluation results"}

@@ -3,8 +3,8 @@
 The validator streams a JSONL file (local path, ``file://`` or ``gs://``) line by line, checks
 every example against its format (:mod:`components.common.dataset_formats`), counts tokens with
 the same batched encoder transform uses (:mod:`components.common.encoding`), and writes the
-validated examples and their tokens (:mod:`components.common.validated_dataset`, the folder
-transform and evaluate read) so that transform does not tokenize a second time.
+validated examples and their tokens (:mod:`components.common.artifacts.validated_dataset`, the
+folder transform and evaluate read) so that transform does not tokenize a second time.
 
 Structure first, tokens after (:func:`run_validation`): every rule below but the token counts is
 checked with light imports only (no tokenizer, numpy or torch), so a dataset that fails on
@@ -56,6 +56,10 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable
 
 from components.common import storage
+from components.common.markdown import write_report
+from components.common.artifacts.validated_dataset import (EVAL, EVAL_FILE, TOKENS_DIR, TRAIN,
+                                                           TRAIN_FILE, token_cache,
+                                                           token_metadata, truncation_metadata)
 from components.common.dataset_formats import (MAX_AUTHOR_FIELDS, MAX_EVAL_EXAMPLES,
                                                MAX_EXAMPLES, MIN_EVAL_EXAMPLES, MIN_EXAMPLES,
                                                RECOMMENDED_MIN_EXAMPLES,
@@ -64,11 +68,9 @@ from components.common.dataset_formats import (MAX_AUTHOR_FIELDS, MAX_EVAL_EXAMP
                                                detect_format, normalize_format, parse_example,
                                                token_limits)
 from components.common.model_catalog import check_reference, context_class
-from components.common.validated_dataset import (EVAL_FILE, TOKENS_DIR, TRAIN_FILE,
-                                                 token_metadata, truncation_metadata)
 
 if TYPE_CHECKING:  # imported where tokens are counted: numpy, the tokenizer libraries, torch
-    from components.common.token_dataset import TokenDatasetWriter
+    from components.common.artifacts.token_dataset import TokenDatasetWriter
     from components.common.encoding import ExampleEncoder
 
 BOM = b"\xef\xbb\xbf"
@@ -533,9 +535,9 @@ def run_validation(dataset_uri: str, evaluation_data_uri: str = "", dataset_form
         (staging / TOKENS_DIR).mkdir(parents=True)
     files: list[FileCheck] = []
     try:
-        jobs = [("eval" if evaluation_only else "train", dataset_uri, TRAIN_FILE)]
+        jobs = [(EVAL if evaluation_only else TRAIN, dataset_uri, TRAIN_FILE)]
         if evaluation_data_uri and not evaluation_only and fmt != "chat":
-            jobs.append(("eval", evaluation_data_uri, EVAL_FILE))
+            jobs.append((EVAL, evaluation_data_uri, EVAL_FILE))
         kept: list[_KeptExamples | None] = []
         for role, uri, file_name in jobs:
             kept.append(_KeptExamples() if count_tokens else None)
@@ -594,9 +596,9 @@ def _count_tokens_into(staging: Path | None, check: FileCheck, uri: str,
     read the file again."""
     writer = None
     if staging is not None:
-        from components.common.token_dataset import TokenDatasetWriter
+        from components.common.artifacts.token_dataset import TokenDatasetWriter
 
-        writer = TokenDatasetWriter(staging / TOKENS_DIR / check.role, token_metadata(encoder))
+        writer = TokenDatasetWriter(token_cache(staging, check.role), token_metadata(encoder))
     counter = _TokenCounter(check, encoder, writer, batch_size)
     try:
         if examples is not None:
@@ -639,7 +641,7 @@ def validate_for_pipeline(dataset_uri: str, evaluation_data_uri: str, dataset_fo
                             default_context=default_context)
     markdown = report.to_markdown(report.histogram_png())
     Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-    storage.write_text(str(report_path), markdown)
+    write_report(report_path, markdown)
     print(report.to_markdown(None), flush=True)
     report.raise_if_invalid()
     train = report.file("train")

@@ -1,4 +1,5 @@
-"""The tokenized dataset format that transform writes and tune and evaluate read.
+"""A token dataset: tokenized examples, the format of transform's output and of the validator's
+token cache (:mod:`.tokenized_dataset`, :mod:`.validated_dataset`).
 
 A token dataset is a directory:
 
@@ -26,8 +27,18 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 FORMAT_VERSION = 1
+TOKENS_FILE = "tokens.bin"
+LOSS_MASK_FILE = "loss_mask.bin"
+OFFSETS_FILE = "offsets.bin"
+META_FILE = "meta.json"
 TOKEN_DTYPE = np.dtype("<u4")
 OFFSET_DTYPE = np.dtype("<i8")
+
+
+def read_meta(directory: str | os.PathLike) -> dict | None:
+    """The meta of the token dataset in ``directory``; None when there is none."""
+    path = Path(directory) / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class TokenDatasetWriter:
@@ -39,8 +50,8 @@ class TokenDatasetWriter:
         if self._staging.exists():
             shutil.rmtree(self._staging)
         self._staging.mkdir(parents=True)
-        self._tokens = open(self._staging / "tokens.bin", "wb")
-        self._mask = open(self._staging / "loss_mask.bin", "wb")
+        self._tokens = open(self._staging / TOKENS_FILE, "wb")
+        self._mask = open(self._staging / LOSS_MASK_FILE, "wb")
         self._offsets = [0]
         self._num_target_tokens = 0
         self.metadata = dict(metadata or {})
@@ -60,7 +71,7 @@ class TokenDatasetWriter:
         """Finishes the files and moves the dataset into place atomically."""
         self._tokens.close()
         self._mask.close()
-        np.asarray(self._offsets, dtype=OFFSET_DTYPE).tofile(self._staging / "offsets.bin")
+        np.asarray(self._offsets, dtype=OFFSET_DTYPE).tofile(self._staging / OFFSETS_FILE)
         meta = {
             "format_version": FORMAT_VERSION,
             "num_examples": len(self._offsets) - 1,
@@ -68,7 +79,7 @@ class TokenDatasetWriter:
             "num_target_tokens": self._num_target_tokens,
             **self.metadata,
         }
-        (self._staging / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (self._staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if self.directory.exists():
             shutil.rmtree(self.directory)
         os.replace(self._staging, self.directory)
@@ -94,14 +105,14 @@ class TokenDataset:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
-        meta_path = self.directory / "meta.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{self.directory} is not a token dataset (no meta.json)")
-        self.meta = json.loads(meta_path.read_text())
-        self.offsets = np.fromfile(self.directory / "offsets.bin", dtype=OFFSET_DTYPE)
+        meta = read_meta(self.directory)
+        if meta is None:
+            raise FileNotFoundError(f"{self.directory} is not a token dataset (no {META_FILE})")
+        self.meta = meta
+        self.offsets = np.fromfile(self.directory / OFFSETS_FILE, dtype=OFFSET_DTYPE)
         if self.meta["num_tokens"]:
-            self.tokens = np.memmap(self.directory / "tokens.bin", dtype=TOKEN_DTYPE, mode="r")
-            self.loss_mask = np.memmap(self.directory / "loss_mask.bin", dtype=np.uint8, mode="r")
+            self.tokens = np.memmap(self.directory / TOKENS_FILE, dtype=TOKEN_DTYPE, mode="r")
+            self.loss_mask = np.memmap(self.directory / LOSS_MASK_FILE, dtype=np.uint8, mode="r")
         else:
             self.tokens = np.zeros(0, dtype=TOKEN_DTYPE)
             self.loss_mask = np.zeros(0, dtype=np.uint8)
