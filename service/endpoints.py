@@ -3,7 +3,8 @@
     GET  {parent}/endpoints, {parent}/endpoints/{id}
     POST {parent}/endpoints/{id}:predict          text and chat shapes, as the endpoint answers
     POST {parent}/endpoints/{id}:generateContent  Gemini's shape, as a chat prediction
-    POST /v1/chat/completions                     OpenAI's shape; "model" names the endpoint
+    POST {parent}/endpoints/{id}:streamGenerateContent  the same, streamed
+    POST /v1/chat/completions, /v1/completions    OpenAI's shapes; "model" names the endpoint
     GET  /v1/models                               OpenAI's list: the running endpoints
 
 The model stays in its endpoint's process (``components/deploy_endpoint``): the service checks
@@ -15,18 +16,27 @@ parts only, concatenated), ``systemInstruction`` (the chat context), ``generatio
 {temperature, topP, topK, maxOutputTokens, candidateCount 1}. The answer has one candidate
 and ``usageMetadata``; its ``finishReason`` is MAX_TOKENS when the reply used every allowed
 token, else STOP.
+
+streamGenerateContent: the same request, answered as the endpoint decodes it (the endpoint's
+OpenAI stream, reshaped): ``GenerateContentResponse`` chunks of text, the last with the
+``finishReason`` and ``usageMetadata``; server-sent events (``data: {...}``) with ``?alt=sse``,
+as google-genai asks, else one JSON array sent as it grows. OpenAI requests with ``"stream":
+true`` are streamed through as the endpoint streams them. A client that goes away closes the
+stream from the endpoint, which frees its rows.
 """
 from __future__ import annotations
 
 import json
 import urllib.error
 import urllib.request
+from http.client import HTTPResponse
 from pathlib import Path
+from typing import Iterator
 
 from components.common.paths import endpoints_dir, registry_dir
 from components.deploy_endpoint.endpoints import Endpoint, list_endpoints
 from components.deploy_endpoint.server import DEFAULT_PARAMETERS
-from service.http_api import ApiError, Call, Route, check_fields, paginate, route
+from service.http_api import ApiError, Call, Route, Stream, check_fields, paginate, route
 from service.models import model_name, resource_id
 from service.records import timestamp
 
@@ -36,6 +46,8 @@ GENERATE_FIELDS = {"contents", "systemInstruction", "generationConfig"}
 GENERATION_CONFIG_FIELDS = {"temperature", "topP", "topK", "maxOutputTokens", "candidateCount"}
 GEMINI_AUTHORS = {"user": "user", "model": "assistant"}
 INTEGER_PARAMETERS = ("maxOutputTokens", "topK")
+GEMINI_FINISH_REASONS = {"stop": "STOP", "length": "MAX_TOKENS"}
+OPENAI_ROLES = {"user": "user", "assistant": "assistant"}  # a chat instance's authors
 
 
 def _started(endpoint: Endpoint) -> float:
@@ -75,14 +87,34 @@ def find_endpoint(endpoint_id: str) -> Endpoint:
 
 def forward(endpoint: Endpoint, path: str, body: dict) -> dict:
     """POSTs ``body`` to the endpoint's ``path``; its JSON answer, or its refusal as ApiError."""
+    with _post(endpoint, path, body) as response:
+        return json.loads(response.read())
+
+
+def forward_events(endpoint: Endpoint, path: str, body: dict) -> Iterator[str]:
+    """POSTs ``body`` (a streamed request) to the endpoint's ``path``; the ``data`` of each
+    server-sent event it answers, as it comes. Raises the endpoint's refusal as ApiError, at
+    once; closing the iterator closes the connection (the endpoint frees the request's rows)."""
+    response = _post(endpoint, path, body)
+
+    def events() -> Iterator[str]:
+        with response:
+            for line in response:
+                if line.startswith(b"data: "):
+                    yield line[len(b"data: "):].decode().rstrip("\r\n")
+
+    return events()
+
+
+def _post(endpoint: Endpoint, path: str, body: dict) -> HTTPResponse:
+    """The endpoint's answer to ``body`` at ``path``, unread; its refusal as ApiError."""
     if not endpoint.url:
         raise ApiError(503, f"endpoint {endpoint.name} is still starting; try again shortly "
                             f"(its log: {endpoint.log})")
     request = urllib.request.Request(endpoint.url + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=PREDICT_TIMEOUT_SECONDS) as response:
-            return json.loads(response.read())
+        return urllib.request.urlopen(request, timeout=PREDICT_TIMEOUT_SECONDS)
     except urllib.error.HTTPError as error:
         try:
             detail = json.loads(error.read()).get("error")
@@ -169,6 +201,60 @@ def generate_content_reply(request: dict, reply: dict) -> dict:
                               "totalTokenCount": prompt + output}}
 
 
+def openai_chat_body(endpoint: Endpoint, request: dict) -> dict:
+    """The endpoint's streamed OpenAI chat request for :func:`chat_request`'s request, with
+    the parameters generateContent answers with (the endpoint's ``/predict`` defaults)."""
+    instance = request["instances"][0]
+    parameters = {**DEFAULT_PARAMETERS, **request["parameters"]}
+    context = [{"role": "system", "content": instance["context"]}] if "context" in instance else []
+    return {"model": endpoint.name, "stream": True, "stream_options": {"include_usage": True},
+            "messages": context + [{"role": OPENAI_ROLES[m["author"]], "content": m["content"]}
+                                   for m in instance["messages"]],
+            "temperature": parameters["temperature"], "top_p": parameters["topP"],
+            "top_k": parameters["topK"], "max_tokens": parameters["maxOutputTokens"]}
+
+
+def gemini_chunks(events: Iterator[str]) -> Iterator[dict]:
+    """``GenerateContentResponse`` chunks from the endpoint's OpenAI chat stream: the text as
+    it comes, then the finish reason with the usage."""
+    finish_reason = "STOP"
+    for data in events:
+        if data == "[DONE]":
+            return
+        chunk = json.loads(data)
+        if "error" in chunk:
+            yield ApiError(500, chunk["error"]["message"]).body()
+            return
+        for choice in chunk["choices"]:
+            text = choice["delta"].get("content")
+            if text:
+                yield {"candidates": [{"index": 0, "content": {"role": "model",
+                                                               "parts": [{"text": text}]}}]}
+            if choice["finish_reason"]:
+                finish_reason = GEMINI_FINISH_REASONS[choice["finish_reason"]]
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+            yield {"candidates": [{"index": 0, "content": {"role": "model",
+                                                           "parts": [{"text": ""}]},
+                                   "finishReason": finish_reason}],
+                   "usageMetadata": {"promptTokenCount": usage["prompt_tokens"],
+                                     "candidatesTokenCount": usage["completion_tokens"],
+                                     "totalTokenCount": usage["total_tokens"]}}
+
+
+def _server_sent(chunks: Iterator[dict]) -> Iterator[bytes]:
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk)}\r\n\r\n".encode()
+
+
+def _json_array(chunks: Iterator[dict]) -> Iterator[bytes]:
+    separator = b"["
+    for chunk in chunks:
+        yield separator + json.dumps(chunk).encode()
+        separator = b",\r\n"
+    yield b"[]" if separator == b"[" else b"]"
+
+
 class Endpoints:
     """The endpoints collection and the prediction routes."""
 
@@ -177,7 +263,10 @@ class Endpoints:
                 route("GET", "{parent}/endpoints/{id}", self.get),
                 route("POST", "{parent}/endpoints/{id}:predict", self.predict),
                 route("POST", "{parent}/endpoints/{id}:generateContent", self.generate_content),
+                route("POST", "{parent}/endpoints/{id}:streamGenerateContent",
+                      self.stream_generate_content),
                 route("POST", "/v1/chat/completions", self.chat_completions),
+                route("POST", "/v1/completions", self.completions),
                 route("GET", "/v1/models", self.openai_models)]
 
     def list(self, call: Call) -> dict:
@@ -208,13 +297,34 @@ class Endpoints:
         reply = forward(find_endpoint(call.params["id"]), "/predict", request)
         return generate_content_reply(request, reply)
 
-    def chat_completions(self, call: Call) -> dict:
+    def stream_generate_content(self, call: Call) -> Stream:
+        """Gemini's streamGenerateContent: generateContent's answer as it is decoded."""
+        endpoint = find_endpoint(call.params["id"])
+        events = forward_events(endpoint, "/v1/chat/completions",
+                                openai_chat_body(endpoint, chat_request(call.body)))
+        if call.query.get("alt") == "sse":
+            return Stream(_server_sent(gemini_chunks(events)), "text/event-stream")
+        return Stream(_json_array(gemini_chunks(events)), "application/json")
+
+    def chat_completions(self, call: Call) -> dict | Stream:
         """OpenAI's chat completions; ``model`` names the endpoint (name or ID)."""
+        return self._openai(call, "/v1/chat/completions")
+
+    def completions(self, call: Call) -> dict | Stream:
+        """OpenAI's (legacy) completions; ``model`` names the endpoint (name or ID)."""
+        return self._openai(call, "/v1/completions")
+
+    def _openai(self, call: Call, path: str) -> dict | Stream:
+        """An OpenAI request forwarded to the endpoint ``model`` names, streamed when asked."""
         model = call.body.get("model")
         if not isinstance(model, str) or not model:
             raise ApiError(400, "model must name a running endpoint (GET /v1/models lists them)")
         endpoint = find_endpoint(model)
-        return forward(endpoint, "/v1/chat/completions", {**call.body, "model": endpoint.name})
+        body = {**call.body, "model": endpoint.name}
+        if call.body.get("stream") is not True:
+            return forward(endpoint, path, body)
+        events = forward_events(endpoint, path, body)
+        return Stream((f"data: {data}\n\n".encode() for data in events), "text/event-stream")
 
     def openai_models(self, call: Call) -> dict:
         """OpenAI's model list: one model per running endpoint."""

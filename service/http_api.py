@@ -5,6 +5,7 @@ requests from web pages refused).
 A route is a method and a path template such as ``{parent}/pipelineJobs/{id}:cancel``, where
 ``{parent}`` stands for ``/v1/projects/{project}/locations/{location}`` (``/v1beta1`` alike) and
 ``{id}`` for one path segment (percent-decoded). ``HEAD`` is answered as ``GET`` without the body.
+A handler answers a JSON object, or a :class:`Stream` of bytes sent as they come (chunked).
 Every refusal is answered as Google APIs answer one,
 ``{"error": {"code": 404, "message": "...", "status": "NOT_FOUND"}}``:
 
@@ -31,7 +32,7 @@ import hmac
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import parse_qs, unquote
 
 from components.common.http_server import (App, HttpError, Limits, RequestGuard, read_json_body,
@@ -81,7 +82,16 @@ class Call:
         return f"projects/{self.params['project']}/locations/{self.params['location']}"
 
 
-Handler = Callable[[Call], dict]
+@dataclass
+class Stream:
+    """A handler's answer sent as it is produced: ``chunks`` (each sent as it comes, read on a
+    worker thread); a generator is closed once all is sent or the client has gone."""
+
+    chunks: Iterator[bytes]
+    content_type: str
+
+
+Handler = Callable[[Call], "dict | Stream"]
 
 
 @dataclass(frozen=True)
@@ -200,9 +210,43 @@ def make_app(routes: list[Route], token: str | None, limits: Limits,
             await send_json(send, error.code, error_body(error), {**error.headers, **cors,
                                                                   **extra})
             return
+        if isinstance(payload, Stream):
+            await send_stream(payload, receive, send, cors)
+            return
         await send_json(send, 200, payload, cors)
 
+    async def send_stream(stream: Stream, receive: Callable, send: Callable,
+                          headers: dict[str, str]) -> None:
+        """Sends ``stream``'s chunks as they come, until they end or the client goes away."""
+        loop = asyncio.get_running_loop()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", stream.content_type.encode()),
+                                (b"cache-control", b"no-cache"),
+                                *((name.encode("latin-1"), value.encode("latin-1"))
+                                  for name, value in headers.items())]})
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_on_disconnect(receive, gone))
+        chunks = iter(stream.chunks)
+        try:
+            while not gone.is_set():
+                chunk = await loop.run_in_executor(workers, next, chunks, None)
+                if chunk is None:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            watcher.cancel()
+            if hasattr(chunks, "close"):
+                await loop.run_in_executor(workers, chunks.close)
+
     return app
+
+
+async def _on_disconnect(receive: Callable, gone: asyncio.Event) -> None:
+    """Sets ``gone`` when the client closes its connection (the request's body is read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
 
 
 DEFAULT_PAGE_SIZE = 100

@@ -255,9 +255,9 @@ def test_openai_chat_completion(chat_endpoint, tokenizer):
      "model must be 'intents-chat', the model this endpoint serves; got 'other'"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "n": 2},
      "n=2 is not supported; this endpoint answers n=1"),
-    ({"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stream": True},
-     "unsupported fields ['stream']; supported: ['max_tokens', 'messages', 'model', 'n', 'seed', "
-     "'temperature', 'top_p']"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+     "unsupported fields ['logprobs']; supported: ['max_tokens', 'messages', 'model', 'n', "
+     "'seed', 'stream', 'stream_options', 'temperature', 'top_k', 'top_p']"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
      "max_tokens=0 is out of range; expected an integer in [1, 1024]"),
     ({"model": CHAT, "messages": []},

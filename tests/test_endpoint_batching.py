@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +19,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from components.common.generation import DecodeBatch, SamplingParams, generate_detailed
+from components.common.generation import (DecodeBatch, SamplingParams, generate_detailed,
+                                          stop_and_pad_token_ids)
 from components.common.model_loading import (FULL_MODEL_DIR, TUNED_MODEL_METADATA,
                                              load_base_model, load_tokenizer)
+from components.deploy_endpoint.batching import GenerationWorker
 from components.deploy_endpoint.server import Predictor, serve_in_thread
 
 NAME = "load-test"
@@ -210,3 +215,68 @@ def test_disconnected_clients_and_failed_steps_leave_the_worker_serving(model_di
         assert status == 500 and "out of memory (a test's)" in reply["error"]
         status, reply, _ = post(address, "/predict", predict_body(MESSAGES[0], 4))
     assert (status, answer_of(reply)) == (200, greedy_alone(predictor, MESSAGES[0], 4))
+
+
+SYSTEM = "You are the support assistant of a parcel delivery company. Answer in full sentences."
+
+
+def answers_alone_and_together(model_dir: str, max_tokens: int = 24) -> dict:
+    """Greedy answers (token ids) of chat prompts sharing a system turn, served as the endpoint
+    serves them: each alone with nothing reused, all in one request, each joining a running
+    batch, and each alone again after all (reusing cached keys and values)."""
+    predictor = Predictor(NAME, model_dir, prefix_cache_bytes=0)
+    prompts = predictor.prompt_ids([[{"role": "system", "content": SYSTEM},
+                                     {"role": "user", "content": message}]
+                                    for message in MESSAGES])
+    params = SamplingParams(max_tokens)
+    alone = [predictor.worker.submit([prompt], params).result()[0] for prompt in prompts]
+    predictor.worker.close()
+    shared = GenerationWorker(predictor.model, *stop_and_pad_token_ids(predictor.tokenizer))
+    together = shared.submit(prompts, params).result()
+    reused = [shared.submit([prompt], params).result()[0] for prompt in prompts]
+    shared.close()
+    joining = GenerationWorker(predictor.model, *stop_and_pad_token_ids(predictor.tokenizer))
+    futures = []
+    for prompt in prompts:  # each joins the rows already decoding
+        futures.append(joining.submit([prompt], params))
+        time.sleep(0.05)
+    joined = [future.result()[0] for future in futures]
+    joining.close()
+    return {"alone": alone, "together": together, "joined": joined, "reused": reused,
+            "numerics": predictor.describe_compute(),
+            "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+@pytest.fixture(scope="module")
+def embedded_model_dir(tmp_path_factory, embedded_checkpoint):
+    """The embedded model as a model folder the endpoint serves."""
+    directory = tmp_path_factory.mktemp("embedded")
+    (directory / FULL_MODEL_DIR).symlink_to(embedded_checkpoint, target_is_directory=True)
+    load_tokenizer(embedded_checkpoint).save_pretrained(directory)
+    (directory / TUNED_MODEL_METADATA).write_text(json.dumps({"display_name": NAME}))
+    return directory
+
+
+@pytest.mark.parametrize("dispatch", ["default", "AVX2"])
+def test_an_answer_does_not_depend_on_its_batch(embedded_model_dir, dispatch):
+    """The embedded model served as a user's machine serves it (no precision forced), under
+    PyTorch's default dispatch and forced to AVX2 (``ATEN_CPU_CAPABILITY``): the same greedy
+    answer alone, in one batch, joining a running batch, and with its prompt's start reused."""
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith("TUNEPIPE_") or name in ("TUNEPIPE_HOME",
+                                                                   "TUNEPIPE_CACHE")}
+    if dispatch == "AVX2":
+        environment["ATEN_CPU_CAPABILITY"] = "avx2"
+    script = ("import json, sys; from tests.test_endpoint_batching import "
+              "answers_alone_and_together as answers; "
+              "print(json.dumps(answers(sys.argv[1])))")
+    result = subprocess.run([sys.executable, "-c", script, str(embedded_model_dir)],
+                            capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout.splitlines()[-1])
+    if dispatch == "AVX2":
+        assert answers["capability"] == "AVX2"
+    print(answers["capability"], answers["numerics"])
+    assert len({tuple(ids) for ids, _ in answers["alone"]}) == len(MESSAGES)  # not vacuous
+    for way in ("together", "joined", "reused"):
+        assert answers[way] == answers["alone"], way

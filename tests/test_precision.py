@@ -124,3 +124,83 @@ def test_the_tuner_runtime_uses_the_rule(monkeypatch):
     runtime = start_runtime("auto")
     assert runtime.dtype == torch.float32
     assert runtime.precision.describe() == "cpu float32: forced by TUNEPIPE_PRECISION=fp32"
+
+
+# --- serving (components.common.serving_numerics) -------------------------------------------
+
+INT8_DESCRIPTION = ("cpu float32: the int8 kernel's, an answer the same alone and batched, "
+                    "int8 weights: int8 kernel (AVX2), 3.5x less memory to stream per token")
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Whether the int8 kernels build, as a test says (``None``: they do)."""
+    from components.common import int8_linear
+
+    def build(reason: str | None) -> None:
+        monkeypatch.setattr(int8_linear, "int8_unavailable_reason", lambda: reason)
+
+    for name in ("TUNEPIPE_SERVING_PRECISION", "TUNEPIPE_SERVING_WEIGHTS"):
+        monkeypatch.delenv(name, raising=False)
+    return build
+
+
+@pytest.mark.parametrize("tuning", ["auto", "bf16", "fp32"])
+def test_serving_uses_the_int8_kernel_in_float32_whatever_the_tuner_uses(monkeypatch, kernels,
+                                                                         tuning):
+    from components.common.serving_numerics import choose_serving_numerics
+
+    kernels(None)
+    monkeypatch.setenv(precision.PRECISION_ENV, tuning)
+    numerics = choose_serving_numerics("cpu")
+    assert (numerics.dtype, numerics.weights.kind) == (torch.float32, "int8")
+    assert numerics.describe() == INT8_DESCRIPTION
+
+
+def test_serving_without_the_kernels_is_float32_and_says_why(kernels, monkeypatch):
+    from components.common.serving_numerics import choose_serving_numerics
+
+    kernels("no C compiler to build the int8 kernels (set $CC)")
+    assert choose_serving_numerics("cpu").describe() == (
+        "cpu float32: for serving, bf16's answers depend on the batch, float weights: no C "
+        "compiler to build the int8 kernels (set $CC)")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # no GPU here
+    assert choose_serving_numerics("cuda").describe() == (  # a GPU keeps the tuner's rule
+        "cuda bfloat16: GPU supports bf16, float weights: the model is on cuda in torch.bfloat16")
+
+
+def test_serving_numerics_can_be_forced(monkeypatch, kernels):
+    from components.common.serving_numerics import BatchDependentWarning, choose_serving_numerics
+
+    kernels(None)
+    monkeypatch.setenv("TUNEPIPE_SERVING_PRECISION", "bf16")
+    with pytest.warns(BatchDependentWarning, match="may change with the requests it is batched"):
+        numerics = choose_serving_numerics("cpu")
+    assert (numerics.dtype, numerics.weights.kind) == (torch.bfloat16, "float")
+    monkeypatch.setenv("TUNEPIPE_SERVING_WEIGHTS", "int8")
+    with pytest.warns(BatchDependentWarning), pytest.raises(
+            ValueError, match="TUNEPIPE_SERVING_WEIGHTS=int8, but the model is on cpu in "
+                              "torch.bfloat16"):
+        choose_serving_numerics("cpu")
+    monkeypatch.setenv("TUNEPIPE_SERVING_PRECISION", "fp32")
+    numerics = choose_serving_numerics("cpu")
+    assert numerics.describe() == ("cpu float32: forced by TUNEPIPE_SERVING_PRECISION=fp32, "
+                                   "int8 weights: TUNEPIPE_SERVING_WEIGHTS=int8")
+    monkeypatch.setenv("TUNEPIPE_SERVING_PRECISION", "half")
+    with pytest.raises(ValueError, match="TUNEPIPE_SERVING_PRECISION='half': use one of "
+                                         r"\['auto', 'fp32', 'bf16'\]"):
+        choose_serving_numerics("cpu")
+
+
+@pytest.mark.c_kernels
+def test_the_local_teacher_serves_as_the_endpoint_does(tiny_model_dir):
+    """With no precision forced the tuner's rule may pick bf16 here (native bf16); the teacher
+    takes the serving numerics: int8 layers computing in float32."""
+    from components.common.int8_linear import Int8Linear
+    from components.generate_rationales.local_teacher import LocalTeacher
+
+    teacher = LocalTeacher(str(tiny_model_dir))
+    model, _ = teacher._load()
+    assert teacher.description.endswith(INT8_DESCRIPTION)
+    assert any(isinstance(module, Int8Linear) for module in model.modules())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -114,3 +114,62 @@ def test_openai_chat_completions_name_the_endpoint(served):
 def test_bad_prediction_requests_are_explained(served, path, body, code, message):
     status, reply = call(served.url, "POST", f"/v1/{PARENT}/{path}", body)
     assert status == code and message in reply["error"]["message"], reply
+
+
+def _genai(served):
+    """google-genai's client in Vertex mode, pointed at the server."""
+    from google import genai
+    from google.genai.types import HttpOptions
+    from google.oauth2.credentials import Credentials
+
+    return genai.Client(vertexai=True, project="my-project", location="us-central1",
+                        credentials=Credentials(token="local"),
+                        http_options=HttpOptions(base_url=served.url))
+
+
+def test_stream_generate_content_streams_what_generate_content_answers(served):
+    from google.genai.types import GenerateContentConfig
+
+    client = _genai(served)
+    model = f"{PARENT}/endpoints/{resource_id(NAME)}"
+    config = GenerateContentConfig(system_instruction="Answer in one word.", temperature=0.0,
+                                   max_output_tokens=6)
+    whole = client.models.generate_content(model=model, contents="Where is my parcel?",
+                                           config=config)
+    chunks = list(client.models.generate_content_stream(model=model,
+                                                        contents="Where is my parcel?",
+                                                        config=config))
+    assert len(chunks) > 2  # the text came in pieces, then the finish
+    assert "".join(chunk.text or "" for chunk in chunks) == whole.text and whole.text
+    last = chunks[-1]
+    assert last.candidates[0].finish_reason == whole.candidates[0].finish_reason
+    assert last.usage_metadata.candidates_token_count == \
+        whole.usage_metadata.candidates_token_count
+    assert last.usage_metadata.prompt_token_count == whole.usage_metadata.prompt_token_count
+
+    # Without alt=sse: one JSON array of the same responses.
+    status, array = call(served.url, "POST", f"/v1/{model}:streamGenerateContent", {
+        "contents": [{"role": "user", "parts": [{"text": "Where is my parcel?"}]}],
+        "systemInstruction": {"parts": [{"text": "Answer in one word."}]},
+        "generationConfig": {"temperature": 0.0, "maxOutputTokens": 6}})
+    assert status == 200 and isinstance(array, list) and len(array) == len(chunks)
+    assert "".join(part["text"] for response in array
+                   for part in response["candidates"][0]["content"]["parts"]) == whole.text
+
+
+def test_openai_requests_stream_through_the_server(served):
+    from openai import OpenAI
+
+    openai = OpenAI(base_url=f"{served.url}/v1", api_key="local", max_retries=0)
+    messages = [{"role": "user", "content": "Hi"}]
+    whole = openai.chat.completions.create(model=NAME, messages=messages, max_tokens=5,
+                                           temperature=0)
+    chunks = list(openai.chat.completions.create(model=NAME, messages=messages, max_tokens=5,
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
+        whole.choices[0].message.content
+    completion = openai.completions.create(model=NAME, prompt="Hi", max_tokens=5, temperature=0)
+    assert completion.choices[0].text == whole.choices[0].message.content  # the same prompt
+    pieces = list(openai.completions.create(model=NAME, prompt="Hi", max_tokens=5,
+                                            temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == completion.choices[0].text

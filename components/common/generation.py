@@ -324,6 +324,15 @@ class DecodeBatch:
         done, self._decoder.finished = self._decoder.finished, []
         return done
 
+    def tokens(self, row: int) -> list[int]:
+        """The tokens row ``row`` chose so far (running, or finished and not yet handed over)."""
+        return self._decoder.outputs[row]
+
+    def stop(self, rows: Sequence[int]) -> None:
+        """Running rows ``rows`` finish at the next step, as rows that reached their
+        ``max_output_tokens`` do (from any thread)."""
+        self._decoder.stopping.update(row for row in rows if row in self._decoder.outputs)
+
     def result(self, row: int) -> tuple[list[int], str]:
         """A finished row's ``(output token ids, finish reason)``, handed over once."""
         return self._decoder.outputs.pop(row), self._decoder.reasons.pop(row)
@@ -366,6 +375,7 @@ class _Decoder:
         self.outputs: dict[int, list[int]] = {}
         self.reasons: dict[int, str] = {}
         self.finished: list[int] = []
+        self.stopping: set[int] = set()  # rows to finish at the next step (DecodeBatch.stop)
         self.mergeable = True  # until a cache turns out not to be a plain key/value cache
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0):
@@ -453,12 +463,15 @@ class _Decoder:
                 zip(state.rows, tokens.tolist(), is_stop.tolist(), state.samplings)):
             if stop:
                 self.reasons[row] = FINISH_STOP
+                self.stopping.discard(row)
                 self.finished.append(row)
                 continue
             self.outputs[row].append(token)
-            if len(self.outputs[row]) < sampling.params.max_output_tokens:
+            if len(self.outputs[row]) < sampling.params.max_output_tokens and \
+                    row not in self.stopping:
                 running.append(position)
             else:
+                self.stopping.discard(row)
                 self.finished.append(row)
         if not running:
             return None

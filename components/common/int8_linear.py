@@ -14,14 +14,15 @@ The kernels are C, built once per machine with the system's C compiler (``$CC``,
 into ``$TUNEPIPE_HOME/cache/kernels`` (about a second); where there is no compiler or no AVX2,
 :func:`int8_unavailable_reason` says why and the model keeps its float weights.
 
-``TUNEPIPE_SERVING_WEIGHTS`` (``auto``, the default, ``int8`` or ``float``) chooses the endpoint
-server's weights (:func:`serving_weights`): ``auto`` is int8 where the kernel builds and the
-model is in float32 on the CPU, else float (packed for oneDNN,
+``TUNEPIPE_SERVING_WEIGHTS`` (``auto``, the default, ``int8`` or ``float``) chooses the served
+model's weights (:func:`serving_weights_for`, for ``components.common.serving_numerics``, which
+loads a model in float32 to serve it so): ``auto`` is int8 where the kernel builds and the model
+computes in float32 on the CPU, else float (packed for oneDNN,
 ``components.common.packed_linear``). Rounding each weight to one of 255 levels of its block
 changes the model a little: on the sample evaluation set the tuned model's answers were the same
 (60 of 60), while a long free-form answer drifts from the float32 one after some words (the
 README, "Decoding speed", has the measurements).
-``float`` serves the exact model. Evaluate and the local teacher always generate in float.
+``float`` serves the exact model. Evaluate always generates in float.
 """
 from __future__ import annotations
 
@@ -135,16 +136,23 @@ class ServingWeights:
 
 
 def serving_weights(model: nn.Module) -> ServingWeights:
-    """The weights to serve ``model`` with, by ``TUNEPIPE_SERVING_WEIGHTS`` (module docstring).
-    Raises ``ValueError`` for an unknown setting or ``int8`` where the kernel cannot run."""
+    """The weights to serve ``model`` with, as loaded (:func:`serving_weights_for`)."""
+    parameter = next(model.parameters())
+    return serving_weights_for(parameter.device, parameter.dtype)
+
+
+def serving_weights_for(device: torch.device, dtype: torch.dtype) -> ServingWeights:
+    """The weights to serve a model computing in ``dtype`` on ``device`` with, by
+    ``TUNEPIPE_SERVING_WEIGHTS`` (module docstring). Raises ``ValueError`` for an unknown
+    setting or ``int8`` where the kernel cannot run."""
     setting = os.environ.get(SERVING_WEIGHTS_ENV, "").strip().lower() or "auto"
     if setting not in SERVING_WEIGHTS:
         raise ValueError(f"{SERVING_WEIGHTS_ENV}={setting!r}: use one of {list(SERVING_WEIGHTS)}")
     if setting == "float":
         return ServingWeights("float", f"{SERVING_WEIGHTS_ENV}=float")
-    parameter = next(model.parameters())
-    unavailable = (f"the model is on {parameter.device.type} in {parameter.dtype}"
-                   if parameter.device.type != "cpu" or parameter.dtype != torch.float32
+    device = torch.device(device)
+    unavailable = (f"the model is on {device.type} in {dtype}"
+                   if device.type != "cpu" or dtype != torch.float32
                    else int8_unavailable_reason())
     if unavailable and setting == "int8":
         raise ValueError(f"{SERVING_WEIGHTS_ENV}=int8, but {unavailable}")

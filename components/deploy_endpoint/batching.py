@@ -9,11 +9,16 @@ together and keep its own sampling (parameters, generator seeded with its seed),
 with different parameters share a batch, and a greedy answer is the one the request would get
 alone (up to float rounding in near ties, as ``components.common.generation`` says).
 
+A request submitted with a ``listener`` hears its new tokens after every step that decoded
+some (streaming), and ``cancel`` frees its rows: they leave the batch at the next step, as rows
+that reached their ``max_output_tokens`` (a client that went away).
+
 At most ``max_queued`` requests wait for a place in the batch; one more is refused at once
 (``QueueFull``: the server answers 503) rather than left hanging. A request with more instances
 than the batch has rows runs alone once the batch is empty, planned into batches as evaluate
-plans a dataset (``generate_token_ids``). With ``batching=False`` every request runs so, one at a
-time: the endpoint as it served before, which ``benchmarks/bench_serve.py`` compares against.
+plans a dataset (``generate_token_ids``; its listener hears its tokens when it ends). With
+``batching=False`` every request runs alone in the batch, one at a time: the endpoint as it
+served before, which ``benchmarks/bench_serve.py`` compares against.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import traceback
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from components.common.generation import (DEFAULT_MAX_BATCH_TOKENS, DecodeBatch, RowSampling,
                                           SamplingParams, generate_token_ids)
@@ -34,20 +39,23 @@ DEFAULT_MAX_ROWS = 32  # rows decoded together
 DEFAULT_MAX_QUEUED = 64  # requests waiting for a place in the batch
 
 Answer = tuple[list[int], str]  # output token ids, finish reason
+Listener = Callable[[int, list[int]], None]  # a prompt's index and its new token ids
 
 
 class QueueFull(RuntimeError):
     """The worker already has ``max_queued`` requests waiting; the message says so."""
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself only
 class _Request:
     prompts: list[list[int]]
     sampling: RowSampling
     seed: int
+    listener: Listener | None
     future: Future = field(default_factory=Future)
     rows: list[int] = field(default_factory=list)
     unfinished: int = 0
+    heard: list[int] = field(default_factory=list)  # tokens the listener heard, per prompt
 
 
 class GenerationWorker:
@@ -68,6 +76,7 @@ class GenerationWorker:
         self._batch = DecodeBatch(model, stop_token_ids, pad_token_id, self.prefix_cache)
         self._waiting: deque[_Request] = deque()
         self._active: dict[int, _Request] = {}  # row -> its request
+        self._alone: _Request | None = None  # a request running alone (generate_token_ids)
         self._row_ids = itertools.count()
         self._condition = threading.Condition()
         self._closed = False
@@ -76,14 +85,17 @@ class GenerationWorker:
         self._thread.start()
 
     def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-               seed: int = 0) -> Future:
+               seed: int = 0, listener: Listener | None = None) -> Future:
         """Queues tokenized prompts; a future of their ``(token ids, finish reason)``, in order.
+        ``listener`` is called on the worker's thread with each prompt's new tokens as they
+        are decoded.
 
         Raises ``ValueError`` when ``params.max_output_tokens`` does not fit the model's context
         (a prompt too long keeps its end), ``QueueFull`` when ``max_queued`` requests wait.
         """
         fitted = self._batch.fit_to_context(prompts, params.max_output_tokens)
-        request = _Request(fitted, self._batch.sampling(params, seed), seed)
+        request = _Request(fitted, self._batch.sampling(params, seed), seed, listener,
+                           heard=[0] * len(fitted))
         with self._condition:
             if self._closed:
                 raise RuntimeError("the generation worker is closed")
@@ -93,6 +105,20 @@ class GenerationWorker:
             self._waiting.append(request)
             self._condition.notify()
         return request.future
+
+    def cancel(self, future: Future) -> None:
+        """Frees the rows of the request ``future`` answers (from any thread): a waiting request
+        is dropped (its future cancelled); a running one's rows leave at the next step, which
+        answers it with the tokens so far. Nothing for a request already answered, or one
+        running alone (more prompts than ``max_rows``: it runs to its end)."""
+        with self._condition:
+            for request in self._waiting:
+                if request.future is future:
+                    self._waiting.remove(request)
+                    future.cancel()
+                    return
+            rows = [row for row, request in self._active.items() if request.future is future]
+        self._batch.stop(rows)
 
     def describe(self) -> dict:
         """The batching settings and what the shared batch did so far (the health route's)."""
@@ -126,6 +152,7 @@ class GenerationWorker:
                     self._steps += 1
                     self._stepped_rows += self._batch.rows
                     self._batch.step()
+                self._report()
                 self._hand_over()
             except Exception as error:  # noqa: BLE001 - the requests hear of it; the worker goes on
                 traceback.print_exc(file=sys.stderr)
@@ -138,7 +165,7 @@ class GenerationWorker:
         if not self._waiting:
             return []
         first = self._waiting[0]
-        if self._runs_alone(first):
+        if self._runs_alone(first) or not self.batching:
             return [self._waiting.popleft()] if not self._active else []
         admitted: list[_Request] = []
         rows = longest = 0
@@ -156,17 +183,25 @@ class GenerationWorker:
         return admitted
 
     def _runs_alone(self, request: _Request) -> bool:
-        return not self.batching or len(request.prompts) > self.max_rows
+        return len(request.prompts) > self.max_rows
 
     def _start(self, admitted: list[_Request]) -> None:
         """Runs a request alone, or prefills the admitted requests into the batch."""
         if self._runs_alone(admitted[0]):
             request, = admitted
-            params = request.sampling.params
-            request.future.set_result(generate_token_ids(
-                self.model, request.prompts, params, stop_token_ids=self.stop_token_ids,
-                pad_token_id=self.pad_token_id, batch_size=self.max_rows, seed=request.seed,
-                max_batch_tokens=self.max_batch_tokens, prefix_cache=self.prefix_cache))
+            self._alone = request
+            try:
+                answers = generate_token_ids(
+                    self.model, request.prompts, request.sampling.params,
+                    stop_token_ids=self.stop_token_ids, pad_token_id=self.pad_token_id,
+                    batch_size=self.max_rows, seed=request.seed,
+                    max_batch_tokens=self.max_batch_tokens, prefix_cache=self.prefix_cache)
+            finally:
+                self._alone = None
+            if request.listener:
+                for index, (tokens, _) in enumerate(answers):
+                    request.listener(index, tokens)
+            request.future.set_result(answers)
             return
         prompts, rows, samplings = [], [], []
         for request in admitted:
@@ -177,6 +212,17 @@ class GenerationWorker:
             rows += request.rows
             samplings += [request.sampling] * len(request.prompts)
         self._batch.join(prompts, rows, samplings)
+
+    def _report(self) -> None:
+        """Tells listeners the tokens their rows chose since the last report."""
+        for row, request in self._active.items():
+            if request.listener is None:
+                continue
+            index = request.rows.index(row)
+            tokens = self._batch.tokens(row)
+            if len(tokens) > request.heard[index]:
+                request.listener(index, tokens[request.heard[index]:])
+                request.heard[index] = len(tokens)
 
     def _hand_over(self) -> None:
         """Answers every request whose last row finished."""

@@ -21,11 +21,24 @@
 
     POST /v1/chat/completions   (OpenAI-compatible)
     {"model": NAME, "messages": [{"role": "system"|"user"|"assistant", "content": "..."}],
-     "temperature": 1.0, "max_tokens": 128, "top_p": 1.0, "n": 1, "seed": 0}
+     "temperature": 1.0, "max_tokens": 128, "top_p": 1.0, "n": 1, "seed": 0, "stream": false}
         -> {"id", "object": "chat.completion", "created", "model", "choices": [{"index": 0,
             "message": {"role": "assistant", "content"}, "finish_reason": "stop"|"length"}],
             "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
-    Omitted fields take OpenAI's defaults, except ``max_tokens`` (128, as ``/predict``).
+    POST /v1/completions   (OpenAI's legacy completions)
+    {"model": NAME, "prompt": "...", ...the same parameters}
+        -> {"id", "object": "text_completion", "created", "model", "choices": [{"text",
+            "index": 0, "finish_reason", "logprobs": null}], "usage": {...}}
+    Omitted fields take OpenAI's defaults, except ``max_tokens`` (128, as ``/predict``);
+    ``top_k`` (0: off) is accepted besides, as vLLM accepts it. The prompt of ``/v1/completions``
+    is formatted as ``/predict``'s text prompt (the chat template, as training formats it).
+
+    With ``"stream": true`` both answer server-sent events, as OpenAI streams: ``data: {chunk}``
+    (``"object": "chat.completion.chunk"``: a first ``delta`` with the role, then the text as
+    it is decoded, then an empty ``delta`` with the ``finish_reason``; completions: ``text``
+    pieces), a chunk with ``usage`` (and no choices) when ``"stream_options": {"include_usage":
+    true}``, then ``data: [DONE]``. Text pieces are whole characters. A client that closes the
+    connection frees its rows in the batch at the next decode step.
 
     GET /v1/models  -> the one model served, OpenAI-style
     GET /           -> health and model information
@@ -72,7 +85,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from components.common.http_server import (App, HttpError, HttpServer, Limits, RequestGuard,
                                            check_json_value, read_json_body, request_headers,
@@ -80,12 +93,12 @@ from components.common.http_server import (App, HttpError, HttpServer, Limits, R
 from components.common.prompts import chat_messages
 
 if TYPE_CHECKING:
-    from components.common.generation import Generation
+    from components.common.generation import Generation, SamplingParams
 
 DEFAULT_PARAMETERS = {"temperature": 0.0, "maxOutputTokens": 128, "topP": 0.95, "topK": 40}
 OPENAI_DEFAULT_PARAMETERS = {"temperature": 1.0, "maxOutputTokens": 128, "topP": 1.0, "topK": 0}
 OPENAI_PARAMETER_NAMES = {"temperature": "temperature", "max_tokens": "maxOutputTokens",
-                          "top_p": "topP"}
+                          "top_p": "topP", "top_k": "topK"}
 MAX_OUTPUT_TOKENS_LIMIT = 1024
 RETRY_AFTER_SECONDS = 1  # what a 503 (queue full) tells the client to wait
 LIMITS = Limits()
@@ -102,7 +115,10 @@ CHAT_SHAPE = ('{"instances": [{"context": "...", "examples": [...], "messages": 
 MESSAGE_SHAPE = '{"author": "user"|"assistant", "content": "..."}'
 EXAMPLE_SHAPE = '{"input": {"content": "..."}, "output": {"content": "..."}}'
 OPENAI_MESSAGE_SHAPE = '{"role": "system"|"user"|"assistant", "content": "..."}'
-OPENAI_FIELDS = {"model", "messages", "temperature", "max_tokens", "top_p", "n", "seed"}
+OPENAI_COMMON_FIELDS = {"model", "temperature", "max_tokens", "top_p", "top_k", "n", "seed",
+                        "stream", "stream_options"}
+OPENAI_CHAT_FIELDS = OPENAI_COMMON_FIELDS | {"messages"}
+OPENAI_TEXT_FIELDS = OPENAI_COMMON_FIELDS | {"prompt"}
 CHAT_FIELDS = {"context", "examples", "messages"}  # an instance with any of them is chat
 AUTHOR_ROLES = {"user": "user", "assistant": "assistant", "bot": "assistant"}
 CANDIDATE_AUTHOR = "assistant"
@@ -124,12 +140,15 @@ class PredictRequest:
 
 
 @dataclass
-class ChatCompletionRequest:
-    """A parsed ``/v1/chat/completions`` request."""
+class OpenAIRequest:
+    """A parsed ``/v1/chat/completions`` (``chat``) or ``/v1/completions`` request."""
 
+    chat: bool
     conversation: Conversation
     parameters: dict
     seed: int
+    stream: bool
+    include_usage: bool  # in a stream, a last chunk with the usage
 
 
 def _json_object(request: Any, shape: str) -> dict:
@@ -240,14 +259,14 @@ def parse_predict_request(body: Any) -> PredictRequest:
     return PredictRequest(conversations, chat[0], parameters)
 
 
-def parse_chat_completion_request(body: Any, model_name: str) -> ChatCompletionRequest:
-    """The conversation, parameters and seed of an OpenAI chat completions request (its JSON
-    body)."""
-    shape = f'{{"model": "{model_name}", "messages": [{OPENAI_MESSAGE_SHAPE}, ...], ...}}'
-    request = _json_object(body, shape)
-    unknown = sorted(set(request) - OPENAI_FIELDS)
+def parse_openai_request(body: Any, model_name: str, chat: bool) -> OpenAIRequest:
+    """An OpenAI chat completions (``chat``) or completions request (its JSON body), parsed."""
+    what = f'"messages": [{OPENAI_MESSAGE_SHAPE}, ...]' if chat else '"prompt": "..."'
+    request = _json_object(body, f'{{"model": "{model_name}", {what}, ...}}')
+    fields = OPENAI_CHAT_FIELDS if chat else OPENAI_TEXT_FIELDS
+    unknown = sorted(set(request) - fields)
     if unknown:
-        raise RequestError(f"unsupported fields {unknown}; supported: {sorted(OPENAI_FIELDS)}")
+        raise RequestError(f"unsupported fields {unknown}; supported: {sorted(fields)}")
     if request.get("model") != model_name:
         raise RequestError(f"model must be {model_name!r}, the model this endpoint serves; "
                            f"got {request.get('model')!r}")
@@ -256,7 +275,29 @@ def parse_chat_completion_request(body: Any, model_name: str) -> ChatCompletionR
     seed = request.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise RequestError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    messages = request.get("messages")
+    stream, options = request.get("stream", False), request.get("stream_options")
+    if not isinstance(stream, bool):
+        raise RequestError(f"stream must be true or false, got {stream!r}")
+    if options is not None and not (stream and isinstance(options, dict) and set(options) <= {
+            "include_usage"} and isinstance(options.get("include_usage", False), bool)):
+        raise RequestError('stream_options must be {"include_usage": true|false}, with '
+                           '"stream": true')
+    if chat:
+        conversation = _openai_conversation(request.get("messages"))
+    elif _is_text(request.get("prompt")):
+        conversation = chat_messages(request["prompt"])
+    else:
+        raise RequestError("prompt must be a non-empty string")
+    parameters = {**OPENAI_DEFAULT_PARAMETERS,
+                  **{OPENAI_PARAMETER_NAMES[name]: request[name]
+                     for name in OPENAI_PARAMETER_NAMES if name in request}}
+    names = {vertex: openai for openai, vertex in OPENAI_PARAMETER_NAMES.items()}
+    return OpenAIRequest(chat, conversation, _checked_parameters(parameters, names), seed, stream,
+                         bool((options or {}).get("include_usage")))
+
+
+def _openai_conversation(messages: Any) -> Conversation:
+    """The conversation of an OpenAI chat request's ``messages``."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(f"messages must be a non-empty list of {OPENAI_MESSAGE_SHAPE}")
     conversation = []
@@ -274,11 +315,7 @@ def parse_chat_completion_request(body: Any, model_name: str) -> ChatCompletionR
     if len(conversation) == len(system):
         raise RequestError('messages must end with a "user" message, the one to answer')
     _check_turns(conversation[len(system):], "messages", "role", first_index=len(system))
-    parameters = {**OPENAI_DEFAULT_PARAMETERS,
-                  **{OPENAI_PARAMETER_NAMES[name]: request[name]
-                     for name in OPENAI_PARAMETER_NAMES if name in request}}
-    names = {vertex: openai for openai, vertex in OPENAI_PARAMETER_NAMES.items()}
-    return ChatCompletionRequest(conversation, _checked_parameters(parameters, names), seed)
+    return conversation
 
 
 class Predictor:
@@ -291,28 +328,24 @@ class Predictor:
         from components.common.distillation_tasks import input_prefix
         from components.common.generation import stop_and_pad_token_ids
         from components.common.model_loading import load_tuned_model, select_device
-        from components.common.precision import choose_precision
-        from components.common.int8_linear import serving_weights, use_int8_weights
-        from components.common.packed_linear import use_packed_weights
+        from components.common.serving_numerics import choose_serving_numerics
         from components.deploy_endpoint.batching import GenerationWorker
 
         self.name, self.model_dir = name, model_dir
         device = select_device()
-        self.precision = choose_precision(device)
+        self.numerics = choose_serving_numerics(device)
         model, self.tokenizer, self.metadata = load_tuned_model(model_dir, device,
-                                                                self.precision.dtype)
-        self.weights = serving_weights(model)
-        if self.weights.kind == "int8":
-            use_int8_weights(model)
-        self.model = use_packed_weights(model)  # the linear layers int8 does not take, if any
+                                                                self.numerics.dtype)
+        self.model = self.numerics.apply(model)
         self.input_prefix = input_prefix(self.metadata)
         stops, pad_id = stop_and_pad_token_ids(self.tokenizer)
         self.worker = GenerationWorker(self.model, stops, pad_id, **batching)
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe across threads
 
     def describe_compute(self) -> str:
-        """E.g. ``cpu float32: no native bf16 (AVX2), int8 weights: int8 kernel (AVX2), ...``."""
-        return f"{self.precision.describe()}, {self.weights.describe()}"
+        """The serving numerics and why, e.g. ``cpu float32: the int8 kernel's, ..., int8
+        weights: int8 kernel (AVX2), ...`` (``components.common.serving_numerics``)."""
+        return self.numerics.describe()
 
     def prompts(self, conversations: list[Conversation]) -> list[str]:
         """The prompt texts: each conversation in the model's chat template, with its input
@@ -323,25 +356,43 @@ class Predictor:
                                            with_input_prefix(conversation, self.input_prefix))
                 for conversation in conversations]
 
+    def prompt_ids(self, conversations: list[Conversation]) -> list[list[int]]:
+        """The conversations' prompts, tokenized."""
+        from components.common.generation import prompt_token_ids
+
+        with self._tokenizer_lock:
+            return [prompt_token_ids(self.tokenizer, text)
+                    for text in self.prompts(conversations)]
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of output token ids."""
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def generate(self, conversations: list[Conversation], parameters: dict,
                  seed: int = 0) -> list[Generation]:
         """One ``Generation`` per conversation, generated by the worker with the requests of
         other threads. Raises ``QueueFull`` when the worker's queue is full."""
-        from components.common.generation import (SamplingParams, decoded_generation,
-                                                  prompt_token_ids)
+        from components.common.generation import decoded_generation
 
-        sampling = SamplingParams(parameters["maxOutputTokens"], float(parameters["temperature"]),
-                                  float(parameters["topP"]), parameters["topK"])
-        with self._tokenizer_lock:
-            prompts = [prompt_token_ids(self.tokenizer, text)
-                       for text in self.prompts(conversations)]
+        prompts = self.prompt_ids(conversations)
         try:
-            answers = self.worker.submit(prompts, sampling, seed).result()
+            answers = self.worker.submit(prompts, _sampling(parameters), seed).result()
         except ValueError as error:  # e.g. maxOutputTokens beyond the model's context
             raise RequestError(str(error)) from None
         with self._tokenizer_lock:
             return [decoded_generation(self.tokenizer, prompt, answer)
                     for prompt, answer in zip(prompts, answers)]
+
+    def stream(self, conversation: Conversation, parameters: dict, seed: int,
+               loop: asyncio.AbstractEventLoop) -> AnswerStream:
+        """The answer to ``conversation`` as the worker decodes it, heard on ``loop``. Raises
+        ``RequestError`` or ``QueueFull`` as ``generate`` does."""
+        prompt, = self.prompt_ids([conversation])
+        try:
+            return AnswerStream(self, prompt, _sampling(parameters), seed, loop)
+        except ValueError as error:
+            raise RequestError(str(error)) from None
 
     def predict(self, request: PredictRequest) -> dict:
         """The Vertex predict response to ``request``."""
@@ -360,22 +411,17 @@ class Predictor:
                                            "outputTokenCount": {"totalTokens": output_tokens}}},
         }
 
-    def complete_chat(self, request: ChatCompletionRequest) -> dict:
-        """The OpenAI chat completion response to ``request``."""
+    def complete(self, request: OpenAIRequest) -> dict:
+        """The OpenAI (chat) completion answering ``request``, whole."""
         generation, = self.generate([request.conversation], request.parameters, request.seed)
-        completion_tokens = len(generation.token_ids)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.name,
-            "choices": [{"index": 0,
-                         "message": {"role": "assistant", "content": generation.text},
-                         "finish_reason": generation.finish_reason}],
-            "usage": {"prompt_tokens": generation.prompt_tokens,
-                      "completion_tokens": completion_tokens,
-                      "total_tokens": generation.prompt_tokens + completion_tokens},
-        }
+        reply = _openai_head(request.chat, self.name, chunk=False)
+        if request.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": generation.text},
+                      "finish_reason": generation.finish_reason}
+        else:
+            choice = {"text": generation.text, "index": 0, "logprobs": None,
+                      "finish_reason": generation.finish_reason}
+        return {**reply, "choices": [choice], "usage": _usage(generation)}
 
     def models(self) -> dict:
         """The OpenAI model list: this endpoint's one model."""
@@ -384,12 +430,87 @@ class Predictor:
                                             "owned_by": "tunepipe"}]}
 
 
-def _serve_predict(predictor: Predictor, body: Any) -> dict:
-    return predictor.predict(parse_predict_request(body))
+def _sampling(parameters: dict) -> SamplingParams:
+    from components.common.generation import SamplingParams
+
+    return SamplingParams(parameters["maxOutputTokens"], float(parameters["temperature"]),
+                          float(parameters["topP"]), parameters["topK"])
 
 
-def _serve_chat_completion(predictor: Predictor, body: Any) -> dict:
-    return predictor.complete_chat(parse_chat_completion_request(body, predictor.name))
+class AnswerStream:
+    """One prompt's answer as the worker decodes it (its listener, bridged to the event loop):
+    :meth:`deltas` yields the text as it grows, then :attr:`generation` is the whole answer."""
+
+    def __init__(self, predictor: Predictor, prompt: list[int], sampling: SamplingParams,
+                 seed: int, loop: asyncio.AbstractEventLoop):
+        self._predictor, self._prompt = predictor, prompt
+        self._heard: asyncio.Queue[list[int] | None] = asyncio.Queue()
+
+        def hear(tokens: list[int] | None) -> None:  # on the worker's thread
+            try:
+                loop.call_soon_threadsafe(self._heard.put_nowait, tokens)
+            except RuntimeError:  # the loop is closed: the server stopped
+                pass
+
+        self.future = predictor.worker.submit([prompt], sampling, seed,
+                                              lambda _, tokens: hear(list(tokens)))
+        self.future.add_done_callback(lambda _: hear(None))
+        self.generation: Generation | None = None
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """The answer's text as it is decoded, in pieces of whole characters (a token that ends
+        inside a UTF-8 character waits for the rest); raises what the worker raised."""
+        from components.common.generation import decoded_generation
+
+        tokens: list[int] = []
+        sent = ""
+        while (new := await self._heard.get()) is not None:
+            tokens += new
+            text = self._predictor.decode(tokens).rstrip(REPLACEMENT_CHARACTER)
+            if len(text) > len(sent) and text.startswith(sent):
+                yield text[len(sent):]
+                sent = text
+        answer, = self.future.result()
+        self.generation = decoded_generation(self._predictor.tokenizer, self._prompt, answer)
+        if len(self.generation.text) > len(sent):
+            yield self.generation.text[len(sent):]
+
+
+def _usage(generation: Generation) -> dict:
+    completion_tokens = len(generation.token_ids)
+    return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": generation.prompt_tokens + completion_tokens}
+
+
+def _openai_head(chat: bool, model: str, chunk: bool) -> dict:
+    """The fields every OpenAI answer (or chunk of one) starts with."""
+    kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
+            "created": int(time.time()), "model": model}
+
+
+async def openai_chunks(request: OpenAIRequest, model: str,
+                        answer: AnswerStream) -> AsyncIterator[dict]:
+    """A streamed answer as OpenAI streams one: chunks of text, the finish reason, the usage
+    when asked for."""
+    head = _openai_head(request.chat, model, chunk=True)
+
+    def chunk(text: str, finish_reason: str | None = None) -> dict:
+        if request.chat:
+            choice = {"index": 0, "delta": {"content": text} if text else {},
+                      "finish_reason": finish_reason}
+        else:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+        return {**head, "choices": [choice]}
+
+    if request.chat:
+        yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]}
+    async for text in answer.deltas():
+        yield chunk(text)
+    yield chunk("", answer.generation.finish_reason)
+    if request.include_usage:
+        yield {**head, "choices": [], "usage": _usage(answer.generation)}
 
 
 def vertex_error(error: HttpError) -> dict:
@@ -403,14 +524,16 @@ def openai_error(error: HttpError) -> dict:
     return {"error": {"message": error.message, "type": kind}}
 
 
-def _post_route(path: str, predict_route: str = "/predict") -> tuple[
-        Callable[[Predictor, Any], dict], Callable[[HttpError], dict]] | None:
-    """How to serve a POST to ``path`` and how to word its errors; None for no route."""
+def _post_route(path: str, predict_route: str = "/predict") -> str | None:
+    """Which request a POST to ``path`` is: ``predict``, ``chat`` or ``text`` (the OpenAI
+    routes); None for no route."""
     path = path.rstrip("/")
     if path == "/v1/chat/completions":
-        return _serve_chat_completion, openai_error
+        return "chat"
+    if path == "/v1/completions":
+        return "text"
     if path == predict_route.rstrip("/") or path.endswith(("/predict", ":predict")):
-        return _serve_predict, vertex_error
+        return "predict"
     return None
 
 
@@ -426,43 +549,96 @@ def make_app(predictor: Predictor, guard: RequestGuard, predict_route: str = "/p
     def health() -> dict:
         return {"name": predictor.name, "model_dir": predictor.model_dir,
                 "base_model": predictor.metadata.get("base_model", {}),
-                "precision": predictor.precision.describe(),
-                "weights": predictor.weights.describe(), "input_prefix": predictor.input_prefix,
+                "precision": predictor.numerics.precision.describe(),
+                "weights": predictor.numerics.weights.describe(),
+                "input_prefix": predictor.input_prefix,
                 "batching": predictor.worker.describe(), "status": "ready"}
 
     async def app(scope: dict, receive: Callable, send: Callable) -> None:
         headers = request_headers(scope)
         method, path = scope["method"], scope["path"]
-        route = _post_route(path, predict_route) if method == "POST" else None
-        error_payload = route[1] if route else vertex_error
+        kind = _post_route(path, predict_route) if method == "POST" else None
+        error_payload = vertex_error if kind in (None, "predict") else openai_error
         try:
             guard.check(headers, scope["server"][1])
             if method in ("GET", "HEAD"):
                 reply = predictor.models() if path.rstrip("/") == "/v1/models" else health()
-            elif route is None:
+            elif kind is None:
                 raise HttpError(404 if method == "POST" else 405,
-                                f"no route {method} {path}; POST {predict_route} or "
-                                "/v1/chat/completions, GET / or /v1/models",
+                                f"no route {method} {path}; POST {predict_route}, "
+                                "/v1/chat/completions or /v1/completions, GET / or /v1/models",
                                 {"Allow": "GET, HEAD, POST"})
             else:
                 body = await read_json_body(receive, headers, limits)
-                reply = await _answer(route[0], body)
+                if kind == "predict":
+                    reply = await _answer(predictor.predict, parse_predict_request, body)
+                else:
+                    request = await _answer(lambda r: r, parse_openai_request, body,
+                                            predictor.name, kind == "chat")
+                    if request.stream:
+                        await _stream(request, receive, send)
+                        return
+                    reply = await _answer(predictor.complete, lambda r: r, request)
         except HttpError as error:
             await send_json(send, error.code, error_payload(error), error.headers)
             return
         await send_json(send, 200, reply)
 
-    async def _answer(serve: Callable[[Predictor, Any], dict], body: Any) -> dict:
-        """What ``serve`` answers, on a worker thread; its refusals as HttpError."""
+    async def _answer(serve: Callable, parse: Callable, *arguments: Any) -> Any:
+        """``serve(parse(*arguments))`` on a worker thread; its refusals as HttpError."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(workers, serve, predictor, body)
+            return await loop.run_in_executor(workers, lambda: serve(parse(*arguments)))
         except RequestError as error:
             raise HttpError(400, str(error)) from None
         except QueueFull as error:
             raise HttpError(503, str(error), {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
 
+    async def _stream(request: OpenAIRequest, receive: Callable, send: Callable) -> None:
+        """Streams the answer to ``request`` as server-sent events, a chunk as its tokens are
+        decoded; a client that goes away frees its rows (the worker's ``cancel``)."""
+        loop = asyncio.get_running_loop()
+        answer = await _answer(lambda r: predictor.stream(r.conversation, r.parameters, r.seed,
+                                                          loop), lambda r: r, request)
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        gone = asyncio.Event()
+
+        def leave() -> None:
+            gone.set()
+            predictor.worker.cancel(answer.future)
+
+        watcher = asyncio.create_task(_on_disconnect(receive, leave))
+        try:
+            async for chunk in openai_chunks(request, predictor.name, answer):
+                if gone.is_set():
+                    return
+                await send({"type": "http.response.body", "body": _event(chunk),
+                            "more_body": True})
+            await send({"type": "http.response.body", "body": _event("[DONE]")})
+        except Exception as error:  # noqa: BLE001 - a failed step: the stream says so and ends
+            await send({"type": "http.response.body",
+                        "body": _event(openai_error(HttpError(500, f"{error}")))})
+        finally:
+            watcher.cancel()
+
     return app
+
+
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
+               (b"cache-control", b"no-cache")]
+REPLACEMENT_CHARACTER = "\ufffd"  # what a token ending inside a UTF-8 character decodes to
+
+
+def _event(data: dict | str) -> bytes:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+async def _on_disconnect(receive: Callable, leave: Callable[[], None]) -> None:
+    """Calls ``leave`` when the client closes its connection (the request's body is read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    leave()
 
 
 def serve_in_thread(predictor: Predictor, port: int = 0) -> HttpServer:

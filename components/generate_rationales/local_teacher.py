@@ -4,8 +4,9 @@ A tuned model is a folder that tunepipe's tuner or registry wrote (``tunepipe_mo
 base model and a LoRA adapter, which is merged for generation), or ``tuned:NAME[@VERSION]``, a
 model of the local registry: a teacher tuned in an earlier run (``make run-distill`` tunes one).
 
-The model is loaded once (the device and precision every component uses) and answers with the
-batched generator of :mod:`components.common.generation`, the evaluate component's fast path:
+The model is loaded once, in the numerics the endpoint serves in
+(:mod:`components.common.serving_numerics`: int8 weights through the kernels where they build),
+and answers with the batched generator of :mod:`components.common.generation`:
 prompts (the model's chat template over the request's messages) go in chunks of
 ``CHUNK_BATCHES x batch_size``; each chunk is generated in length-sorted batches with a KV cache
 and its answers are reported before the next chunk starts, so an interrupted run loses at most
@@ -68,18 +69,17 @@ class LocalTeacher(Teacher):
 
             from components.common.model_loading import (load_base_model, load_tokenizer,
                                                           load_tuned_model, select_device)
-            from components.common.packed_linear import use_packed_weights
-            from components.common.precision import choose_precision
+            from components.common.serving_numerics import choose_serving_numerics
 
             device = torch.device(self.device) if self.device else select_device()
-            precision = choose_precision(device)
+            numerics = choose_serving_numerics(device)
             if self.tuned_dir is not None:
-                model, tokenizer, _ = load_tuned_model(self.tuned_dir, device, precision.dtype)
+                model, tokenizer, _ = load_tuned_model(self.tuned_dir, device, numerics.dtype)
             else:
-                model = load_base_model(self.checkpoint, device, precision.dtype)
+                model = load_base_model(self.checkpoint, device, numerics.dtype)
                 tokenizer = load_tokenizer(self.checkpoint)
-            self._loaded = use_packed_weights(model), tokenizer
-            self.description += f"; {precision.describe()}"
+            self._loaded = numerics.apply(model), tokenizer
+            self.description += f"; {numerics.describe()}"
         return self._loaded
 
     def answer(self, requests: Sequence[TeacherRequest], settings: TeacherSettings,
