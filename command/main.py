@@ -1,5 +1,6 @@
-"""The ``tunepipe`` command: compile, run, validate, evaluate, models, endpoints, serve (its
-argument parsing and one function per command; the run summary is :mod:`command.run_summary`)."""
+"""The ``tunepipe`` command: compile, run, validate, evaluate, models, endpoints, runs, serve (its
+argument parsing and one function per command; the run summary is :mod:`command.run_summary`,
+the run folders :mod:`command.runs`)."""
 from __future__ import annotations
 
 import argparse
@@ -124,10 +125,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.local_run import prepare
     from pipelines.submit import (KFP_DONE, VERTEX_DONE, SubmissionError, check_pipeline_root,
-                                  follow, submit_to_kfp, submit_to_vertex, vertex_template)
+                                  follow, google_credentials_found, submit_to_kfp,
+                                  submit_to_vertex, vertex_template)
     from pipelines.parameters import REGIONS
     from pipelines.templates import ParameterError
 
+    # a dry run without credentials checks everything but that gs:// locations exist
+    unchecked = [] if args.dry_run and not google_credentials_found() else None
     try:
         if args.vertex and not (args.project and args.region):
             raise ParameterError("--vertex needs --project and --region")
@@ -135,15 +139,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise ParameterError(f"--region {args.region} is not a Vertex AI Pipelines region "
                                  f"for tuning; use one of: {', '.join(REGIONS)}")
         request = _request(args)
-        pipeline_name, values = prepare(request, remote=True)
-        if args.service_account:
-            request.service_account = args.service_account
+        pipeline_name, values = prepare(request, remote=True, unchecked_gcs=unchecked)
         request.pipeline_root = request.output_directory  # not the local runner's runs/
         if args.vertex:
-            check_pipeline_root(request.pipeline_root)
+            check_pipeline_root(request.pipeline_root, unchecked)
+        if args.service_account:
+            request.service_account = args.service_account
+        if args.vertex:
             request.template = vertex_template(request.template)
     except (ParameterError, ValueError, FileNotFoundError) as error:
         return _invalid_request("submit", error)
+    if unchecked:
+        print(f"note: no Google credentials: skipped checking that {', '.join(unchecked)} "
+              "exist (`gcloud auth application-default login` lets the dry run check them; "
+              "submitting needs it)", file=sys.stderr)
     if args.dry_run:
         _print_request_body(request, pipeline_name, values)
         return 0
@@ -166,11 +175,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from components.common.model_registry import list_models
 
-    models = list_models()
+    models = list_models(all_versions=True)
     if not models:
-        print("no registered models")
+        print("no registered models", file=sys.stderr)
+    versions: dict[str, list[int]] = {}
     for model in models:
-        print(f"{model.resource_name}\t{model.path}")
+        versions.setdefault(model.display_name, []).append(model.version)
+    for model in models:
+        if args.all:
+            print(f"{model.resource_name}\t{model.path}")
+        elif model.version == versions[model.display_name][-1]:
+            count = len(versions[model.display_name])
+            print(f"{model.resource_name}\t{model.path}\t"
+                  + ("1 version" if count == 1 else f"{count} versions (--all lists them)"))
     return 0
 
 
@@ -181,9 +198,14 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
         if args.action == "list":
             running = endpoints.list_endpoints()
             if not running:
-                print("no running endpoints")
+                print("no running endpoints", file=sys.stderr)
             for endpoint in running:
-                print(f"{endpoint.name}\t{endpoint.predict_url}\tpid {endpoint.pid}\t{endpoint.model_dir}")
+                print(f"{endpoint.name}\t{endpoint.predict_url}\tpid {endpoint.pid}\t"
+                      f"{endpoint.model_dir}\tlog {endpoint.log}")
+        elif args.action == "deploy":
+            endpoint = _deploy(args.model, args.name)
+            print(f"{endpoint.name}\t{endpoint.predict_url}\tpid {endpoint.pid}\t"
+                  f"{endpoint.model_dir}\tlog {endpoint.log}")
         elif args.action == "predict":
             parameters = {key: value for key, value in (
                 ("temperature", args.temperature), ("maxOutputTokens", args.max_output_tokens),
@@ -203,12 +225,63 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
                     print(prediction["candidates"][0]["content"] if args.message
                           else prediction["content"])
         elif args.action == "stop":
-            stopped = endpoints.stop_endpoint(args.name)
-            print(f"stopped {args.name}" if stopped else f"{args.name} was not running; record removed")
-    except (LookupError, RuntimeError) as error:
+            if args.all == bool(args.name):
+                print("tunepipe endpoints stop: name an endpoint or give --all", file=sys.stderr)
+                return USAGE_ERROR
+            if args.all:
+                stopped = endpoints.stop_all_endpoints()
+                print(f"stopped {', '.join(stopped)}" if stopped else "no running endpoints")
+            else:
+                stopped = endpoints.stop_endpoint(args.name)
+                print(f"stopped {args.name}" if stopped
+                      else f"{args.name} was not running; record removed")
+    except (LookupError, RuntimeError, ValueError) as error:
         print(f"tunepipe endpoints: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _deploy(model: str, name: str | None):
+    """Starts an endpoint for a registered model (``NAME``, ``NAME@VERSION``) or a tuned model
+    folder, named ``name`` or else after the model."""
+    from components.common.model_registry import check_display_name, resolve_model_dir
+    from components.common.paths import registry_dir
+    from components.deploy_endpoint.endpoints import start_endpoint
+
+    model_dir = resolve_model_dir(model).resolve()
+    registered = model_dir.parent.parent == registry_dir().resolve()
+    name = name or (model_dir.parent.name if registered else model_dir.name)
+    check_display_name(name)
+    print(f"starting {name} for {model_dir} ...", file=sys.stderr, flush=True)
+    return start_endpoint(name, model_dir)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from command import runs
+
+    root = Path(args.pipeline_root).expanduser()
+    if args.action == "rm" and args.all == bool(args.run):
+        print("tunepipe runs rm: name a RUN or give --all", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        if args.action == "list":
+            lines = runs.list_lines(root)
+            print("\n".join(lines) if lines else f"no runs in {root}",
+                  file=sys.stdout if lines else sys.stderr)
+            return 0
+        if args.action == "show":
+            print("\n".join(runs.show_lines(runs.find_run(root, args.run))))
+            return 0
+        chosen = runs.list_runs(root) if args.all else [runs.find_run(root, args.run)]
+    except LookupError as error:
+        print(f"tunepipe runs: {error}", file=sys.stderr)
+        return 1
+    removed, kept = runs.remove(chosen)
+    for run in removed:
+        print(f"removed {run.path}")
+    for reason in kept:
+        print(f"tunepipe runs rm: kept {reason}", file=sys.stderr)
+    return 1 if kept else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -222,6 +295,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.local_run import DEFAULT_PIPELINE_ROOT
+
     parser = argparse.ArgumentParser(
         prog="tunepipe",
         description="Vertex AI's LLM tuning pipelines as open Kubeflow Pipelines.")
@@ -289,11 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list registered models")
     models.add_argument("action", choices=["list"])
+    models.add_argument("--all", action="store_true",
+                        help="every version (by default the latest, with the number of versions)")
     models.set_defaults(handler=cmd_models)
 
     endpoints = commands.add_parser("endpoints", help="manage local endpoints")
     actions = endpoints.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="running endpoints")
+    actions.add_parser("list", help="running endpoints: name, URL, pid, model, log")
+    deploy = actions.add_parser("deploy", help="start an endpoint for a registered model")
+    deploy.add_argument("model", metavar="MODEL[@VERSION]",
+                        help="a registered model (latest version unless @VERSION; see `tunepipe "
+                             "models list --all`) or a tuned model folder")
+    deploy.add_argument("--name", help="the endpoint's name (default: the model's name); one "
+                                       "of that name is replaced")
     predict = actions.add_parser("predict", help="send a predict request (text or chat)")
     predict.add_argument("name")
     shape = predict.add_mutually_exclusive_group(required=True)
@@ -307,9 +390,24 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-p", type=float)
     predict.add_argument("--top-k", type=int)
     predict.add_argument("--json", action="store_true", help="print the whole reply")
-    stop = actions.add_parser("stop", help="stop an endpoint")
-    stop.add_argument("name")
+    stop = actions.add_parser("stop", help="stop an endpoint, or all of them")
+    stop.add_argument("name", nargs="?")
+    stop.add_argument("--all", action="store_true", help="stop every endpoint")
     endpoints.set_defaults(handler=cmd_endpoints)
+
+    runs = commands.add_parser("runs", help="the local runs' folders: list, show, remove")
+    runs_actions = runs.add_subparsers(dest="action", required=True)
+    runs_actions.add_parser("list", help="runs, newest first: run, pipeline, state, size, age")
+    show = runs_actions.add_parser("show", help="a run's tasks, outputs, metrics and reports")
+    show.add_argument("run", help="a run folder's name (from `tunepipe runs list`) or path")
+    remove = runs_actions.add_parser(
+        "rm", help="delete run folders (not one a task is still running in); asks nothing")
+    remove.add_argument("run", nargs="?", help="a run folder's name or path")
+    remove.add_argument("--all", action="store_true", help="every run under the pipeline root")
+    for parser_ in runs_actions.choices.values():
+        parser_.add_argument("--pipeline-root", default=DEFAULT_PIPELINE_ROOT,
+                             help="where the runs are (default: runs/, as for `tunepipe run`)")
+    runs.set_defaults(handler=cmd_runs)
 
     serve = commands.add_parser(
         "serve", help="serve a local REST API in Vertex AI's shape (pipelineJobs, tuningJobs, "

@@ -110,8 +110,7 @@ def _text_problems(body: dict) -> list[str]:
     """The request's text beyond its limits (pipelines.parameters): displayName,
     labels, and every other string but the inline template's (it must equal a compiled one)
     and the parameter values' (check_parameters checks them)."""
-    from pipelines.parameters import (MAX_DISPLAY_NAME_LENGTH, labels_problems,
-                                              text_problems)
+    from pipelines.parameters import MAX_DISPLAY_NAME_LENGTH, labels_problems, text_problems
 
     problems = text_problems(body.get("displayName", ""), "displayName", MAX_DISPLAY_NAME_LENGTH)
     if "labels" in body:
@@ -146,12 +145,12 @@ def request_body(request: RunRequest, pipeline_name: str, values: dict[str, Any]
     return body
 
 
-def prepare(request: RunRequest, remote: bool = False) -> tuple[str, dict[str, Any]]:
+def prepare(request: RunRequest, remote: bool = False,
+            unchecked_gcs: list[str] | None = None) -> tuple[str, dict[str, Any]]:
     """The pipeline name and the checked, typed parameter values of a request: the names and
-    values fit the template, the datasets exist and the base model resolves (``remote``: for a
-    run on Vertex AI or a KFP cluster, see :func:`input_problems`)."""
-    from pipelines.parameters import (check_parameters, input_problems,
-                                              refused_parameters)
+    values fit the template, the datasets exist and the base model resolves (``remote`` and
+    ``unchecked_gcs``: see :func:`pipelines.parameters.input_problems`)."""
+    from pipelines.parameters import check_parameters, input_problems, refused_parameters
     from components.common.precision import requested_precision
     from components.generate_rationales.teacher_reference import teacher_reference_problems
 
@@ -159,7 +158,7 @@ def prepare(request: RunRequest, remote: bool = False) -> tuple[str, dict[str, A
     pipeline_name, template = read_template(request.template)
     values = bind_parameters(template, request.parameters, refused_parameters(pipeline_name))
     problems = check_parameters(pipeline_name, values) or \
-        input_problems(values, remote)
+        input_problems(values, remote, unchecked_gcs)
     if not problems and "teacher_model_reference" in values:
         problems = teacher_reference_problems(str(values["teacher_model_reference"]),
                                               str(values.get("project") or ""),

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -50,16 +51,36 @@ def vertex_template(template: Path) -> Path:
     return template
 
 
-def check_pipeline_root(pipeline_root: str) -> None:
-    """Refuses a Vertex pipeline root that is not a gs:// folder in an existing bucket."""
+def check_pipeline_root(pipeline_root: str, unchecked_gcs: list[str] | None = None) -> None:
+    """Refuses a Vertex pipeline root that is not a gs:// folder in an existing bucket (with
+    ``unchecked_gcs``, the bucket is not looked up but added to it)."""
     from components.common import storage
 
     if not storage.is_gcs(pipeline_root):
         raise ParameterError(f"  - Vertex AI writes the run's outputs to Cloud Storage: give "
                              f"--pipeline-root gs://BUCKET/DIR (not {pipeline_root!r})")
     bucket = "gs://" + pipeline_root[len("gs://"):].split("/")[0]
-    if not storage.exists(bucket):
+    if unchecked_gcs is not None:
+        unchecked_gcs.append(bucket)
+    elif not storage.exists(bucket):
         raise ParameterError(f"  - the pipeline root's bucket {bucket} does not exist")
+
+
+def google_credentials_found() -> bool:
+    """Whether gs:// locations can be read here: Application Default Credentials, or a Cloud
+    Storage emulator (``STORAGE_EMULATOR_HOST``)."""
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    from components.common import storage
+
+    if os.environ.get(storage.EMULATOR_ENV):
+        return True
+    try:
+        google.auth.default()
+    except DefaultCredentialsError:
+        return False
+    return True
 
 
 _REQUEST_PREFIX = re.compile(r"^(?:GET|POST|PUT|PATCH|DELETE) \S+: ")  # REST errors name the call

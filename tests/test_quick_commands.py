@@ -2,8 +2,9 @@
 
 ``tunepipe validate`` checks structure (JSON, fields, types, counts) before it loads a tokenizer,
 so a file that fails on structure is answered without torch, transformers or numpy;
-``tunepipe --help`` and ``tunepipe models list`` never import them. The import checks run the
-command in a fresh interpreter and look at ``sys.modules`` afterwards (no timings are asserted).
+``tunepipe --help``, ``tunepipe models list`` and ``tunepipe runs list`` never import them. The
+import checks run the command in a fresh interpreter and look at ``sys.modules`` afterwards (no
+timings are asserted).
 """
 from __future__ import annotations
 
@@ -107,15 +108,21 @@ def test_a_valid_file_is_tokenized(tmp_path):
     assert "transformers" in heavy
 
 
-@pytest.mark.parametrize("args", [["--help"], ["models", "list"], ["validate", "--help"]],
-                         ids=["help", "models-list", "validate-help"])
+@pytest.mark.parametrize("args", [["--help"], ["models", "list"], ["validate", "--help"],
+                                  ["runs", "list", "--pipeline-root", "RUNS"]],
+                         ids=["help", "models-list", "validate-help", "runs-list"])
 def test_quick_commands_import_no_model_stack(tmp_path, args):
     model_folder = tmp_path / "home" / "registry" / "my-model" / "1"
     model_folder.mkdir(parents=True)
+    run = tmp_path / "runs" / "tune-large-model-2026-01-02-03-04-05-123456"
+    (run / "tune").mkdir(parents=True)
+    args = [str(tmp_path / "runs") if arg == "RUNS" else arg for arg in args]
     status, heavy, output = run_tunepipe(tmp_path, *args)
     assert status == 0, output
     if args == ["models", "list"]:
-        assert f"my-model@1\t{model_folder}" in output
+        assert f"my-model@1\t{model_folder}\t1 version" in output
+    elif args[0] == "runs":
+        assert output.startswith(f"{run.name}\ttune-large-model\tfailed (tune)\t")
     else:
         assert "usage:" in output
     assert heavy == [], f"tunepipe {' '.join(args)} imported {heavy}"

@@ -3,6 +3,7 @@ local fakes of their services (tests/fake_services.py), Cloud Storage from the e
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,40 @@ def test_a_failed_bucket_check_is_one_warning_line(cloud, capsys, caplog, monkey
                            "(ValueError: Output artifacts bucket \"tunepipe-test\" exists but does "
                            "not belong to project \"my-project\".")
     assert not [record for record in caplog.records if record.exc_info]
+
+
+def test_dry_run_without_google_credentials_skips_only_the_gs_existence_checks(
+        tmp_path, monkeypatch, capsys):
+    """No credentials anywhere (no key file, an empty HOME and gcloud folder, no metadata
+    server, no emulator): the gs:// locations go unchecked, and the note names them."""
+    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
+    monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:1")
+    args = ["submit", "tune-large-model", "--vertex", "--project", "my-project", "--region",
+            "europe-west4", "--pipeline-root", "gs://my-bucket/root", "--param",
+            "project=my-project", "--param", "model_display_name=support-intents", "--param",
+            "dataset_uri=gs://my-bucket/data/train.jsonl", "--dry-run"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["runtimeConfig"]["gcsOutputDirectory"] == "gs://my-bucket/root"
+    assert captured.err.strip().splitlines() == [
+        "note: no Google credentials: skipped checking that gs://my-bucket/data/train.jsonl, "
+        "gs://my-bucket exist (`gcloud auth application-default login` lets the dry run check "
+        "them; submitting needs it)"]
+    # Every other check still runs: a local dataset is refused for a remote run.
+    assert main([*args[:-2], f"dataset_uri={SAMPLE}", "--dry-run"]) == 2
+    assert "is a local path; a remote run reads gs:// only" in capsys.readouterr().err
+
+
+def test_the_vertex_check_script_says_its_usage(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "check_vertex_submission.sh"
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines()[0] == (f"usage: {script} PROJECT REGION gs://BUCKET/DIR "
+                                           "gs://BUCKET/train.jsonl [SERVICE_ACCOUNT]")
+    helped = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: ")

@@ -94,16 +94,17 @@ def _versions(model_root: Path) -> list[int]:
     return [int(p.name) for p in model_root.iterdir() if p.name.isdigit()]
 
 
-def list_models() -> list[RegisteredModel]:
-    """The latest version of every registered model, by name."""
+def list_models(all_versions: bool = False) -> list[RegisteredModel]:
+    """The latest version of every registered model, by name; ``all_versions``: every version,
+    by name, then version."""
     root = registry_dir()
     if not root.exists():
         return []
     models = []
     for model_root in sorted(p for p in root.iterdir() if p.is_dir()):
-        versions = _versions(model_root)
-        if versions:
-            models.append(RegisteredModel(model_root.name, max(versions), model_root / str(max(versions))))
+        versions = sorted(_versions(model_root))
+        models += [RegisteredModel(model_root.name, version, model_root / str(version))
+                   for version in (versions if all_versions else versions[-1:])]
     return models
 
 

@@ -159,25 +159,32 @@ def _read_record(name: str) -> Endpoint | None:
         return None
 
 
+def _records() -> list[Endpoint]:
+    """Every recorded endpoint, running, starting or dead, by name."""
+    directory = endpoints_dir()
+    records = sorted(directory.glob("*.json")) if directory.exists() else []
+    return [Endpoint(**json.loads(path.read_text())) for path in records]
+
+
 def stop_job_endpoints(job: str) -> list[str]:
     """Stops every endpoint the job ``job`` (:data:`JOB_ENV`) started, started or starting;
     their names."""
-    directory = endpoints_dir()
-    records = sorted(directory.glob("*.json")) if directory.exists() else []
-    started = [Endpoint(**json.loads(path.read_text())) for path in records]
-    names = [endpoint.name for endpoint in started if endpoint.job == job]
+    names = [endpoint.name for endpoint in _records() if endpoint.job == job]
     for name in names:
         stop_endpoint(name, missing_ok=True)
     return names
 
 
+def stop_all_endpoints() -> list[str]:
+    """Stops every recorded endpoint, started or starting, and removes every record (a dead
+    server's too); the names of those that were running."""
+    return [endpoint.name for endpoint in _records()
+            if stop_endpoint(endpoint.name, missing_ok=True)]
+
+
 def list_endpoints() -> list[Endpoint]:
     """Every recorded endpoint whose server process is still running."""
-    directory = endpoints_dir()
-    if not directory.exists():
-        return []
-    endpoints = [Endpoint(**json.loads(p.read_text())) for p in sorted(directory.glob("*.json"))]
-    return [_with_url(e) for e in endpoints if _alive(e.pid)]
+    return [_with_url(e) for e in _records() if _alive(e.pid)]
 
 
 def get_endpoint(name: str) -> Endpoint:
@@ -187,7 +194,8 @@ def get_endpoint(name: str) -> Endpoint:
             return endpoint
     running = ", ".join(e.name for e in list_endpoints()) or "none"
     raise LookupError(f"No running endpoint named {name!r} (running: {running}). "
-                      "Deploy one with a pipeline run, or list them with `tunepipe endpoints list`.")
+                      "Deploy a registered model with `tunepipe endpoints deploy MODEL`, or list "
+                      "them with `tunepipe endpoints list`.")
 
 
 def stop_endpoint(name: str, missing_ok: bool = False) -> bool:
