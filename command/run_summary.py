@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
+import sys
 from pathlib import Path
 
 
@@ -66,6 +68,20 @@ def _setup_seconds() -> float | None:
         return None
 
 
+def tunepipe_command() -> str:
+    """How to call this ``tunepipe`` from the current directory: ``tunepipe`` when that is the
+    one on PATH (its environment is active), else its path (``.venv/bin/tunepipe``)."""
+    here = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "tunepipe" else \
+        Path(sys.executable).with_name("tunepipe")
+    on_path = shutil.which("tunepipe")
+    if on_path and Path(on_path).resolve() == here.resolve():
+        return "tunepipe"
+    try:
+        return shlex.quote(os.path.relpath(here))
+    except ValueError:  # another drive
+        return shlex.quote(str(here))
+
+
 def print_run_summary(run, parameters: dict, held_out=None) -> None:
     """What a finished run (a ``LocalRun`` with these ``parameters``) produced: scores (with a
     ``HeldOutComparison``, the base and tuned replies to held-out conversations), where the
@@ -76,6 +92,8 @@ def print_run_summary(run, parameters: dict, held_out=None) -> None:
     from components.deploy_endpoint.endpoints import get_endpoint
 
     model_display_name = parameters["model_display_name"]
+    tunepipe = tunepipe_command()
+    predict = f"{tunepipe} endpoints predict {shlex.quote(model_display_name)}"
     model = get_model(model_display_name)
     metadata = read_tuned_model_metadata(model.path)
     print("\n" + "=" * 78)
@@ -106,12 +124,12 @@ def print_run_summary(run, parameters: dict, held_out=None) -> None:
     if run.pipeline_name == CHAT_PIPELINE:  # the tuned model expects the context it learned with
         context = parameters.get("default_context", "")
         print("Chat with it:")
-        print(f"  tunepipe endpoints predict {shlex.quote(model_display_name)} --message {example}"
+        print(f"  {predict} --message {example}"
               + (f" --context {_shell_quote(context)}" if context else ""))
     else:
         print("Prompt it with:")
-        print(f"  tunepipe endpoints predict {shlex.quote(model_display_name)} --prompt {example}")
-    print(f"Stop it with:         tunepipe endpoints stop {shlex.quote(model_display_name)}")
+        print(f"  {predict} --prompt {example}")
+    print(f"Stop it with:         {tunepipe} endpoints stop {shlex.quote(model_display_name)}")
     phases = phase_times(run.task_seconds, metadata.get("compile_seconds", 0.0), _setup_seconds())
     if held_out is not None:
         phases.append(("held-out check", held_out.seconds))

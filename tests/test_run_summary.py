@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from command.run_summary import phase_times
+from command.run_summary import phase_times, tunepipe_command
 from pipelines.local_run import _RunnerLog
 
 LOG = ("01:03:39.372 - INFO - Executing task \x1b[96m'transform'\x1b[0m\n"
@@ -52,3 +52,16 @@ def test_phases_without_setup_time_start_at_compile():
     phases = phase_times({"tune": 10.0}, compile_seconds=0.0, setup_seconds=None)
     assert [name for name, _ in phases] == ["compile", "validate", "transform", "tune",
                                             "evaluate", "deploy"]
+
+
+def test_printed_commands_name_a_tunepipe_that_runs_from_here(monkeypatch, tmp_path):
+    venv_bin = tmp_path / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "tunepipe").write_text("#!/bin/sh\n")
+    (venv_bin / "tunepipe").chmod(0o755)
+    monkeypatch.setattr("sys.argv", [str(venv_bin / "tunepipe")])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # the environment is not active
+    assert tunepipe_command() == ".venv/bin/tunepipe"
+    monkeypatch.setenv("PATH", f"{venv_bin}:/usr/bin:/bin")  # it is
+    assert tunepipe_command() == "tunepipe"
