@@ -63,7 +63,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -265,150 +265,248 @@ def tune(base_model: dict, train_data: str | Path, eval_data: str | Path | None,
         runtime.close()
 
 
-def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir: Path,
-          config: TuneConfig, resume: bool, run_metadata: dict, on_step_end, runtime: Runtime) -> TuneResult:
-    full = config.method == "full"
-    if config.batch_size < runtime.world_size:
-        raise ValueError(f"batch size {config.batch_size} is smaller than the number of processes "
-                         f"({runtime.world_size}): every process needs at least one example per step")
-    train_set = TokenDataset(train_data)  # a missing dataset fails before anything is written
-    objective = TrainingObjective(weighted_tasks(train_set.meta))
-    eval_examples = list(TokenDataset(eval_data)) if eval_data else []
+@dataclass
+class _Data:
+    """A run's examples: the training set, its objective (tasks and weights), the evaluation
+    examples."""
+
+    train_set: TokenDataset
+    objective: TrainingObjective
+    eval_examples: list
+
+
+@dataclass
+class _Model:
+    """The model being trained and what trains it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    packs: bool  # its examples can be packed into shared rows
+    loss: Callable  # token_loss, compiled when the decoder layers are
+    compiled_layers: int  # 0: not compiled
+    parameters: list[torch.nn.Parameter]  # the trainable ones
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class _Progress:
+    """Where the loop is: the steps done, the checkpoints written (as the index lists them) and
+    the early-stopping state; restored from the last checkpoint when a run resumes."""
+
+    step: int = 0
+    checkpoints: list[dict] = field(default_factory=list)
+    stale_evaluations: int = 0
+    previous_accuracy: float | None = None
+    stopped_early: bool = False
+
+
+def _setup_data(train_data: Path, eval_data: Path | None) -> _Data:
+    """The run's examples (a missing dataset fails before anything is written)."""
+    train_set = TokenDataset(train_data)
+    return _Data(train_set, TrainingObjective(weighted_tasks(train_set.meta)),
+                 list(TokenDataset(eval_data)) if eval_data else [])
+
+
+def _setup_output(output_dir: Path, resume: bool, runtime: Runtime) -> dict | None:
+    """The index of the run to resume (None: a new run); refuses a new run in a folder that
+    already holds one."""
     index = read_index(output_dir) if resume else None
     if runtime.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and ((output_dir / CHECKPOINTS_INDEX).exists() or (output_dir / METRICS_FILE).exists()):
-            raise FileExistsError(f"{output_dir} already holds a tuning run: resume it or use an empty folder")
-    _seed_everything(config.seed)
+        if not resume and ((output_dir / CHECKPOINTS_INDEX).exists()
+                           or (output_dir / METRICS_FILE).exists()):
+            raise FileExistsError(f"{output_dir} already holds a tuning run: resume it or use an "
+                                  "empty folder")
+    return index
 
+
+def _setup_model(base_model: dict, config: TuneConfig, runtime: Runtime) -> _Model:
+    """The model to train (distributed over the processes), its tokenizer and its optimizer."""
     tokenizer = load_tokenizer(base_model["checkpoint"])
-    model, packs, loss, compiled_layers = _trainable_model(base_model["checkpoint"], config, runtime)
+    model, packs, loss, compiled_layers = _trainable_model(base_model["checkpoint"], config,
+                                                           runtime)
     model = distribute(model, runtime, config.sharding)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    sampler = BatchSampler(len(train_set), config.batch_size, config.seed)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    return _Model(model, tokenizer, packs, loss, compiled_layers, parameters, optimizer)
+
+
+def _restore(index: dict | None, output_dir: Path, trained: _Model, config: TuneConfig,
+             train_examples: int) -> _Progress:
+    """The progress of the run being resumed, its model and optimizer restored from its last
+    checkpoint; a fresh start without one."""
+    if not (index and index["checkpoints"]):
+        return _Progress()
+    _check_resumable(index, config, train_examples)
+    state = restore_checkpoint(output_dir / index["checkpoints"][-1]["dir"], trained.model,
+                               trained.optimizer, config.method == "full")
+    return _Progress(state["step"], index["checkpoints"],
+                     state["early_stopping"]["stale_evaluations"],
+                     state["early_stopping"]["previous_accuracy"], index["stopped_early"])
+
+
+def _tune(base_model: dict, train_data: Path, eval_data: Path | None, output_dir: Path,
+          config: TuneConfig, resume: bool, run_metadata: dict, on_step_end,
+          runtime: Runtime) -> TuneResult:
+    if config.batch_size < runtime.world_size:
+        raise ValueError(f"batch size {config.batch_size} is smaller than the number of processes "
+                         f"({runtime.world_size}): every process needs at least one example per "
+                         "step")
+    data = _setup_data(train_data, eval_data)
+    index = _setup_output(output_dir, resume, runtime)
+    _seed_everything(config.seed)
+    trained = _setup_model(base_model, config, runtime)
+    sampler = BatchSampler(len(data.train_set), config.batch_size, config.seed)
     row_multiple = XLA_ROW_MULTIPLE if runtime.is_xla else 0
-
-    checkpoints: list[dict] = []
-    step, stale_evaluations, previous_accuracy, stopped_early = 0, 0, None, False
-    if index and index["checkpoints"]:
-        _check_resumable(index, config, len(train_set))
-        checkpoints = index["checkpoints"]
-        state = restore_checkpoint(output_dir / checkpoints[-1]["dir"], model, optimizer, full)
-        step = state["step"]
-        stale_evaluations = state["early_stopping"]["stale_evaluations"]
-        previous_accuracy = state["early_stopping"]["previous_accuracy"]
-        stopped_early = index["stopped_early"]
+    progress = _restore(index, output_dir, trained, config, len(data.train_set))
     compile_seconds = 0.0
-    if compiled_layers:
-        compile_seconds = _compile_warm_up(model, [train_set[i] for i in sampler.indices(step)[:2]],
-                                           runtime, config, packs, row_multiple, loss,
-                                           objective.mask_values, compiled_layers)
+    if trained.compiled_layers:
+        first_examples = [data.train_set[i] for i in sampler.indices(progress.step)[:2]]
+        compile_seconds = _compile_warm_up(trained.model, first_examples, runtime, config,
+                                           trained.packs, row_multiple, trained.loss,
+                                           data.objective.mask_values, trained.compiled_layers)
     # The bar starts after the warm-up: its elapsed time and ETA are training steps only.
-    log = (TrainingLog(output_dir, total_steps=config.train_steps, start_step=step, resumed=resume)
-           if runtime.is_main else QuietLog())
-    trainable = sum(p.numel() for p in parameters)
-    log.note(f"precision {runtime.precision.describe()}; "
-             + (f"compiled {compiled_layers} decoder layers in {compile_seconds:.1f} s (warm-up)"
-                if compiled_layers else "decoder layers not compiled"))
-    log.note(f"device={runtime.device.type} dtype={runtime.dtype_name} processes={runtime.world_size} "
-             f"method={config.method} trainable_parameters={trainable:,} examples={len(train_set)} "
-             f"batch_size={config.batch_size} steps={config.train_steps} packed={packs}"
-             + "".join(f" {task.name}_loss_weight={task.weight:g}" for task in objective.tasks)
-             + (f" resumed_at_step={step}" if step else ""))
-
-    def write_checkpoint(step: int, eval_metrics, train_metrics: dict, is_last: bool) -> dict:
-        """Checkpoint of ``step`` (model, optimizer, positions, early-stopping state), then the
-        index that lists it; returns its index entry."""
-        metadata = {
-            "base_model": base_model, "step": step, "tune_config": asdict(config),
-            "tuning_method": config.method, "adapter_size": None if full else config.adapter_size,
-            "eval_metrics": eval_metrics, "train_metrics": train_metrics,
-            "examples_seen": step * config.batch_size,
-            "epochs_seen": step * config.batch_size / len(train_set),
-            "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-            "device": runtime.device.type, "dtype": runtime.dtype_name,
-            "precision": runtime.precision.describe(), "compile_seconds": compile_seconds,
-            "world_size": runtime.world_size, "peak_memory_bytes": log.peak_memory_bytes,
-            INPUT_PREFIX: input_prefix(train_set.meta), **run_metadata}
-        training_state = {
-            "step": step, "examples_seen": step * config.batch_size,  # data position: the sampler
-            "scheduler": {"schedule": "linear warmup, cosine decay to 10%", "next_step": step,
-                          "next_learning_rate": learning_rate_at(step, config)},
-            "early_stopping": {"stale_evaluations": stale_evaluations,
-                               "previous_accuracy": previous_accuracy},
-            "world_size": runtime.world_size}
-        relative = save_checkpoint(output_dir, step, model, optimizer, tokenizer, full, metadata,
-                                   training_state, runtime)
-        entry = {"step": step, "dir": relative, "eval": eval_metrics}
-        if runtime.is_main:
-            write_index(output_dir, {
-                "checkpoints": [*checkpoints, entry], "final_step": step,
-                "stopped_early": stopped_early, "finished": is_last or stopped_early,
-                "base_model": base_model, "tune_config": asdict(config),
-                "tuning_method": config.method, "train_examples": len(train_set),
-                "peak_memory_bytes": log.peak_memory_bytes})
-        return entry
+    log = (TrainingLog(output_dir, total_steps=config.train_steps, start_step=progress.step,
+                       resumed=resume) if runtime.is_main else QuietLog())
+    _log_setup(log, data, trained, config, runtime, compile_seconds, progress.step)
+    run_facts = {
+        "base_model": base_model, "tune_config": asdict(config),
+        "tuning_method": config.method,
+        "adapter_size": None if config.method == "full" else config.adapter_size,
+        "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+        "device": runtime.device.type, "dtype": runtime.dtype_name,
+        "precision": runtime.precision.describe(), "compile_seconds": compile_seconds,
+        "world_size": runtime.world_size, INPUT_PREFIX: input_prefix(data.train_set.meta)}
 
     started = time.perf_counter()
-    model.train()
-    while step < config.train_steps and not stopped_early:
-        learning_rate = learning_rate_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
-        batch = [train_set[i] for i in sampler.indices(step)]
-        targets = objective.targets(batch)
-        loss_scale = objective.loss_scale(targets, runtime.world_size, runtime.device)
-        loss_sum = torch.zeros((), device=runtime.device)  # per task: broadcast to [tasks]
-        num_correct = torch.zeros((), dtype=torch.long, device=runtime.device)
-        micro_batches = _my_micro_batches(batch, runtime, config, packs, row_multiple,
-                                          tokenizer.pad_token_id or 0)
-        for number, micro_batch in enumerate(micro_batches):
-            micro_batch = micro_batch.to(runtime.device)
-            with gradient_sync(model, enabled=number == len(micro_batches) - 1):
-                with runtime.autocast():
-                    micro_loss, micro_correct = packed_loss(model, micro_batch, loss,
-                                                            objective.mask_values)
-                (micro_loss * loss_scale).sum().backward()  # one task: a sum of one element
-            loss_sum = loss_sum + micro_loss.detach()
-            num_correct = num_correct + micro_correct
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        runtime.step_done()
-        step += 1
-
-        *loss_sums, total_correct = runtime.sum_across([*loss_sum.reshape(-1).tolist(),
-                                                        float(num_correct)])
-        train_metrics = objective.metrics(loss_sums, int(total_correct), targets)
+    trained.model.train()
+    while progress.step < config.train_steps and not progress.stopped_early:
+        learning_rate = learning_rate_at(progress.step, config)
+        batch = [data.train_set[i] for i in sampler.indices(progress.step)]
+        train_metrics, grad_norm = _train_step(trained, batch, data.objective, learning_rate,
+                                               runtime, config, row_multiple)
+        progress.step += 1
+        step = progress.step
         log.train_step(step, train_metrics, learning_rate, tokens=sum(len(e[0]) for e in batch),
-                       grad_norm=float(grad_norm))
-
+                       grad_norm=grad_norm)
         is_last = step == config.train_steps
         eval_metrics = None
-        if eval_examples and (step % config.evaluation_interval == 0 or is_last):
-            eval_metrics = _evaluate(model, eval_examples, runtime, config, packs, row_multiple, loss)
+        if data.eval_examples and (step % config.evaluation_interval == 0 or is_last):
+            eval_metrics = _evaluate(trained.model, data.eval_examples, runtime, config,
+                                     trained.packs, row_multiple, trained.loss)
             log.eval_step(step, eval_metrics)
-            accuracy = eval_metrics["eval_fraction_of_correct_next_step_preds"]
-            stale_evaluations = stale_evaluations_after(stale_evaluations, previous_accuracy, accuracy)
-            previous_accuracy = accuracy
-            if config.enable_early_stopping and stale_evaluations >= EARLY_STOPPING_PATIENCE and not is_last:
-                stopped_early = True
-                log.note(f"early stopping at step {step}: eval token accuracy gained less than "
-                         f"{EARLY_STOPPING_MIN_DELTA} for {EARLY_STOPPING_PATIENCE} evaluations in a row")
+            _follow_early_stopping(progress, eval_metrics, config, is_last, log)
         if eval_metrics is not None or is_last:
             log.flush()  # the checkpoint never gets ahead of the metrics on disk
-            checkpoints.append(write_checkpoint(step, eval_metrics, train_metrics, is_last))
+            progress.checkpoints.append(_write_checkpoint(
+                output_dir, trained, progress, config, runtime,
+                {**run_facts, "peak_memory_bytes": log.peak_memory_bytes},
+                run_metadata, len(data.train_set), eval_metrics, train_metrics, is_last))
         if on_step_end is not None:
             on_step_end(step)
         log.restart_clock()  # checkpoints and callbacks are not training throughput
     log.close()
-    return TuneResult(final_step=step, stopped_early=stopped_early, checkpoints=checkpoints,
-                      device=runtime.device.type, dtype=runtime.dtype_name,
-                      precision=runtime.precision.describe(), compile_seconds=compile_seconds,
+    return TuneResult(final_step=progress.step, stopped_early=progress.stopped_early,
+                      checkpoints=progress.checkpoints, device=runtime.device.type,
+                      dtype=runtime.dtype_name, precision=runtime.precision.describe(),
+                      compile_seconds=compile_seconds,
                       train_seconds=time.perf_counter() - started,
                       peak_memory_bytes=log.peak_memory_bytes, world_size=runtime.world_size)
+
+
+def _log_setup(log, data: _Data, trained: _Model, config: TuneConfig, runtime: Runtime,
+               compile_seconds: float, step: int) -> None:
+    """The run's first log lines: precision and compilation, then its shape."""
+    trainable = sum(p.numel() for p in trained.parameters)
+    log.note(f"precision {runtime.precision.describe()}; "
+             + (f"compiled {trained.compiled_layers} decoder layers in {compile_seconds:.1f} s "
+                "(warm-up)" if trained.compiled_layers else "decoder layers not compiled"))
+    log.note(f"device={runtime.device.type} dtype={runtime.dtype_name} "
+             f"processes={runtime.world_size} method={config.method} "
+             f"trainable_parameters={trainable:,} examples={len(data.train_set)} "
+             f"batch_size={config.batch_size} steps={config.train_steps} packed={trained.packs}"
+             + "".join(f" {task.name}_loss_weight={task.weight:g}"
+                       for task in data.objective.tasks)
+             + (f" resumed_at_step={step}" if step else ""))
+
+
+def _train_step(trained: _Model, batch: list, objective: TrainingObjective,
+                learning_rate: float, runtime: Runtime, config: TuneConfig,
+                row_multiple: int) -> tuple[dict, float]:
+    """One optimizer step on ``batch`` (this process's share of it, in micro-batches, the
+    gradients summed across processes); the step's train metrics and gradient norm."""
+    for group in trained.optimizer.param_groups:
+        group["lr"] = learning_rate
+    targets = objective.targets(batch)
+    loss_scale = objective.loss_scale(targets, runtime.world_size, runtime.device)
+    loss_sum = torch.zeros((), device=runtime.device)  # per task: broadcast to [tasks]
+    num_correct = torch.zeros((), dtype=torch.long, device=runtime.device)
+    micro_batches = _my_micro_batches(batch, runtime, config, trained.packs, row_multiple,
+                                      trained.tokenizer.pad_token_id or 0)
+    for number, micro_batch in enumerate(micro_batches):
+        micro_batch = micro_batch.to(runtime.device)
+        with gradient_sync(trained.model, enabled=number == len(micro_batches) - 1):
+            with runtime.autocast():
+                micro_loss, micro_correct = packed_loss(trained.model, micro_batch, trained.loss,
+                                                        objective.mask_values)
+            (micro_loss * loss_scale).sum().backward()  # one task: a sum of one element
+        loss_sum = loss_sum + micro_loss.detach()
+        num_correct = num_correct + micro_correct
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters, config.max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+    trained.optimizer.step()
+    trained.optimizer.zero_grad(set_to_none=True)
+    runtime.step_done()
+    *loss_sums, total_correct = runtime.sum_across([*loss_sum.reshape(-1).tolist(),
+                                                    float(num_correct)])
+    return objective.metrics(loss_sums, int(total_correct), targets), float(grad_norm)
+
+
+def _follow_early_stopping(progress: _Progress, eval_metrics: dict, config: TuneConfig,
+                           is_last: bool, log) -> None:
+    """Counts a stale evaluation (module doc) and stops the run after
+    ``EARLY_STOPPING_PATIENCE`` in a row, when early stopping is on."""
+    accuracy = eval_metrics["eval_fraction_of_correct_next_step_preds"]
+    progress.stale_evaluations = stale_evaluations_after(progress.stale_evaluations,
+                                                         progress.previous_accuracy, accuracy)
+    progress.previous_accuracy = accuracy
+    if config.enable_early_stopping and not is_last and \
+            progress.stale_evaluations >= EARLY_STOPPING_PATIENCE:
+        progress.stopped_early = True
+        log.note(f"early stopping at step {progress.step}: eval token accuracy gained less than "
+                 f"{EARLY_STOPPING_MIN_DELTA} for {EARLY_STOPPING_PATIENCE} evaluations in a row")
+
+
+def _write_checkpoint(output_dir: Path, trained: _Model, progress: _Progress, config: TuneConfig,
+                      runtime: Runtime, run_facts: dict, run_metadata: dict, train_examples: int,
+                      eval_metrics, train_metrics: dict, is_last: bool) -> dict:
+    """The checkpoint of the current step (model, optimizer, positions, early-stopping state;
+    its metadata the run's facts, the step's and the caller's ``run_metadata``), then the index
+    that lists it; returns its index entry."""
+    step = progress.step
+    metadata = {**run_facts, "step": step, "eval_metrics": eval_metrics,
+                "train_metrics": train_metrics, "examples_seen": step * config.batch_size,
+                "epochs_seen": step * config.batch_size / train_examples, **run_metadata}
+    training_state = {
+        "step": step, "examples_seen": step * config.batch_size,  # data position: the sampler
+        "scheduler": {"schedule": "linear warmup, cosine decay to 10%", "next_step": step,
+                      "next_learning_rate": learning_rate_at(step, config)},
+        "early_stopping": {"stale_evaluations": progress.stale_evaluations,
+                           "previous_accuracy": progress.previous_accuracy},
+        "world_size": runtime.world_size}
+    relative = save_checkpoint(output_dir, step, trained.model, trained.optimizer,
+                               trained.tokenizer, config.method == "full", metadata,
+                               training_state, runtime)
+    entry = {"step": step, "dir": relative, "eval": eval_metrics}
+    if runtime.is_main:
+        write_index(output_dir, {
+            "checkpoints": [*progress.checkpoints, entry], "final_step": step,
+            "stopped_early": progress.stopped_early, "finished": is_last or progress.stopped_early,
+            "base_model": run_facts["base_model"], "tune_config": asdict(config),
+            "tuning_method": config.method, "train_examples": train_examples,
+            "peak_memory_bytes": run_facts["peak_memory_bytes"]})
+    return entry
 
 
 def _trainable_model(checkpoint: str, config: TuneConfig, runtime: Runtime):
