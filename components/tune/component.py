@@ -47,17 +47,15 @@ def tune(
         epoch_count: When positive (Gemini's epochCount), the steps are
             ceil(epoch_count x training examples / batch size) instead of train_steps.
     """
-    import base64
-    import os
-
     from components.common.artifacts.token_dataset import TokenDataset
     from components.common.artifacts.tokenized_dataset import eval_dir, train_dir
-    from components.common.artifacts.tuned_model import LOSS_CURVE, read_training_metrics
+    from components.common.artifacts.tuned_model import read_training_metrics
     from components.common.markdown import write_report
     from components.common.model_catalog import context_class, resolve_model
     from components.tune import settings
     from components.tune.launch import check_cloud_accelerator, tune_on_local_devices
     from components.tune.trainer import TuneConfig
+    from components.tune.training_log import loss_curve_report
 
     check_cloud_accelerator(accelerator)
     model = resolve_model(large_model_reference)
@@ -102,11 +100,4 @@ def tune(
             training_metrics.log_metric(name, value)
     training_metrics.log_metric("train_seconds", result.train_seconds)
     training_metrics.log_metric("peak_memory_bytes", result.peak_memory_bytes)
-    with open(os.path.join(tuned_model.path, LOSS_CURVE), "rb") as png:
-        image = base64.b64encode(png.read()).decode()
-    write_report(loss_curve.path,
-                 f"# Tuning\n\n{result.final_step} steps, {result.precision}, "
-                 f"batch size {config.batch_size}, learning rate {config.learning_rate:g}, "
-                 f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB"
-                 f"{', stopped early' if result.stopped_early else ''}.\n\n"
-                 f"![loss curve](data:image/png;base64,{image})\n")
+    write_report(loss_curve.path, loss_curve_report(tuned_model.path, result, config))

@@ -18,6 +18,7 @@ every checkpoint, so the records up to a checkpoint are on disk before the check
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import resource
@@ -177,3 +178,14 @@ def plot_loss_curve(metrics_file: Path, png_path: Path) -> None:
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)
     plt.close(figure)
+
+
+def loss_curve_report(output_dir: str | Path, result, config) -> str:
+    """The tune component's Markdown report: the run in one line (a ``TuneResult`` of this
+    ``TuneConfig``) and its loss curve, the PNG in ``output_dir`` inlined."""
+    png = (Path(output_dir) / LOSS_CURVE).read_bytes()
+    return (f"# Tuning\n\n{result.final_step} steps, {result.precision}, "
+            f"batch size {config.batch_size}, learning rate {config.learning_rate:g}, "
+            f"peak memory {result.peak_memory_bytes / 2**30:.2f} GiB"
+            f"{', stopped early' if result.stopped_early else ''}.\n\n"
+            f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})\n")
