@@ -273,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
           f"baseline_p50_ms={p50['baseline']:.0f} baseline_p99_ms={p99['baseline']:.0f} "
           f"single_stream={ours_stream:.1f} "
           f"llama_cpp={'n/a' if llama_cpp is None else f'{llama_cpp:.1f}'} "
+          f"weights={health['weights'].split()[0]} kernel="
+          f"{health['weights'].partition('kernel (')[2].partition(')')[0] or 'n/a'} "
           f"{machine_fields(dtype)}")
     return 1 if errors else 0
 

@@ -35,6 +35,20 @@ def tunepipe_home(tmp_path_factory) -> Path:
         os.environ["TUNEPIPE_HOME"] = previous
 
 
+@pytest.fixture
+def kernel_switch(monkeypatch):
+    """A function that makes ``TUNEPIPE_KERNEL_ISA=<its argument>`` decide the C kernels loaded
+    from then on; after the test, they are decided again without it."""
+    from components.common import c_kernels
+
+    def switch(isa: str) -> None:
+        monkeypatch.setenv(c_kernels.ISA_ENV, isa)
+        c_kernels.forget_kernels()
+
+    yield switch
+    c_kernels.forget_kernels()
+
+
 @pytest.fixture(scope="session")
 def embedded_checkpoint() -> str:
     """The embedded SmolLM2 checkpoint folder (converted from GGUF once, then cached)."""

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from components.common import c_kernels
 from components.common.generation import (DecodeBatch, SamplingParams, generate_detailed,
                                           stop_and_pad_token_ids)
 from components.common.model_loading import (FULL_MODEL_DIR, TUNED_MODEL_METADATA,
@@ -260,13 +261,15 @@ def embedded_model_dir(tmp_path_factory, embedded_checkpoint):
 @pytest.mark.parametrize("dispatch", ["default", "AVX2"])
 def test_an_answer_does_not_depend_on_its_batch(embedded_model_dir, dispatch):
     """The embedded model served as a user's machine serves it (no precision forced), under
-    PyTorch's default dispatch and forced to AVX2 (``ATEN_CPU_CAPABILITY``): the same greedy
-    answer alone, in one batch, joining a running batch, and with its prompt's start reused."""
+    PyTorch's default dispatch and the kernels' best variant, and forced to AVX2
+    (``ATEN_CPU_CAPABILITY``, ``TUNEPIPE_KERNEL_ISA``): the same greedy answer alone, in one
+    batch, joining a running batch, and with its prompt's start reused."""
     environment = {name: value for name, value in os.environ.items()
                    if not name.startswith("TUNEPIPE_") or name in ("TUNEPIPE_HOME",
                                                                    "TUNEPIPE_CACHE")}
     if dispatch == "AVX2":
         environment["ATEN_CPU_CAPABILITY"] = "avx2"
+        environment[c_kernels.ISA_ENV] = "avx2"
     script = ("import json, sys; from tests.test_endpoint_batching import "
               "answers_alone_and_together as answers; "
               "print(json.dumps(answers(sys.argv[1])))")
@@ -276,6 +279,10 @@ def test_an_answer_does_not_depend_on_its_batch(embedded_model_dir, dispatch):
     answers = json.loads(result.stdout.splitlines()[-1])
     if dispatch == "AVX2":
         assert answers["capability"] == "AVX2"
+    if "int8 weights" in answers["numerics"]:  # the kernel variant that served
+        best = [isa.name for isa in c_kernels.ISAS.values() if isa.supported()][-1]
+        variant = "AVX2" if dispatch == "AVX2" else best
+        assert f"int8 kernel ({variant})" in answers["numerics"]
     print(answers["capability"], answers["numerics"])
     assert len({tuple(ids) for ids, _ in answers["alone"]}) == len(MESSAGES)  # not vacuous
     for way in ("together", "joined", "reused"):

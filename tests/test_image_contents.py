@@ -47,7 +47,7 @@ def test_the_dockerfile_copies_what_pip_install_needs(tmp_path):
                 for path in (REPO / package).rglob("*.py") if "__pycache__" not in path.parts}
     assert expected - names == set()
     kernel_sources = {f"components/common/{name}" for name in
-                      ("int8_kernels.c", "attention_kernels.c", "avx2_math.h")}
+                      ("int8_kernels.c", "attention_kernels.c", "avx2_math.h", "avx512_math.h")}
     assert kernel_sources - names == set()
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     assert "tunepipe = command.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -2,6 +2,7 @@
 and decode steps that must compute what transformers' forward computes."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -15,10 +16,23 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig,
 from components.common import c_kernels, generation, int8_linear
 from components.common.fast_decode import (CACHE_GROWTH, FastDecodeStep, supports_fast_decode,
                                             swap_remove_order)
-from components.common.int8_linear import (Int8Linear, int8_unavailable_reason, serving_weights,
-                                           stack_int8, use_int8_weights)
+from components.common.int8_linear import (Int8Linear, int8_kernel_name, int8_unavailable_reason,
+                                           serving_weights, stack_int8, use_int8_weights)
 from tests.tolerances import (assert_within, chain_bound, decoder_lengths, float16_rounding_bound,
                               logit_magnitude, sum_bound, unit_roundoff)
+
+
+# The int8 kernels' variants this CPU has (c_kernels.ISAS): the kernel tests run under each.
+KERNEL_VARIANTS = [isa for isa, spec in c_kernels.ISAS.items() if spec.supported()]
+
+
+@pytest.fixture(params=KERNEL_VARIANTS)
+def kernel_variant(request, kernel_switch):
+    """Runs a test under each int8 kernel variant the CPU has (the variants a CPU lacks are
+    checked to be refused: test_auto_picks_the_best_variant_and_a_missing_one_is_refused)."""
+    kernel_switch(request.param)
+    assert int8_kernel_name() == f"int8 kernel ({c_kernels.ISAS[request.param].name})"
+    return request.param
 
 
 def tiny_llama(layers: int = 2, seed: int = 0, attention_bias: bool = False) -> LlamaForCausalLM:
@@ -31,16 +45,41 @@ def tiny_llama(layers: int = 2, seed: int = 0, attention_bias: bool = False) -> 
 
 
 @pytest.mark.c_kernels
-def test_the_kernels_build_on_this_machine():
+def test_the_kernels_build_on_this_machine(kernel_variant):
     # The test machines are x86-64 with AVX2 and a C compiler: the int8 path must be the one
     # exercised here, never silently replaced by the float fallback.
     assert int8_unavailable_reason() is None
 
 
 @pytest.mark.c_kernels
+def test_auto_picks_the_best_variant_and_a_missing_one_is_refused(monkeypatch, kernel_switch):
+    best = c_kernels.ISAS[KERNEL_VARIANTS[-1]]
+    kernel_switch("auto")
+    assert int8_kernel_name() == f"int8 kernel ({best.name})"
+    for isa, spec in c_kernels.ISAS.items():  # each variant the CPU has, and none other, runs
+        kernel_switch(isa)
+        assert int8_unavailable_reason() == (
+            None if isa in KERNEL_VARIANTS
+            else f"TUNEPIPE_KERNEL_ISA={isa}, but this CPU has no {spec.name}")
+    # attention_kernels.c has an AVX2 variant only: asked for AVX-512, it runs that
+    assert c_kernels.kernel_isa("attention_kernels.c").name == "AVX2"
+    # a CPU without AVX-512: auto takes AVX2, and avx512 is refused with the reason
+    missing = dataclasses.replace(c_kernels.ISAS["avx512"], supported=lambda: False)
+    monkeypatch.setitem(c_kernels.ISAS, "avx512", missing)
+    kernel_switch("auto")
+    assert int8_kernel_name() == "int8 kernel (AVX2)" and int8_unavailable_reason() is None
+    kernel_switch("avx512")
+    assert int8_unavailable_reason() == "TUNEPIPE_KERNEL_ISA=avx512, but this CPU has no AVX-512"
+    kernel_switch("sse")
+    with pytest.raises(ValueError, match=r"TUNEPIPE_KERNEL_ISA='sse': use one of"):
+        int8_unavailable_reason()
+
+
+@pytest.mark.c_kernels
 @pytest.mark.parametrize("out_features,bias,rows",
                          [(64, False, 1), (70, True, 3), (8, True, 41), (70, True, 300)])
-def test_int8_linear_multiplies_by_its_dequantized_weight(out_features, bias, rows):
+def test_int8_linear_multiplies_by_its_dequantized_weight(out_features, bias, rows,
+                                                          kernel_variant):
     torch.manual_seed(1)
     linear = nn.Linear(96, out_features, bias=bias)
     layer = Int8Linear(linear)
@@ -67,7 +106,7 @@ def test_int8_linear_multiplies_by_its_dequantized_weight(out_features, bias, ro
 
 
 @pytest.mark.c_kernels
-def test_stacked_layers_compute_side_by_side_and_share_their_buffers():
+def test_stacked_layers_compute_side_by_side_and_share_their_buffers(kernel_variant):
     torch.manual_seed(2)
     parts = [Int8Linear(nn.Linear(64, n, bias=n == 8)) for n in (32, 8, 12)]
     x = torch.randn(5, 64)
@@ -143,7 +182,8 @@ def test_fast_step_in_float_equals_transformers_forward(padded):
 
 @pytest.mark.c_kernels
 @pytest.mark.parametrize("padded,bias", [(False, False), (True, True)])
-def test_int8_kernel_step_equals_transformers_forward_with_the_same_int8_layers(padded, bias):
+def test_int8_kernel_step_equals_transformers_forward_with_the_same_int8_layers(padded, bias,
+                                                                                kernel_variant):
     model = use_int8_weights(tiny_llama(attention_bias=bias))
     step = FastDecodeStep(model)
     assert step.int8_layers is not None  # the whole layer in the C kernel
@@ -161,7 +201,7 @@ def test_int8_kernel_step_equals_transformers_forward_with_the_same_int8_layers(
 
 
 @pytest.mark.c_kernels
-def test_the_kernels_float16_cache_stays_close_to_a_float32_cache():
+def test_the_kernels_float16_cache_stays_close_to_a_float32_cache(kernel_variant):
     model = use_int8_weights(tiny_llama())
     expected = _forced_logits(model, None, 8, padded=True)
     actual = _forced_logits(model, FastDecodeStep(model), 8, padded=True)
@@ -174,7 +214,7 @@ def test_the_kernels_float16_cache_stays_close_to_a_float32_cache():
 
 
 @pytest.mark.c_kernels
-def test_int8_model_stays_close_to_the_float_model():
+def test_int8_model_stays_close_to_the_float_model(kernel_variant):
     model = tiny_llama()
     expected = _forced_logits(model, None, 8, padded=True)
     quantized = _forced_logits(use_int8_weights(model), FastDecodeStep(model), 8, padded=True)
@@ -193,8 +233,8 @@ def test_serving_weights_follow_the_setting(monkeypatch):
     refused = int8_unavailable_reason()  # TUNEPIPE_C_KERNELS=off, or no compiler or AVX2
     weights = serving_weights(model)
     if refused is None:
-        assert (weights.kind, weights.reason) == ("int8", "int8 kernel (AVX2), 3.5x less memory "
-                                                          "to stream per token")
+        assert (weights.kind, weights.reason) == (
+            "int8", f"{int8_kernel_name()}, 3.5x less memory to stream per token")
     else:
         assert (weights.kind, weights.reason) == ("float", refused)
         monkeypatch.setenv(int8_linear.SERVING_WEIGHTS_ENV, "int8")
@@ -268,7 +308,7 @@ def test_rows_leave_and_join_in_place_in_the_step_buffers(int8):
 
 
 @pytest.mark.c_kernels
-def test_a_row_decodes_to_the_same_bits_alone_and_left_padded_in_a_batch():
+def test_a_row_decodes_to_the_same_bits_alone_and_left_padded_in_a_batch(kernel_variant):
     """The kernel's step gives a row the same logits alone as in a batch of rows of other
     lengths, left padded to the longest (its products add up in the same order whatever the
     batch; its attention counts positions back from the newest)."""

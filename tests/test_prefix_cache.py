@@ -15,7 +15,7 @@ from components.common.generation import SamplingParams, generate_token_ids
 from components.common.int8_linear import use_int8_weights
 from components.common.packed_prefill import PackedPrefill
 from components.common.prefix_cache import PrefixCache, PrefixMatch
-from tests.test_int8_decode import Float16RoundedCache, tiny_llama
+from tests.test_int8_decode import KERNEL_VARIANTS, Float16RoundedCache, tiny_llama
 from tests.tolerances import (assert_within, chain_bound, decoder_lengths, float16_rounding_bound,
                               logit_magnitude)
 
@@ -89,8 +89,9 @@ def _prefill_alone(model, prompt: list[int], cache_class: type | None = None):
     return logits, cache
 
 
-@pytest.mark.parametrize("weights", ["float", pytest.param("int8", marks=pytest.mark.c_kernels)])
-def test_packed_prefill_equals_each_prompt_through_transformers_forward(weights):
+@pytest.mark.parametrize("weights", ["float"] + [
+    pytest.param(f"int8 {isa}", marks=pytest.mark.c_kernels) for isa in KERNEL_VARIANTS])
+def test_packed_prefill_equals_each_prompt_through_transformers_forward(weights, kernel_switch):
     """With int8 weights each layer runs in the kernel, keys and values in float16 as decoding
     keeps them: transformers' forward then keeps its cache rounded to float16 too.
 
@@ -101,10 +102,12 @@ def test_packed_prefill_equals_each_prompt_through_transformers_forward(weights)
     plus the float32 bound of their own sums, logits with each layer's keys and values as one
     more stage of that relative error."""
     model = tiny_llama(layers=3, attention_bias=True)
-    if weights == "int8":
+    int8 = weights.startswith("int8")
+    if int8:  # "int8 avx2": under that kernel variant
+        kernel_switch(weights.split()[1])
         use_int8_weights(model)
-    cache_class = Float16RoundedCache if weights == "int8" else None
-    rounding_steps = 2 * model.config.num_hidden_layers if weights == "int8" else 0
+    cache_class = Float16RoundedCache if int8 else None
+    rounding_steps = 2 * model.config.num_hidden_layers if int8 else 0
     magnitude = logit_magnitude(model)
     logit_bound = (chain_bound(decoder_lengths(model.config, 17), magnitude)
                    + rounding_steps * float16_rounding_bound(magnitude))
@@ -131,7 +134,7 @@ def test_packed_prefill_equals_each_prompt_through_transformers_forward(weights)
                     mine, reference = getattr(packed, name), getattr(own, name)[0]
                     mine = mine[row, :, width - len(prompt):].float()
                     bound = chain_bound(key_lengths, float(reference.abs().max()))
-                    if weights == "int8":
+                    if int8:
                         bound = bound + float16_rounding_bound(reference.abs())
                     assert_within(mine, reference, bound, f"{name} of prompt {row}, layer {layer}")
                 assert packed.keys[row, :, :width - len(prompt)].eq(0).all()

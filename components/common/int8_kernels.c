@@ -1,5 +1,7 @@
-/* Int8 kernels for decoding on x86 CPUs with AVX2 (components/common/int8_linear.py builds this
- * file; components/common/fast_decode.py calls the layer blocks).
+/* Int8 kernels for decoding on x86 CPUs with AVX2 or AVX-512 (components/common/c_kernels.py
+ * builds this file twice, once per instruction set: the sections under __AVX512F__ are the
+ * AVX-512 variant's; components/common/fast_decode.py and packed_prefill.py call the layer
+ * blocks).
  *
  * Weights: int8 with one float scale per block of 32 weights of a row (as llama.cpp's Q8_0),
  * stored in groups of 4 rows with their blocks interleaved (group g, block b, row r at
@@ -15,8 +17,15 @@
  * of prompts, each attending to its own prompt's cache up to its position. The key/value cache
  * holds float16 numbers (as llama.cpp's does by default): a decode step of many rows reads it
  * all, and memory bandwidth decides that part of its speed.
+ *
+ * Each variant adds a row's products in one fixed order whatever the batch (the AVX-512 one in
+ * 16 lanes, the AVX2 one in 8): a row's result does not depend on its batch within a variant,
+ * and the two variants agree up to float rounding.
  */
 #include "avx2_math.h"
+#ifdef __AVX512F__
+#include "avx512_math.h"
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -44,6 +53,86 @@ static inline __m256 load_weights(const int8_t *w) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
 }
 
+#define MANY_ROWS 4 /* from this many rows on, multiply converts each weight group once */
+static void multiply_few_rows(const Int8Matrix *w, const float *x, int64_t x_stride,
+                              int64_t rows, float *y, int64_t y_stride);
+
+#ifdef __AVX512F__
+/* The AVX-512 variant: 16 lanes, 32 registers. */
+#define CONVERTED_ROWS 6 /* rows multiply_converted takes at once */
+
+/* Rows m..m+R-1 of y for the 4 output rows j0..j0+3 whose weights, converted to float, are
+ * wf (4 x k, row after row). R <= 6: 24 accumulators, 6 inputs and a weight fit in the 32
+ * registers. Lane l of a row's accumulator adds the products of inputs c = l mod 16 in order of
+ * c, as in few_rows_group, so both give the same bits. */
+static inline void multiply_converted(const float *wf, int64_t k, const float *x,
+                                      int64_t x_stride, int64_t m, const int R, const float *bias,
+                                      int64_t j0, float *y, int64_t y_stride) {
+    __m512 acc[CONVERTED_ROWS][GROUP];
+    for (int i = 0; i < R; i++)
+        for (int r = 0; r < GROUP; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k; c += 16) {
+        __m512 in[CONVERTED_ROWS];
+        for (int i = 0; i < R; i++) in[i] = _mm512_loadu_ps(x + (m + i) * x_stride + c);
+        for (int r = 0; r < GROUP; r++) {
+            __m512 weights = _mm512_loadu_ps(wf + r * k + c);
+            for (int i = 0; i < R; i++) acc[i][r] = _mm512_fmadd_ps(weights, in[i], acc[i][r]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int r = 0; r < GROUP; r++)
+            y[(m + i) * y_stride + j0 + r] =
+                horizontal_sum16(acc[i][r]) + (bias ? bias[j0 + r] : 0.0f);
+}
+
+/* Rows m..m+R-1 (R <= 3) of y for weight group `group` of w, each weight converted to float
+ * and scaled as it is read (the products multiply_converted takes from its buffer). */
+static inline void few_rows_group(const Int8Matrix *w, int64_t group, const float *x,
+                                  int64_t x_stride, int64_t m, const int R, float *y,
+                                  int64_t y_stride) {
+    int64_t blocks = w->k / BLOCK;
+    const int8_t *wg = w->weight + group * GROUP * w->k;
+    __m512 acc[3][GROUP];
+    for (int i = 0; i < R; i++)
+        for (int r = 0; r < GROUP; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const int8_t *wb = wg + b * GROUP * BLOCK;
+        const float *scales = w->scale + (group * blocks + b) * GROUP;
+        for (int c = 0; c < BLOCK; c += 16) {
+            __m512 in[3];
+            for (int i = 0; i < R; i++)
+                in[i] = _mm512_loadu_ps(x + (m + i) * x_stride + b * BLOCK + c);
+            for (int r = 0; r < GROUP; r++) {
+                __m512 weights = _mm512_mul_ps(load_weights16(wb + r * BLOCK + c),
+                                               _mm512_set1_ps(scales[r]));
+                for (int i = 0; i < R; i++)
+                    acc[i][r] = _mm512_fmadd_ps(weights, in[i], acc[i][r]);
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int r = 0; r < GROUP; r++) {
+            int64_t j = group * GROUP + r;
+            y[(m + i) * y_stride + j] =
+                horizontal_sum16(acc[i][r]) + (w->bias ? w->bias[j] : 0.0f);
+        }
+}
+
+/* y for rows < MANY_ROWS: every weight group read once, for all the rows. */
+static void multiply_few_rows(const Int8Matrix *w, const float *x, int64_t x_stride,
+                              int64_t rows, float *y, int64_t y_stride) {
+    #pragma omp for schedule(static)
+    for (int64_t group = 0; group < w->n / GROUP; group++) {
+        if (rows == 1) few_rows_group(w, group, x, x_stride, 0, 1, y, y_stride);
+        else if (rows == 2) few_rows_group(w, group, x, x_stride, 0, 2, y, y_stride);
+        else few_rows_group(w, group, x, x_stride, 0, 3, y, y_stride);
+    }
+}
+
+#else
+/* The AVX2 variant: 8 lanes, 16 registers. */
+#define CONVERTED_ROWS 3 /* rows multiply_converted takes at once */
+
 /* Rows m..m+R-1 of y for the 4 output rows j0..j0+3 whose weights, converted to float, are
  * wf (4 x k, row after row). R <= 3: 12 accumulators, 3 inputs and a weight fill the 16 AVX2
  * registers. The lanes add in the same order as in multiply_few_rows, so both give the same
@@ -51,11 +140,11 @@ static inline __m256 load_weights(const int8_t *w) {
 static inline void multiply_converted(const float *wf, int64_t k, const float *x,
                                       int64_t x_stride, int64_t m, const int R, const float *bias,
                                       int64_t j0, float *y, int64_t y_stride) {
-    __m256 acc[3][GROUP];
+    __m256 acc[CONVERTED_ROWS][GROUP];
     for (int i = 0; i < R; i++)
         for (int r = 0; r < GROUP; r++) acc[i][r] = _mm256_setzero_ps();
     for (int64_t c = 0; c < k; c += 8) {
-        __m256 in[3];
+        __m256 in[CONVERTED_ROWS];
         for (int i = 0; i < R; i++) in[i] = _mm256_loadu_ps(x + (m + i) * x_stride + c);
         for (int r = 0; r < GROUP; r++) {
             __m256 weights = _mm256_loadu_ps(wf + r * k + c);
@@ -66,53 +155,6 @@ static inline void multiply_converted(const float *wf, int64_t k, const float *x
         for (int r = 0; r < GROUP; r++)
             y[(m + i) * y_stride + j0 + r] =
                 horizontal_sum(acc[i][r]) + (bias ? bias[j0 + r] : 0.0f);
-}
-
-/* y[m, j] = x[m] . w[j] + bias[j] for rows x of w->k floats (x_stride apart), rows of y
- * y_stride apart. Shares its output rows among the threads of the enclosing OpenMP region
- * (ends with its barrier). From MANY_ROWS rows on, each group of 4 weight rows is converted to
- * float once, into a buffer of the thread's, and every row multiplies it; fewer rows convert
- * each weight as they read it, two rows at a time (a decode step of one request reads the
- * weights once, and memory bandwidth decides its speed). */
-#define MANY_ROWS 4
-#define ROW_CHUNK 48 /* rows multiplied by each converted group in turn: 48 x 1536 floats, 288 KB */
-static void multiply_few_rows(const Int8Matrix *w, const float *x, int64_t x_stride,
-                              int64_t rows, float *y, int64_t y_stride);
-
-static void multiply(const Int8Matrix *w, const float *x, int64_t x_stride, int64_t rows,
-                     float *y, int64_t y_stride) {
-    if (rows < MANY_ROWS) {
-        multiply_few_rows(w, x, x_stride, rows, y, y_stride);
-        return;
-    }
-    int64_t blocks = w->k / BLOCK;
-    /* 64-byte aligned: its loads never straddle two cache lines */
-    float *wf = aligned_alloc(64, sizeof(float) * (size_t)(GROUP * w->k));
-    if (!wf) abort();
-    for (int64_t first = 0; first < rows; first += ROW_CHUNK) { /* its inputs stay in cache */
-        int64_t last = first + ROW_CHUNK < rows ? first + ROW_CHUNK : rows;
-        #pragma omp for schedule(static)
-        for (int64_t group = 0; group < w->n / GROUP; group++) {
-            const int8_t *wg = w->weight + group * GROUP * w->k;
-            const float *scales = w->scale + group * blocks * GROUP;
-            for (int64_t b = 0; b < blocks; b++)
-                for (int r = 0; r < GROUP; r++) {
-                    __m256 scale = _mm256_broadcast_ss(scales + b * GROUP + r);
-                    for (int c = 0; c < BLOCK; c += 8)
-                        _mm256_storeu_ps(wf + r * w->k + b * BLOCK + c,
-                                         _mm256_mul_ps(load_weights(wg + (b * GROUP + r) * BLOCK + c),
-                                                       scale));
-                }
-            int64_t m = first, j0 = group * GROUP;
-            for (; m + 3 <= last; m += 3)
-                multiply_converted(wf, w->k, x, x_stride, m, 3, w->bias, j0, y, y_stride);
-            if (last - m == 2)
-                multiply_converted(wf, w->k, x, x_stride, m, 2, w->bias, j0, y, y_stride);
-            else if (last - m == 1)
-                multiply_converted(wf, w->k, x, x_stride, m, 1, w->bias, j0, y, y_stride);
-        }
-    }
-    free(wf);
 }
 
 static void multiply_few_rows(const Int8Matrix *w, const float *x, int64_t x_stride,
@@ -148,6 +190,67 @@ static void multiply_few_rows(const Int8Matrix *w, const float *x, int64_t x_str
                 }
         }
     }
+}
+
+#endif
+
+/* multiply_converted for `count` rows (1..CONVERTED_ROWS), each count a constant the compiler
+ * unrolls for. */
+static void multiply_converted_rows(const float *wf, int64_t k, const float *x,
+                                    int64_t x_stride, int64_t m, int64_t count, const float *bias,
+                                    int64_t j0, float *y, int64_t y_stride) {
+    switch (count) {
+    case 1: multiply_converted(wf, k, x, x_stride, m, 1, bias, j0, y, y_stride); break;
+    case 2: multiply_converted(wf, k, x, x_stride, m, 2, bias, j0, y, y_stride); break;
+    case 3: multiply_converted(wf, k, x, x_stride, m, 3, bias, j0, y, y_stride); break;
+#if CONVERTED_ROWS > 3
+    case 4: multiply_converted(wf, k, x, x_stride, m, 4, bias, j0, y, y_stride); break;
+    case 5: multiply_converted(wf, k, x, x_stride, m, 5, bias, j0, y, y_stride); break;
+    case 6: multiply_converted(wf, k, x, x_stride, m, 6, bias, j0, y, y_stride); break;
+#endif
+    }
+}
+
+/* y[m, j] = x[m] . w[j] + bias[j] for rows x of w->k floats (x_stride apart), rows of y
+ * y_stride apart. Shares its output rows among the threads of the enclosing OpenMP region
+ * (ends with its barrier). From MANY_ROWS rows on, each group of 4 weight rows is converted to
+ * float once, into a buffer of the thread's, and every row multiplies it, CONVERTED_ROWS at a
+ * time; fewer rows convert each weight as they read it (a decode step of one request reads the
+ * weights once, and memory bandwidth decides its speed). */
+#define ROW_CHUNK 48 /* rows multiplied by each converted group in turn: 48 x 1536 floats, 288 KB */
+static void multiply(const Int8Matrix *w, const float *x, int64_t x_stride, int64_t rows,
+                     float *y, int64_t y_stride) {
+    if (rows < MANY_ROWS) {
+        multiply_few_rows(w, x, x_stride, rows, y, y_stride);
+        return;
+    }
+    int64_t blocks = w->k / BLOCK;
+    /* 64-byte aligned: its loads never straddle two cache lines */
+    float *wf = aligned_alloc(64, sizeof(float) * (size_t)(GROUP * w->k));
+    if (!wf) abort();
+    for (int64_t first = 0; first < rows; first += ROW_CHUNK) { /* its inputs stay in cache */
+        int64_t last = first + ROW_CHUNK < rows ? first + ROW_CHUNK : rows;
+        #pragma omp for schedule(static)
+        for (int64_t group = 0; group < w->n / GROUP; group++) {
+            /* the group's weights times their block's scale, as floats (the same bits in
+             * both variants) */
+            const int8_t *wg = w->weight + group * GROUP * w->k;
+            const float *scales = w->scale + group * blocks * GROUP;
+            for (int64_t b = 0; b < blocks; b++)
+                for (int r = 0; r < GROUP; r++) {
+                    __m256 scale = _mm256_broadcast_ss(scales + b * GROUP + r);
+                    for (int c = 0; c < BLOCK; c += 8)
+                        _mm256_storeu_ps(wf + r * w->k + b * BLOCK + c,
+                                         _mm256_mul_ps(load_weights(wg + (b * GROUP + r) * BLOCK + c),
+                                                       scale));
+                }
+            for (int64_t m = first; m < last; m += CONVERTED_ROWS)
+                multiply_converted_rows(wf, w->k, x, x_stride, m,
+                                        last - m < CONVERTED_ROWS ? last - m : CONVERTED_ROWS,
+                                        w->bias, group * GROUP, y, y_stride);
+        }
+    }
+    free(wf);
 }
 
 /* transformers' LlamaRMSNorm of one row: weight * (x / sqrt(mean(x^2) + eps)). */

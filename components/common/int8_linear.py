@@ -1,9 +1,11 @@
-"""The served model's linear layers with int8 weights, for fast decoding on x86 CPUs with AVX2.
+"""The served model's linear layers with int8 weights, for fast decoding on x86 CPUs with AVX2
+or AVX-512.
 
 Decoding one request multiplies one row by every weight matrix, so a decode step takes about
 the time to stream the weights from memory: 538 MB for SmolLM2-135M in float32. In int8, one
 scale per block of 32 weights of a row (as llama.cpp's Q8_0), they are 152 MB. The kernels
-(``int8_kernels.c``, AVX2) convert each weight to float as they read it and multiply in float:
+(``int8_kernels.c``, an AVX2 and an AVX-512 variant: ``components.common.c_kernels`` picks
+one, ``TUNEPIPE_KERNEL_ISA``) convert each weight to float as they read it and multiply in float:
 weight-only quantization, the inputs and outputs stay float32, so an answer does not depend on
 the other requests of a batch beyond float rounding (as in float32), which quantizing the
 inputs too (llama.cpp's Q8_0 products) would break. On a 2-core AMD EPYC with AVX2, a decode
@@ -33,10 +35,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from components.common.c_kernels import INT, INT64, POINTER, load_kernels, unavailable_reason
+from components.common.c_kernels import (INT, INT64, POINTER, kernel_isa, load_kernels,
+                                         unavailable_reason)
 
 SERVING_WEIGHTS_ENV = "TUNEPIPE_SERVING_WEIGHTS"
 SERVING_WEIGHTS = ("auto", "int8", "float")
+KERNEL_SOURCE, KERNEL_VARIANTS = "int8_kernels.c", ("avx2", "avx512")  # see c_kernels.ISAS
 WEIGHT_BLOCK = 32  # weights of a row share a scale by blocks of 32 (in_features: a multiple)
 ROW_GROUP = 4  # output rows the kernel computes together (out_features padded to a multiple)
 KERNEL_SIGNATURES = (  # the C functions' parameter types, in order (see int8_kernels.c)
@@ -54,7 +58,13 @@ KERNEL_SIGNATURES = (  # the C functions' parameter types, in order (see int8_ke
 def int8_kernels() -> ctypes.CDLL:
     """The kernel library (``int8_kernels.c``), built on first use. Raises
     ``KernelUnavailable``."""
-    return load_kernels("int8_kernels.c", KERNEL_SIGNATURES)
+    return load_kernels(KERNEL_SOURCE, KERNEL_SIGNATURES, KERNEL_VARIANTS)
+
+
+def int8_kernel_name() -> str:
+    """``int8 kernel (AVX2)`` or ``int8 kernel (AVX-512)``: the variant that runs here. Raises
+    ``KernelUnavailable``."""
+    return f"int8 kernel ({kernel_isa(KERNEL_SOURCE, KERNEL_VARIANTS).name})"
 
 
 def int8_unavailable_reason() -> str | None:
@@ -158,7 +168,7 @@ def serving_weights_for(device: torch.device, dtype: torch.dtype) -> ServingWeig
         raise ValueError(f"{SERVING_WEIGHTS_ENV}=int8, but {unavailable}")
     if unavailable:
         return ServingWeights("float", unavailable)
-    return ServingWeights("int8", "int8 kernel (AVX2), 3.5x less memory to stream per token"
+    return ServingWeights("int8", f"{int8_kernel_name()}, 3.5x less memory to stream per token"
                           if setting == "auto" else f"{SERVING_WEIGHTS_ENV}=int8")
 
 
