@@ -94,3 +94,19 @@ def token_data(tmp_path_factory, tiny_model_dir, sample_dir) -> tuple[Path, Path
     train = write_token_dataset(tokenizer, sample_dir / "support_intents_train.jsonl", root / "train", 40)
     evaluation = write_token_dataset(tokenizer, sample_dir / "support_intents_eval.jsonl", root / "eval", 12)
     return train, evaluation
+
+
+@pytest.fixture(scope="session")
+def tuned_checkpoint(tmp_path_factory, tiny_model_dir, sample_dir) -> Path:
+    """A checkpoint of the tiny model tuned for 2 steps on 16 sample examples."""
+    from components.common.model_catalog import resolve_model
+    from components.common.model_loading import load_tokenizer
+    from components.tune.trainer import TuneConfig, tune
+    from tests.tokenized import write_token_dataset
+
+    root = tmp_path_factory.mktemp("tuned")
+    train = write_token_dataset(load_tokenizer(tiny_model_dir),
+                                sample_dir / "support_intents_train.jsonl", root / "train", 16)
+    result = tune(resolve_model(str(tiny_model_dir)).to_dict(), train, None, root / "out",
+                  TuneConfig(train_steps=2, learning_rate=1e-3, batch_size=4))
+    return root / "out" / result.checkpoints[-1]["dir"]

@@ -17,6 +17,7 @@ import pytest
 
 from components.deploy_endpoint import endpoints
 from command.main import main
+from command.run_summary import tunepipe_command
 from pipelines.local_run import request_from_file
 from pipelines.templates import read_template, template_path
 
@@ -154,7 +155,7 @@ def test_summary_compares_base_and_tuned_on_held_out_conversations(chat_run, sam
     first_message = json.loads((sample_dir / "support_chat_train.jsonl").open().readline()
                                )["messages"][0]["content"]
     context = make_samples_module().DEFAULT_CONTEXT
-    assert ("Chat with it:\n  tunepipe endpoints predict tiny-chat --message "
+    assert (f"Chat with it:\n  {tunepipe_command()} endpoints predict tiny-chat --message "
             f"{shlex.quote(first_message)} --context {shlex.quote(context)}\n") in summary
     phases = summary.split("Time by phase (", 1)[1].splitlines()[1]
     names = [part.strip().rsplit(" ", 1)[0] for part in phases.split(",")]

@@ -15,17 +15,7 @@ from components.common.prompts import format_conversation_prompt
 from components.deploy_endpoint.server import RequestError, parse_predict_request
 from components.tune.trainer import TuneConfig, tune
 from command import main as cli
-from tests.tokenized import write_distillation_tokens, write_token_dataset
-
-
-@pytest.fixture(scope="module")
-def tuned_checkpoint(tmp_path_factory, tiny_model_dir, sample_dir):
-    root = tmp_path_factory.mktemp("tuned")
-    train = write_token_dataset(load_tokenizer(tiny_model_dir),
-                                sample_dir / "support_intents_train.jsonl", root / "train", 16)
-    result = tune(resolve_model(str(tiny_model_dir)).to_dict(), train, None, root / "out",
-                  TuneConfig(train_steps=2, learning_rate=1e-3, batch_size=4))
-    return root / "out" / result.checkpoints[-1]["dir"]
+from tests.tokenized import write_distillation_tokens
 
 
 def test_registry_versions_each_upload(tuned_checkpoint):

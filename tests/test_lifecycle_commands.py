@@ -37,21 +37,6 @@ def test_models_list_shows_versions(tmp_path, monkeypatch, capsys):
 
 # --- endpoints ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tuned_checkpoint(tmp_path_factory, tiny_model_dir, sample_dir):
-    from components.common.model_catalog import resolve_model
-    from components.common.model_loading import load_tokenizer
-    from components.tune.trainer import TuneConfig, tune
-    from tests.tokenized import write_token_dataset
-
-    root = tmp_path_factory.mktemp("tuned")
-    train = write_token_dataset(load_tokenizer(tiny_model_dir),
-                                sample_dir / "support_intents_train.jsonl", root / "train", 16)
-    result = tune(resolve_model(str(tiny_model_dir)).to_dict(), train, None, root / "out",
-                  TuneConfig(train_steps=2, learning_rate=1e-3, batch_size=4))
-    return root / "out" / result.checkpoints[-1]["dir"]
-
-
 def test_deploy_a_registered_version_list_its_log_and_stop_all(tuned_checkpoint, capsys):
     from components.common.model_registry import register_model
 

@@ -128,8 +128,12 @@ def test_the_tuner_runtime_uses_the_rule(monkeypatch):
 
 # --- serving (components.common.serving_numerics) -------------------------------------------
 
-INT8_DESCRIPTION = ("cpu float32: the int8 kernel's, an answer the same alone and batched, "
-                    "int8 weights: int8 kernel (AVX2), 3.5x less memory to stream per token")
+def int8_description() -> str:
+    """What serving with the int8 kernels says, naming the kernel variant this CPU runs."""
+    from components.common.int8_linear import int8_kernel_name
+
+    return ("cpu float32: the int8 kernel's, an answer the same alone and batched, int8 "
+            f"weights: {int8_kernel_name()}, 3.5x less memory to stream per token")
 
 
 @pytest.fixture
@@ -154,7 +158,7 @@ def test_serving_uses_the_int8_kernel_in_float32_whatever_the_tuner_uses(monkeyp
     monkeypatch.setenv(precision.PRECISION_ENV, tuning)
     numerics = choose_serving_numerics("cpu")
     assert (numerics.dtype, numerics.weights.kind) == (torch.float32, "int8")
-    assert numerics.describe() == INT8_DESCRIPTION
+    assert numerics.describe() == int8_description()
 
 
 def test_serving_without_the_kernels_is_float32_and_says_why(kernels, monkeypatch):
@@ -201,6 +205,6 @@ def test_the_local_teacher_serves_as_the_endpoint_does(tiny_model_dir):
 
     teacher = LocalTeacher(str(tiny_model_dir))
     model, _ = teacher._load()
-    assert teacher.description.endswith(INT8_DESCRIPTION)
+    assert teacher.description.endswith(int8_description())
     assert any(isinstance(module, Int8Linear) for module in model.modules())
     assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -10,7 +10,6 @@ from components.common.model_registry import register_model
 from components.deploy_endpoint import endpoints
 from service.models import resource_id
 from service.server import ServeConfig, Service
-from tests.test_endpoint import tuned_checkpoint  # noqa: F401 (a fixture)
 from tests.test_serve import call
 
 NAME = "tiny-served"
@@ -18,7 +17,7 @@ PARENT = "projects/my-project/locations/us-central1"
 
 
 @pytest.fixture(scope="module")
-def served(tuned_checkpoint):  # noqa: F811
+def served(tuned_checkpoint):
     """The server, with the tuned tiny model registered (twice) and its endpoint running."""
     register_model(tuned_checkpoint, NAME, {})
     registered = register_model(tuned_checkpoint, NAME, {})

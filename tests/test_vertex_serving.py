@@ -12,7 +12,6 @@ import urllib.request
 
 import pytest
 
-from tests.test_endpoint import tuned_checkpoint  # noqa: F401 (a fixture)
 
 HEALTH_ROUTE = "/v1/endpoints/123/deployedModels/456"
 PREDICT_ROUTE = "/generate"  # a custom route, to show it is the one honoured
@@ -25,7 +24,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def vertex_server(tuned_checkpoint, tmp_path):  # noqa: F811
+def vertex_server(tuned_checkpoint, tmp_path):
     port = _free_port()
     env = {**os.environ, "AIP_HTTP_PORT": str(port), "AIP_HEALTH_ROUTE": HEALTH_ROUTE,
            "AIP_PREDICT_ROUTE": PREDICT_ROUTE, "AIP_STORAGE_URI": str(tuned_checkpoint),
