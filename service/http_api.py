@@ -36,7 +36,8 @@ from typing import Callable, Iterator
 from urllib.parse import parse_qs, unquote
 
 from components.common.http_server import (App, HttpError, Limits, RequestGuard, read_json_body,
-                                           request_headers, send_json)
+                                           request_headers, send_json, start_stream,
+                                           until_disconnected)
 
 STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
                 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED",
@@ -219,16 +220,11 @@ def make_app(routes: list[Route], token: str | None, limits: Limits,
                           headers: dict[str, str]) -> None:
         """Sends ``stream``'s chunks as they come, until they end or the client goes away."""
         loop = asyncio.get_running_loop()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", stream.content_type.encode()),
-                                (b"cache-control", b"no-cache"),
-                                *((name.encode("latin-1"), value.encode("latin-1"))
-                                  for name, value in headers.items())]})
-        gone = asyncio.Event()
-        watcher = asyncio.create_task(_on_disconnect(receive, gone))
+        await start_stream(send, stream.content_type, headers)
+        watcher = asyncio.create_task(until_disconnected(receive))
         chunks = iter(stream.chunks)
         try:
-            while not gone.is_set():
+            while not watcher.done():
                 chunk = await loop.run_in_executor(workers, next, chunks, None)
                 if chunk is None:
                     break
@@ -240,13 +236,6 @@ def make_app(routes: list[Route], token: str | None, limits: Limits,
                 await loop.run_in_executor(workers, chunks.close)
 
     return app
-
-
-async def _on_disconnect(receive: Callable, gone: asyncio.Event) -> None:
-    """Sets ``gone`` when the client closes its connection (the request's body is read)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    gone.set()
 
 
 DEFAULT_PAGE_SIZE = 100

@@ -254,6 +254,23 @@ async def send_json(send: Callable[[dict], Awaitable[None]], status: int, payloa
     await send({"type": "http.response.body", "body": body})
 
 
+async def start_stream(send: Callable[[dict], Awaitable[None]], content_type: str,
+                       headers: dict[str, str] | None = None) -> None:
+    """Starts a 200 answer whose body follows in pieces (``more_body`` messages)."""
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", content_type.encode("latin-1")),
+                            (b"cache-control", b"no-cache"),
+                            *((name.encode("latin-1"), value.encode("latin-1"))
+                              for name, value in (headers or {}).items())]})
+
+
+async def until_disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Returns when the client closes its connection (call it once the request's body is
+    read; run it as a task beside a streamed answer)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 def _raw_response(status: int, reason: bytes, payload: dict) -> bytes:
     """A whole HTTP/1.1 response that closes the connection, for answers before any request."""
     body = json.dumps(payload).encode()

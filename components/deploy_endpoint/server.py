@@ -89,7 +89,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from components.common.http_server import (App, HttpError, HttpServer, Limits, RequestGuard,
                                            check_json_value, read_json_body, request_headers,
-                                           send_json)
+                                           send_json, start_stream, until_disconnected)
 from components.common.prompts import chat_messages
 
 if TYPE_CHECKING:
@@ -600,17 +600,13 @@ def make_app(predictor: Predictor, guard: RequestGuard, predict_route: str = "/p
         loop = asyncio.get_running_loop()
         answer = await _answer(lambda r: predictor.stream(r.conversation, r.parameters, r.seed,
                                                           loop), lambda r: r, request)
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        gone = asyncio.Event()
-
-        def leave() -> None:
-            gone.set()
-            predictor.worker.cancel(answer.future)
-
-        watcher = asyncio.create_task(_on_disconnect(receive, leave))
+        await start_stream(send, SSE_CONTENT_TYPE)
+        watcher = asyncio.create_task(until_disconnected(receive))
+        watcher.add_done_callback(
+            lambda task: task.cancelled() or predictor.worker.cancel(answer.future))
         try:
             async for chunk in openai_chunks(request, predictor.name, answer):
-                if gone.is_set():
+                if watcher.done():
                     return
                 await send({"type": "http.response.body", "body": _event(chunk),
                             "more_body": True})
@@ -624,21 +620,13 @@ def make_app(predictor: Predictor, guard: RequestGuard, predict_route: str = "/p
     return app
 
 
-SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
-               (b"cache-control", b"no-cache")]
+SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 REPLACEMENT_CHARACTER = "\ufffd"  # what a token ending inside a UTF-8 character decodes to
 
 
 def _event(data: dict | str) -> bytes:
     """One server-sent event."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
-
-
-async def _on_disconnect(receive: Callable, leave: Callable[[], None]) -> None:
-    """Calls ``leave`` when the client closes its connection (the request's body is read)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    leave()
 
 
 def serve_in_thread(predictor: Predictor, port: int = 0) -> HttpServer:
